@@ -1,0 +1,101 @@
+"""The broker's limits: one dataclass, whose fields are both the config keys and the flags.
+
+Each field ``max_foo`` is the TOML key ``max_foo`` and the ``bufbrokerd --max-foo`` flag; sizes
+accept IEC suffixes (``64M``, ``4G``). docs/LIMITS.md explains each default.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+import re
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+__all__ = ["Config", "add_arguments", "from_arguments", "load_toml", "parse_size"]
+
+_UNITS = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
+
+
+def parse_size(text: str | int) -> int:
+    """``"64M"`` → 67108864; plain integers pass through."""
+    if isinstance(text, int) and not isinstance(text, bool):
+        return text
+    match = re.fullmatch(r"\s*(\d+)\s*([kmgt]?)(?:i?b)?\s*", str(text), re.IGNORECASE)
+    if not match:
+        raise ValueError(f"not a size: {text!r} (examples: 4096, 64M, 2G)")
+    return int(match[1]) * _UNITS[match[2].lower()]
+
+
+def _physical_memory() -> int:
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+
+
+def _size(default: int, help: str) -> Any:
+    return field(default=default, metadata={"help": help, "size": True})
+
+
+def _count(default: int | float, help: str) -> Any:
+    return field(default=default, metadata={"help": help})
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Config:
+    """Every limit the broker enforces, with its default."""
+
+    max_message_size: int = _size(64 << 10, "largest request, in bytes (EMSGSIZE beyond)")
+    max_fds_per_message: int = _count(16, "descriptors one message may carry (ETOOMANYREFS beyond)")
+    max_pending_requests: int = _count(128, "requests in flight per connection (EAGAIN beyond)")
+    max_connections_per_uid: int = _count(256, "connections one uid may hold (ECONNREFUSED beyond)")
+    max_incomplete_connections: int = _count(64, "connections that have not said hello yet")
+    max_buffers_per_uid: int = _count(4096, "live buffers one uid may own (EDQUOT beyond)")
+    max_bytes_per_uid: int = _size(_physical_memory() // 4, "bytes of buffers one uid may own (EDQUOT beyond)")
+    max_buffer_size: int = _size(4 << 30, "largest single buffer (EINVAL beyond)")
+    max_memory: int = _size(_physical_memory() // 2, "bytes of all buffers together (ENOMEM beyond)")
+    handshake_timeout: float = _count(30.0, "seconds a new connection has to send hello")
+
+    def __post_init__(self) -> None:
+        for f in dataclasses.fields(self):
+            if getattr(self, f.name) <= 0:
+                raise ValueError(f"{f.name} must be positive")
+
+
+def _flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """One flag per limit, named after its config key."""
+    group = parser.add_argument_group("limits (also config keys of the same name, with _)")
+    for f in dataclasses.fields(Config):
+        kind = parse_size if f.metadata.get("size") else type(f.default)
+        group.add_argument(
+            _flag(f.name), dest=f.name, type=kind, default=None, metavar="N",
+            help=f"{f.metadata['help']} [default: {f.default}]",
+        )
+
+
+def load_toml(path: Path) -> dict[str, Any]:
+    """The limit keys of a TOML config file; unknown keys are an error, not a silent typo."""
+    with path.open("rb") as f:
+        data = tomllib.load(f)
+    known = {f.name: f for f in dataclasses.fields(Config)}
+    out: dict[str, Any] = {}
+    for key, value in data.items():
+        if key not in known:
+            raise ValueError(f"{path}: unknown key {key!r} (known: {', '.join(known)})")
+        out[key] = parse_size(value) if known[key].metadata.get("size") else value
+    return out
+
+
+def from_arguments(args: argparse.Namespace, base: dict[str, Any] | None = None) -> Config:
+    """Defaults, then the config file's keys, then the flags given on the command line."""
+    values = dict(base or {})
+    for f in dataclasses.fields(Config):
+        given = getattr(args, f.name, None)
+        if given is not None:
+            values[f.name] = given
+    return Config(**values)
