@@ -57,6 +57,9 @@ class Config:
     max_memory: int = _size(_physical_memory() // 2, "bytes of all buffers together (ENOMEM beyond)")
     handshake_timeout: float = _count(30.0, "seconds a new connection has to send hello")
 
+    def as_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
     def __post_init__(self) -> None:
         for f in dataclasses.fields(self):
             if getattr(self, f.name) <= 0:

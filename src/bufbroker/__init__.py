@@ -1,0 +1,27 @@
+"""bufbroker: a userspace dma-buf.
+
+``bufbroker.connect`` is the blocking client (it never imports trio); ``bufbroker.open_device``
+is its trio twin and is imported only when first used.
+"""
+
+from typing import Any
+
+from .client import Attachment, Buffer, CpuAccess, Device, Mapping, connect, recv_handle, send_handle
+from .protocol import Access, BrokerError, BrokerUnavailable, Constraints, Direction, ProtocolError, Segment
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "Access", "Attachment", "BrokerError", "BrokerUnavailable", "Buffer", "Constraints", "CpuAccess",
+    "Device", "Direction", "Mapping", "ProtocolError", "Segment", "__version__", "connect",
+    "open_device", "recv_handle", "send_handle",
+]
+
+
+def __getattr__(name: str) -> Any:
+    # The trio client costs trio's import time; only programs that use it pay.
+    if name == "open_device":
+        from .client.trio import open_device
+
+        return open_device
+    raise AttributeError(f"module 'bufbroker' has no attribute {name!r}")

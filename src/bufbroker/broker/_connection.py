@@ -1,0 +1,236 @@
+"""One client connection: receive a packet, hand it to the state model, send the answer.
+
+Every descriptor that arrives is owned by an ``FdBag`` until a handler takes it on purpose;
+whatever is left is closed when the request is done, on every path. Requests are answered in
+order, except ``open`` with a timeout, which waits in its own task (up to
+max_pending_requests at once) so that a waiting open does not stall the connection.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import os
+import socket
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any
+
+import trio
+
+from .. import protocol as p
+from ..protocol import BrokerError, ProtocolError, RequestError
+from ._handles import handle_key
+from ._heap import adopt_memfd
+from ._introspect import buffer_entries, device_entries, stats
+from ._records import Buffer, Device
+from ._state import Mapped
+
+if TYPE_CHECKING:
+    from ._server import Server
+
+__all__ = ["Connection", "FdBag", "receive"]
+
+log = logging.getLogger("bufbroker.broker")
+
+PAGE = 128  # entries per page of buffers/devices: stays far below one packet
+
+
+class FdBag:
+    """Received descriptors: each is taken on purpose or closed when the bag closes."""
+
+    def __init__(self, fds: Sequence[int]) -> None:
+        self.fds = list(fds)
+
+    def take(self, index: int) -> int:
+        fd, self.fds[index] = self.fds[index], -1
+        return fd
+
+    def close(self) -> None:
+        p.close_all(fd for fd in self.fds if fd >= 0)
+        self.fds.clear()
+
+
+async def receive(sock: trio.socket.SocketType, max_size: int, max_fds: int) -> tuple[bytes, list[int], bool]:
+    """One packet: (data, fds, truncated). Raises FdOverflow with its fds already closed."""
+    data, ancdata, flags, _ = await sock.recvmsg(max_size, p.ancillary_space(max_fds), p.RECV_FLAGS)
+    fds = p.fds_from_ancillary(ancdata, flags, max_fds)
+    return data, fds, bool(flags & socket.MSG_TRUNC)
+
+
+class Connection:
+    def __init__(self, server: Server, sock: trio.socket.SocketType, device: Device) -> None:
+        self.server = server
+        self.state = server.state
+        self.sock = sock
+        self.device = device
+        self.pending = 0
+        self._send_lock = trio.Lock()
+
+    async def send(self, message: p.Message, owned: Sequence[int] = ()) -> None:
+        """Send ``message`` with the descriptors ``owned``, which are closed afterwards."""
+        try:
+            async with self._send_lock:
+                await self.sock.sendmsg([p.encode(message)], p.ancillary(owned))
+        finally:
+            p.close_all(owned)
+
+    async def run(self) -> None:
+        cfg = self.state.config
+        async with trio.open_nursery() as nursery:
+            while True:
+                try:
+                    data, fds, truncated = await receive(self.sock, cfg.max_message_size, cfg.max_fds_per_message)
+                except p.FdOverflow as e:
+                    await self.send(p.Error.from_exception(None, e))
+                    continue
+                except OSError:
+                    break  # ECONNRESET and the like: the peer is gone
+                if not data and not fds:
+                    break  # end of file
+                bag = FdBag(fds)
+                try:
+                    if truncated:
+                        raise RequestError(
+                            p.peek_request_id(data) or 0,
+                            BrokerError(errno.EMSGSIZE, f"a message may be at most {cfg.max_message_size} bytes"),
+                        )
+                    message = p.decode(data, fds, max_items=cfg.max_message_size)
+                    if not isinstance(message, p.Request):
+                        raise ProtocolError("clients send requests only")
+                    if self.pending >= cfg.max_pending_requests:
+                        raise RequestError(message.id, BrokerError(
+                            errno.EAGAIN, f"max_pending_requests ({cfg.max_pending_requests}) in flight"))
+                    if isinstance(message.args, p.Open) and message.args.timeout:
+                        nursery.start_soon(self._waiting_open, message, bag)
+                        bag = FdBag(())
+                        continue
+                    self.pending += 1
+                    try:
+                        await self._answer(message, bag)
+                    finally:
+                        self.pending -= 1
+                except RequestError as e:
+                    await self.send(p.Error.from_exception(e.id, e))
+                except ProtocolError as e:
+                    log.info("closing %s: %s", self.device.label, e.strerror)
+                    await self.send(p.Error.from_exception(None, e))
+                    break
+                finally:
+                    bag.close()
+            nursery.cancel_scope.cancel()
+
+    async def _answer(self, request: p.Request, bag: FdBag) -> None:
+        try:
+            result, owned = self._handle(request, bag)
+        except OSError as e:  # BrokerError, or a syscall on the peer's descriptor that failed
+            error = e if isinstance(e, BrokerError) else BrokerError(e.errno or errno.EIO, str(e))
+            await self.send(p.Error.from_exception(request.id, error))
+        except Exception:
+            log.exception("%s failed for %s", request.op, self.device.label)
+            await self.send(p.Error(id=request.id, errno=errno.EIO, message="internal broker error"))
+        else:
+            await self.send(p.Reply(id=request.id, result=result), owned)
+
+    async def _waiting_open(self, request: p.Request, bag: FdBag) -> None:
+        """``open`` that waits for the name to appear, like Plasma's get with a timeout."""
+        assert isinstance(request.args, p.Open)
+        self.pending += 1
+        try:
+            with trio.move_on_after(request.args.timeout or 0):
+                while request.args.name not in self.state.names:
+                    await self.server.names_changed.park()
+            await self._answer(p.Request(id=request.id, op="open", args=p.Open(name=request.args.name)), bag)
+        finally:
+            self.pending -= 1
+            bag.close()
+
+    # --- the ops -------------------------------------------------------------------------
+
+    def _handle(self, request: p.Request, bag: FdBag) -> tuple[Any, list[int]]:
+        """Apply one request to the state; returns (result, descriptors to send and close)."""
+        state, dev = self.state, self.device
+        match request.args:
+            case p.Ping():
+                return {}, []
+            case p.Allocate(size=size, name=name, heap=heap):
+                buffer = state.allocate(dev, size, name=name, heap=heap)
+                return self._with_handle(buffer, readonly=False, new_ref=True)
+            case p.ExportMemfd(name=name):
+                backing = adopt_memfd(bag.fds[0])
+                bag.take(0)
+                try:
+                    buffer = state.export(dev, backing, name=name)
+                except BrokerError:
+                    backing.close()
+                    raise
+                return self._with_handle(buffer, readonly=False, new_ref=True)
+            case p.Import():
+                buffer = state.import_handle(dev, handle_key(bag.fds[0]))
+                return self._describe(buffer), []
+            case p.Open(name=name):
+                buffer = state.open(dev, name)
+                return self._with_handle(buffer, readonly=False, new_ref=True)
+            case p.Share(buffer=buffer_id, readonly=readonly):
+                return self._with_handle(state.share(dev, buffer_id, readonly=readonly), readonly=readonly)
+            case p.SetName(buffer=buffer_id, name=name):
+                state.set_name(dev, buffer_id, name)
+                if name:
+                    self.server.names_changed.unpark_all()
+                return {}, []
+            case p.Release(buffer=buffer_id):
+                state.release(dev, buffer_id)
+                return {}, []
+            case p.Attach(buffer=buffer_id):
+                return {"attachment": state.attach(dev, buffer_id).id}, []
+            case p.Detach(attachment=att):
+                state.detach(dev, att)
+                return {}, []
+            case p.Map(attachment=att, direction=direction):
+                mapped = state.map(dev, att, direction)
+                return self._backing(mapped, lambda: state.unmap(dev, att))
+            case p.Unmap(attachment=att):
+                state.unmap(dev, att)
+                return {}, []
+            case p.CpuBegin(buffer=buffer_id, access=access):
+                mapped = state.cpu_begin(dev, buffer_id, access)
+                return self._backing(mapped, lambda: state.cpu_end(dev, buffer_id, access))
+            case p.CpuEnd(buffer=buffer_id, access=access):
+                state.cpu_end(dev, buffer_id, access)
+                return {}, []
+            case p.Buffers(after=after):
+                entries = buffer_entries(state, dev.uid, after, PAGE)
+                return {"buffers": entries, "more": len(entries) == PAGE}, []
+            case p.Devices(after=after):
+                entries = device_entries(state, dev.uid, after, PAGE)
+                return {"devices": entries, "more": len(entries) == PAGE}, []
+            case p.Stats():
+                return stats(state, dev.uid, self.server.version, self.server.connections), []
+        raise BrokerError(errno.ENOTTY, f"{request.op} cannot be used after hello")
+
+    def _describe(self, buffer: Buffer) -> dict[str, Any]:
+        return {
+            "id": buffer.id, "size": buffer.size, "name": buffer.name, "heap": buffer.heap,
+            "exporter": buffer.exporter[1], "readonly": not self.device.refs[buffer.id].writable,
+        }
+
+    def _with_handle(self, buffer: Buffer, *, readonly: bool, new_ref: bool = False) -> tuple[Any, list[int]]:
+        """A freshly minted handle for ``buffer``; if minting fails, the request is undone."""
+        try:
+            fd, key = self.server.handles.mint()
+        except OSError as e:
+            if new_ref:
+                self.state.release(self.device, buffer.id)
+            raise BrokerError(e.errno or errno.EMFILE, f"cannot mint a handle: {e.strerror}") from None
+        self.state.add_handle(buffer, key, readonly=readonly)
+        if new_ref and buffer.name:
+            self.server.names_changed.unpark_all()
+        return (self._describe(buffer) if new_ref else {}), [fd]
+
+    def _backing(self, mapped: Mapped, undo: Any) -> tuple[Any, list[int]]:
+        try:
+            fds = mapped.backing.descriptors(mapped.writable)
+        except OSError as e:
+            undo()
+            raise BrokerError(e.errno or errno.EMFILE, f"cannot hand out the backing: {e.strerror}") from None
+        segments = [[s.fd, s.offset, s.length] for s in mapped.layout]
+        return {"segments": segments, "size": mapped.backing.size, "writable": mapped.writable}, fds

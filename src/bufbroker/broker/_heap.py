@@ -1,0 +1,91 @@
+"""The memfd heap: backing storage as sealed memfds, and adopting a client's own memfd.
+
+Invariants every backing fd keeps before any client sees it:
+
+* sealed F_SEAL_SHRINK | F_SEAL_GROW (| F_SEAL_SEAL for ours), so no peer can truncate it under
+  another peer's mapping and make it SIGBUS;
+* mode 0400, owned by the broker's uid, so a process of another uid holding a read-only
+  descriptor cannot reopen /proc/self/fd/N read-write (memfd inodes are created 0777);
+* handed out read-only (reopened O_RDONLY) wherever the holder may not write, so the kernel
+  itself refuses a writable mmap.
+
+Processes of the broker's own uid are not held back by any of this (they could ptrace it).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import fcntl
+import os
+
+from ..protocol import PAGE_SIZE, BrokerError
+
+__all__ = ["HEAPS", "Backing", "adopt_memfd", "allocate_memfd"]
+
+F_SEAL_FUTURE_WRITE = 0x10  # linux/fcntl.h; Python has no constant for it
+_OURS = fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW | fcntl.F_SEAL_SEAL
+
+HEAPS = ("memfd",)
+
+
+class Backing:
+    """One buffer's storage: a memfd the broker keeps open for as long as the buffer lives."""
+
+    __slots__ = ("fd", "size")
+
+    def __init__(self, fd: int, size: int) -> None:
+        self.fd = fd
+        self.size = size
+
+    def descriptors(self, writable: bool) -> list[int]:
+        """New descriptors for one client; the caller closes them once they are sent."""
+        if writable:
+            return [os.dup(self.fd)]
+        return [os.open(f"/proc/self/fd/{self.fd}", os.O_RDONLY | os.O_CLOEXEC)]
+
+    def close(self) -> None:
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+
+
+def allocate_memfd(size: int, label: str) -> Backing:
+    fd = os.memfd_create(f"bufbroker:{label}", os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
+    try:
+        os.ftruncate(fd, size)
+        os.fchmod(fd, 0o400)
+        fcntl.fcntl(fd, fcntl.F_ADD_SEALS, _OURS)
+    except OSError as e:
+        os.close(fd)
+        raise BrokerError(e.errno or errno.ENOMEM, f"cannot create backing memory: {e.strerror}") from None
+    return Backing(fd, size)
+
+
+def adopt_memfd(fd: int) -> Backing:
+    """Take a client's memfd as a buffer's backing, under udmabuf's rules (udmabuf_create).
+
+    On success the Backing owns ``fd``; on error the caller still does.
+    """
+    try:
+        target = os.readlink(f"/proc/self/fd/{fd}")
+        seals = fcntl.fcntl(fd, fcntl.F_GET_SEALS)
+    except OSError:
+        raise BrokerError(errno.EBADFD, "not a memfd: its seals cannot be read") from None
+    if not target.startswith("/memfd:"):
+        raise BrokerError(errno.EBADFD, f"not a memfd: {target}")
+    if not seals & fcntl.F_SEAL_SHRINK:
+        raise BrokerError(errno.EINVAL, "the memfd must be sealed F_SEAL_SHRINK")
+    if seals & (fcntl.F_SEAL_WRITE | F_SEAL_FUTURE_WRITE):
+        raise BrokerError(errno.EINVAL, "the memfd must not be sealed against writing")
+    if fcntl.fcntl(fd, fcntl.F_GETFL) & os.O_ACCMODE != os.O_RDWR:
+        raise BrokerError(errno.EACCES, "the memfd must be open read-write")
+    size = os.fstat(fd).st_size
+    if size == 0 or size % PAGE_SIZE:
+        raise BrokerError(errno.EINVAL, f"the memfd's size must be a non-zero multiple of {PAGE_SIZE}")
+    if not seals & fcntl.F_SEAL_SEAL:
+        fcntl.fcntl(fd, fcntl.F_ADD_SEALS, fcntl.F_SEAL_GROW)
+    # Only the owner (or root) may chmod; where we cannot, other uids keep the creator's mode.
+    with contextlib.suppress(PermissionError):
+        os.fchmod(fd, 0o400)
+    return Backing(fd, size)

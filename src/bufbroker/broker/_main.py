@@ -1,0 +1,119 @@
+"""``bufbrokerd``: parse flags, bind (or refuse to steal) the socket, serve until a signal."""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import errno
+import logging
+import os
+import signal
+import socket
+import stat
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import trio
+
+from .. import __version__
+from .._paths import default_socket_path
+from ._config import Config, add_arguments, from_arguments, load_toml
+from ._server import Server
+
+__all__ = ["main"]
+
+log = logging.getLogger("bufbroker.broker")
+
+DEFAULT_CONFIG = Path("/etc/bufbroker/bufbroker.toml")
+
+
+class StartupError(Exception):
+    """The daemon cannot start; the message says why and what to do."""
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="bufbrokerd", description="The bufbroker daemon: shares dma-buf-like buffers between processes."
+    )
+    parser.add_argument("--socket", metavar="PATH", help=f"socket to listen on [default: {default_socket_path()}]")
+    parser.add_argument("--socket-mode", metavar="MODE", type=lambda s: int(s, 8), default=0o666,
+                        help="permissions of a socket file the daemon creates [default: 0666]")
+    parser.add_argument("--config", metavar="FILE", type=Path,
+                        help=f"TOML file of limits [default: {DEFAULT_CONFIG} if present]")
+    parser.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    parser.add_argument("--version", action="version", version=f"bufbrokerd {__version__}")
+    add_arguments(parser)
+    return parser
+
+
+def _claim(path: str) -> None:
+    """Make room for our socket: refuse a live broker's socket, replace a stale one."""
+    try:
+        st = os.lstat(path)
+    except FileNotFoundError:
+        return
+    if not stat.S_ISSOCK(st.st_mode):
+        raise StartupError(f"{path} exists and is not a socket; not touching it")
+    probe = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    try:
+        probe.connect(path)
+    except (ConnectionRefusedError, FileNotFoundError):
+        log.info("replacing stale socket %s", path)
+        os.unlink(path)
+    except OSError as e:
+        raise StartupError(f"cannot probe {path}: {e.strerror}") from None
+    else:
+        raise StartupError(f"another broker is already serving {path}")
+    finally:
+        probe.close()
+
+
+@contextlib.contextmanager
+def _listening(path: str, mode: int) -> Iterator[trio.socket.SocketType]:
+    """A bound, listening socket at ``path``, removed again on the way out if still ours."""
+    _claim(path)
+    os.makedirs(os.path.dirname(path) or ".", mode=0o755, exist_ok=True)
+    sock = trio.socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET | socket.SOCK_CLOEXEC)
+    try:
+        sock._sock.bind(path)  # binding a path never blocks; trio's bind is async only for names
+        ours = os.stat(path).st_ino
+        os.chmod(path, mode)
+        sock.listen(128)
+        yield sock
+    except OSError as e:
+        if e.errno in (errno.EADDRINUSE, errno.EACCES, errno.EROFS):
+            raise StartupError(f"cannot listen on {path}: {e.strerror}") from None
+        raise
+    finally:
+        sock.close()
+        with contextlib.suppress(OSError):
+            if os.stat(path).st_ino == ours:
+                os.unlink(path)
+
+
+async def _run(config: Config, path: str, mode: int) -> None:
+    server = Server(config, version=__version__)
+    with _listening(path, mode) as listener, trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+        async with trio.open_nursery() as nursery:
+            await nursery.start(server.serve, listener)
+            log.info("bufbrokerd %s listening on %s (pid %d)", __version__, path, os.getpid())
+            async for signum in signals:
+                log.info("%s: shutting down", signal.Signals(signum).name)
+                nursery.cancel_scope.cancel()
+                break
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    logging.basicConfig(
+        level=args.log_level.upper(), stream=sys.stderr, format="bufbrokerd: %(levelname)s: %(message)s"
+    )
+    try:
+        config_file = args.config or (DEFAULT_CONFIG if DEFAULT_CONFIG.exists() else None)
+        config = from_arguments(args, load_toml(config_file) if config_file else None)
+        trio.run(_run, config, args.socket or default_socket_path(), args.socket_mode)
+    except (StartupError, ValueError, OSError) as e:
+        log.error("%s", e)
+        return 1
+    return 0

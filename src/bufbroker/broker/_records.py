@@ -1,0 +1,98 @@
+"""The broker's records: what exists, who holds it. Plain data; ``State`` enforces the rules.
+
+A buffer lives while any handle to it is open anywhere, or any device holds a reference
+(from allocate, open or import). Attachments and cpu accesses are only possible while the
+device holds a reference, and a reference cannot be dropped while they exist (EBUSY), so
+"holders empty and handles empty" is the whole liveness test.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import dataclass, field
+
+from ..protocol import Access, Constraints, Direction, Segment
+from ._heap import Backing
+
+__all__ = ["Attachment", "Buffer", "Device", "Handle", "Key", "Ref", "Usage"]
+
+Key = tuple[int, int]
+"""A handle's identity: (st_dev, st_ino) of the client end of its socketpair."""
+
+
+@dataclass(eq=False, slots=True, kw_only=True)
+class Device:
+    """One client connection (``struct device``), identified by the peer's credentials."""
+
+    id: int
+    name: str
+    pid: int
+    uid: int
+    gid: int
+    command: str
+    constraints: Constraints
+    connected: float
+    refs: dict[int, Ref] = field(default_factory=dict)  # by buffer id
+    attachments: dict[int, Attachment] = field(default_factory=dict)  # by attachment id
+    cpu: Counter[tuple[int, Access]] = field(default_factory=Counter)  # (buffer id, mode)
+
+    @property
+    def label(self) -> str:
+        return f"{self.name!r} (device {self.id}, pid {self.pid})"
+
+
+@dataclass(eq=False, slots=True, kw_only=True)
+class Ref:
+    """A device's hold on a buffer; ``count`` imports of it, writable if any one was."""
+
+    buffer: Buffer
+    count: int = 1
+    writable: bool = True
+
+
+@dataclass(eq=False, slots=True, kw_only=True)
+class Attachment:
+    """``struct dma_buf_attachment``: a device linked to a buffer, with its constraints."""
+
+    id: int
+    device: Device
+    buffer: Buffer
+    direction: Direction | None = None  # None while unmapped
+    map_count: int = 0
+
+
+@dataclass(eq=False, slots=True, kw_only=True)
+class Handle:
+    key: Key
+    buffer: Buffer
+    readonly: bool
+
+
+@dataclass(eq=False, slots=True, kw_only=True)
+class Buffer:
+    id: int
+    size: int
+    heap: str
+    owner: int  # uid charged for it
+    exporter: tuple[int, str, int]  # (device id, name, pid) at export time
+    created: float
+    name: str | None = None
+    handles: dict[Key, Handle] = field(default_factory=dict)
+    holders: dict[int, Device] = field(default_factory=dict)  # by device id
+    attachments: dict[int, Attachment] = field(default_factory=dict)
+    cpu: Counter[tuple[int, Access]] = field(default_factory=Counter)  # (device id, mode)
+    layout: list[Segment] | None = None  # chosen at the first map or cpu access
+    backing: Backing | None = None  # exists from export for adopted memfds, else with layout
+
+    @property
+    def alive(self) -> bool:
+        return bool(self.handles or self.holders)
+
+
+@dataclass(slots=True)
+class Usage:
+    """What one uid holds, against its quotas."""
+
+    connections: int = 0
+    buffers: int = 0
+    bytes: int = 0

@@ -1,0 +1,145 @@
+"""The trio server: accepts connections and moves messages between them and the state model.
+
+One task per connection (plus one for every ``open`` that waits); one task watches every
+handle. ``serve`` follows trio's convention for long-running entry points: it calls
+``task_status.started()`` once it is accepting, and returns only when cancelled.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import logging
+import socket
+import struct
+
+import trio
+
+from .. import protocol as p
+from ..protocol import BrokerError, ProtocolError
+from ._config import Config
+from ._connection import Connection, receive
+from ._handles import HandleTable
+from ._records import Device
+from ._state import State
+
+__all__ = ["Server"]
+
+log = logging.getLogger("bufbroker.broker")
+
+_CRED = struct.Struct("3i")
+
+
+def _command(pid: int) -> str:
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            argv = f.read(4096).rstrip(b"\0").split(b"\0")
+    except OSError:
+        return "?"
+    return " ".join(a.decode(errors="replace") for a in argv)[:200]
+
+
+class Server:
+    def __init__(self, config: Config, *, version: str) -> None:
+        self.state = State(config)
+        self.handles = HandleTable()
+        self.names_changed = trio.lowlevel.ParkingLot()
+        self.version = version
+        self.connections = 0
+        self._incomplete = 0
+
+    async def serve(
+        self,
+        listener: trio.socket.SocketType,
+        *,
+        task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
+    ) -> None:
+        try:
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(self.handles.watch, self.state.handle_closed)
+                task_status.started()
+                while True:
+                    try:
+                        sock, _ = await listener.accept()
+                    except OSError as e:  # EMFILE and friends: back off, as trio's serve_listeners does
+                        log.warning("accept failed: %s", e)
+                        await trio.sleep(0.1)
+                        continue
+                    nursery.start_soon(self._client, sock)
+        finally:
+            self.handles.close()
+
+    async def _client(self, sock: trio.socket.SocketType) -> None:
+        with sock:
+            pid, uid, gid = _CRED.unpack(sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, _CRED.size))
+            try:
+                self.state.admit(uid)
+            except BrokerError as e:
+                await self._refuse(sock, e)
+                return
+            self.connections += 1
+            try:
+                device = await self._handshake(sock, pid, uid, gid)
+                if device is None:
+                    return
+                log.debug("device %s connected", device.label)
+                try:
+                    await Connection(self, sock, device).run()
+                finally:
+                    self.state.remove_device(device)
+                    log.debug("device %s gone", device.label)
+            finally:
+                self.connections -= 1
+                self.state.leave(uid)
+
+    async def _refuse(self, sock: trio.socket.SocketType, error: BrokerError, id: int | None = None) -> None:
+        """Tell the peer why, without waiting on it for long, then let the caller hang up."""
+        with trio.move_on_after(1), contextlib.suppress(OSError):
+            await sock.send(p.encode(p.Error.from_exception(id, error)))
+
+    async def _handshake(self, sock: trio.socket.SocketType, pid: int, uid: int, gid: int) -> Device | None:
+        cfg = self.state.config
+        if self._incomplete >= cfg.max_incomplete_connections:
+            await self._refuse(sock, BrokerError(errno.EAGAIN, "too many connections are still handshaking"))
+            return None
+        self._incomplete += 1
+        try:
+            with trio.move_on_after(cfg.handshake_timeout):
+                try:
+                    data, fds, _ = await receive(sock, cfg.max_message_size, cfg.max_fds_per_message)
+                except OSError:
+                    return None
+                p.close_all(fds)  # hello carries none
+                try:
+                    message = p.decode(data)
+                except BrokerError as e:
+                    await self._refuse(sock, e, getattr(e, "id", None))
+                    return None
+                if not isinstance(message, p.Request) or not isinstance(message.args, p.Hello):
+                    await self._refuse(sock, ProtocolError("the first request must be hello"))
+                    return None
+                hello = message.args
+                if hello.version != p.PROTOCOL_VERSION:
+                    await self._refuse(sock, BrokerError(
+                        errno.EPROTONOSUPPORT,
+                        f"protocol version {hello.version} is not supported (this broker speaks {p.PROTOCOL_VERSION})",
+                    ), message.id)
+                    return None
+                device = self.state.add_device(
+                    name=hello.name, pid=pid, uid=uid, gid=gid, command=_command(pid),
+                    constraints=hello.constraints,
+                )
+                reply = p.Reply(id=message.id, result={
+                    "version": p.PROTOCOL_VERSION, "device": device.id, "broker": self.version,
+                    "page_size": p.PAGE_SIZE,
+                })
+                try:
+                    await sock.send(p.encode(reply))
+                except OSError:
+                    self.state.remove_device(device)
+                    return None
+                return device
+            log.info("pid %d did not say hello within %ss; dropped", pid, cfg.handshake_timeout)
+            return None
+        finally:
+            self._incomplete -= 1

@@ -1,0 +1,387 @@
+"""The broker's state model: dma-buf's rules over plain records, with no sockets and no trio.
+
+The server calls one method per request and turns a raised ``BrokerError`` into an error reply;
+every method either applies whole or raises before changing anything. Descriptors never pass
+through here: handles are known by their inode key (the server mints and watches the sockets)
+and backing storage comes from the heap functions given to the constructor.
+
+Where DESIGN.md is silent we follow drivers/dma-buf/dma-buf.c, and docs/PROTOCOL.md records it:
+a buffer id this device does not hold is EBADF (like a closed fd); a name already taken by a
+live buffer is EEXIST; an unknown heap is ENODEV; releasing a buffer with cpu access still
+begun is EBUSY, as releasing one still attached is.
+"""
+
+from __future__ import annotations
+
+import errno
+import itertools
+import time
+from collections import defaultdict
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from ..protocol import Access, BrokerError, Constraints, Direction, Segment, page_round
+from ._config import Config
+from ._heap import HEAPS, Backing, allocate_memfd
+from ._layout import combine, plan, satisfies
+from ._records import Attachment, Buffer, Device, Handle, Key, Ref, Usage
+
+__all__ = ["Mapped", "State"]
+
+
+@dataclass(frozen=True, slots=True)
+class Mapped:
+    """What a map or cpu access hands the client: the layout and the backing, RO or RW."""
+
+    layout: list[Segment]
+    backing: Backing
+    writable: bool
+
+
+class State:
+    def __init__(
+        self,
+        config: Config,
+        *,
+        clock: Callable[[], float] = time.time,
+        allocate: Callable[[int, str], Backing] = allocate_memfd,
+    ) -> None:
+        self.config = config
+        self.clock = clock
+        self._allocate = allocate
+        self.started = clock()
+        self.buffers: dict[int, Buffer] = {}  # insertion order is id order
+        self.devices: dict[int, Device] = {}
+        self.handles: dict[Key, Handle] = {}
+        self.names: dict[str, Buffer] = {}
+        self.names_changed = 0  # bumped whenever a name appears, for open-with-wait
+        self.usage: dict[int, Usage] = {}
+        self.total_bytes = 0
+        self._ids: dict[str, itertools.count[int]] = defaultdict(lambda: itertools.count(1))
+
+    def _id(self, kind: str) -> int:
+        """Ids count per kind (buffer 1, 2, ...; device 1, 2, ...) and are never reused."""
+        return next(self._ids[kind])
+
+    def _usage(self, uid: int) -> Usage:
+        return self.usage.setdefault(uid, Usage())
+
+    # --- connections and devices ---------------------------------------------------------
+
+    def admit(self, uid: int) -> None:
+        """Count a new connection against its uid's limit (before hello: it holds a slot)."""
+        usage = self._usage(uid)
+        if usage.connections >= self.config.max_connections_per_uid:
+            raise BrokerError(
+                errno.ECONNREFUSED,
+                f"uid {uid} already has {usage.connections} connections "
+                f"(max_connections_per_uid={self.config.max_connections_per_uid})",
+            )
+        usage.connections += 1
+
+    def leave(self, uid: int) -> None:
+        usage = self._usage(uid)
+        usage.connections -= 1
+        self._forget_idle(uid)
+
+    def _forget_idle(self, uid: int) -> None:
+        if self.usage.get(uid) == Usage():
+            del self.usage[uid]
+
+    def add_device(
+        self, *, name: str, pid: int, uid: int, gid: int, command: str, constraints: Constraints
+    ) -> Device:
+        device = Device(
+            id=self._id("device"), name=name, pid=pid, uid=uid, gid=gid, command=command,
+            constraints=constraints, connected=self.clock(),
+        )
+        self.devices[device.id] = device
+        return device
+
+    def remove_device(self, device: Device) -> None:
+        """Everything the device held goes, as when a process dies with its dma-buf fds."""
+        for att in list(device.attachments.values()):
+            att.map_count = 0
+            self._drop_attachment(att)
+        for buffer_id, access in device.cpu:
+            self.buffers[buffer_id].cpu.pop((device.id, access), None)
+        device.cpu.clear()
+        for ref in list(device.refs.values()):
+            self._drop_ref(device, ref)
+        del self.devices[device.id]
+
+    # --- creating buffers ----------------------------------------------------------------
+
+    def _charge(self, device: Device, size: int) -> None:
+        cfg = self.config
+        if size > cfg.max_buffer_size:
+            raise BrokerError(
+                errno.EINVAL, f"{size} bytes is above max_buffer_size ({cfg.max_buffer_size})"
+            )
+        if self.total_bytes + size > cfg.max_memory:
+            raise BrokerError(
+                errno.ENOMEM,
+                f"{size} more bytes would pass the broker's max_memory ({cfg.max_memory})",
+            )
+        usage = self._usage(device.uid)
+        if usage.buffers + 1 > cfg.max_buffers_per_uid:
+            raise BrokerError(
+                errno.EDQUOT,
+                f"uid {device.uid} owns {usage.buffers} buffers "
+                f"(max_buffers_per_uid={cfg.max_buffers_per_uid})",
+            )
+        if usage.bytes + size > cfg.max_bytes_per_uid:
+            raise BrokerError(
+                errno.EDQUOT,
+                f"uid {device.uid} owns {usage.bytes} bytes; {size} more would pass "
+                f"max_bytes_per_uid ({cfg.max_bytes_per_uid})",
+            )
+
+    def _check_name_free(self, name: str | None, buffer: Buffer | None = None) -> None:
+        if name and self.names.get(name, buffer) is not buffer:
+            raise BrokerError(errno.EEXIST, f"the name {name!r} belongs to another buffer")
+
+    def _create(
+        self, device: Device, size: int, heap: str, name: str | None, backing: Backing | None
+    ) -> Buffer:
+        self._charge(device, size)
+        self._check_name_free(name)
+        buffer = Buffer(
+            id=self._id("buffer"), size=size, heap=heap, owner=device.uid, created=self.clock(),
+            exporter=(device.id, device.name, device.pid), backing=backing,
+        )
+        self.buffers[buffer.id] = buffer
+        usage = self._usage(device.uid)
+        usage.buffers += 1
+        usage.bytes += size
+        self.total_bytes += size
+        self._set_name(buffer, name)
+        self._add_ref(device, buffer, writable=True)
+        return buffer
+
+    def allocate(self, device: Device, size: int, *, name: str | None, heap: str) -> Buffer:
+        """``dma_heap_buffer_alloc``: a buffer with no backing yet (it comes at first map)."""
+        if size == 0:
+            raise BrokerError(errno.EINVAL, "size must be at least 1 byte")
+        if heap not in HEAPS:
+            raise BrokerError(errno.ENODEV, f"no heap {heap!r} (heaps: {', '.join(HEAPS)})")
+        return self._create(device, page_round(size), heap, name, None)
+
+    def export(self, device: Device, backing: Backing, *, name: str | None) -> Buffer:
+        """A client's own memfd as a buffer (udmabuf); the backing is already checked."""
+        return self._create(device, backing.size, "memfd", name, backing)
+
+    def add_handle(self, buffer: Buffer, key: Key, *, readonly: bool) -> None:
+        handle = Handle(key=key, buffer=buffer, readonly=readonly)
+        self.handles[key] = handle
+        buffer.handles[key] = handle
+
+    def handle_closed(self, key: Key) -> None:
+        """The last copy of a handle was closed, somewhere (the kernel told the server)."""
+        handle = self.handles.pop(key, None)
+        if handle is not None:
+            del handle.buffer.handles[key]
+            self._maybe_free(handle.buffer)
+
+    # --- references ----------------------------------------------------------------------
+
+    def _add_ref(self, device: Device, buffer: Buffer, *, writable: bool) -> None:
+        ref = device.refs.get(buffer.id)
+        if ref is None:
+            device.refs[buffer.id] = Ref(buffer=buffer, writable=writable)
+            buffer.holders[device.id] = device
+        else:
+            ref.count += 1
+            ref.writable |= writable
+
+    def _ref(self, device: Device, buffer_id: int) -> Ref:
+        ref = device.refs.get(buffer_id)
+        if ref is None:
+            raise BrokerError(errno.EBADF, f"buffer {buffer_id} is not held by this device")
+        return ref
+
+    def _drop_ref(self, device: Device, ref: Ref) -> None:
+        buffer = ref.buffer
+        del device.refs[buffer.id]
+        del buffer.holders[device.id]
+        self._maybe_free(buffer)
+
+    def import_handle(self, device: Device, key: Key) -> Buffer:
+        """``dma_buf_get``: the buffer behind a handle this device's process holds."""
+        handle = self.handles.get(key)
+        if handle is None:
+            raise BrokerError(errno.EINVAL, "the descriptor is not a live bufbroker handle")
+        self._add_ref(device, handle.buffer, writable=not handle.readonly)
+        return handle.buffer
+
+    def open(self, device: Device, name: str) -> Buffer:
+        buffer = self.names.get(name)
+        if buffer is None:
+            raise BrokerError(errno.ENOENT, f"no buffer is named {name!r}")
+        if buffer.owner != device.uid and device.uid != 0:
+            raise BrokerError(
+                errno.EACCES,
+                f"buffer {name!r} belongs to uid {buffer.owner}; across users, pass a handle",
+            )
+        self._add_ref(device, buffer, writable=True)
+        return buffer
+
+    def share(self, device: Device, buffer_id: int, *, readonly: bool) -> Buffer:
+        """Check that the device may mint a handle of this mode (it cannot upgrade)."""
+        ref = self._ref(device, buffer_id)
+        if not readonly and not ref.writable:
+            raise BrokerError(errno.EACCES, "a read-only buffer can only be shared read-only")
+        return ref.buffer
+
+    def release(self, device: Device, buffer_id: int) -> None:
+        ref = self._ref(device, buffer_id)
+        if ref.count > 1:
+            ref.count -= 1
+            return
+        if any(att.buffer is ref.buffer for att in device.attachments.values()):
+            raise BrokerError(errno.EBUSY, f"buffer {buffer_id} is still attached; detach first")
+        if any(b == buffer_id for b, _ in device.cpu):
+            raise BrokerError(errno.EBUSY, f"buffer {buffer_id} has cpu access in progress")
+        self._drop_ref(device, ref)
+
+    def set_name(self, device: Device, buffer_id: int, name: str | None) -> None:
+        buffer = self._ref(device, buffer_id).buffer
+        self._check_name_free(name, buffer)
+        self._set_name(buffer, name)
+
+    def _set_name(self, buffer: Buffer, name: str | None) -> None:
+        if buffer.name is not None:
+            del self.names[buffer.name]
+        buffer.name = name or None
+        if buffer.name is not None:
+            self.names[buffer.name] = buffer
+            self.names_changed += 1
+
+    def _maybe_free(self, buffer: Buffer) -> None:
+        if buffer.alive or buffer.id not in self.buffers:
+            return
+        del self.buffers[buffer.id]
+        self._set_name(buffer, None)
+        usage = self._usage(buffer.owner)
+        usage.buffers -= 1
+        usage.bytes -= buffer.size
+        self.total_bytes -= buffer.size
+        self._forget_idle(buffer.owner)
+        if buffer.backing is not None:
+            buffer.backing.close()
+
+    # --- attachments and mappings --------------------------------------------------------
+
+    def attach(self, device: Device, buffer_id: int) -> Attachment:
+        buffer = self._ref(device, buffer_id).buffer
+        self._check_fits(buffer, device)
+        att = Attachment(id=self._id("attachment"), device=device, buffer=buffer)
+        buffer.attachments[att.id] = att
+        device.attachments[att.id] = att
+        return att
+
+    def _check_fits(self, buffer: Buffer, device: Device) -> None:
+        mine = device.constraints
+        if buffer.layout is not None:
+            if not satisfies(buffer.layout, mine):
+                raise BrokerError(
+                    errno.EBUSY,
+                    f"buffer {buffer.id} is already laid out in {len(buffer.layout)} segment(s) "
+                    f"that {device.label} cannot address",
+                )
+            return
+        if plan(buffer.size, mine) is None:
+            raise BrokerError(
+                errno.EINVAL,
+                f"{device.label} cannot address {buffer.size} bytes with its own constraints",
+            )
+        others = {a.device.id: a.device for a in buffer.attachments.values()}
+        for other in others.values():
+            if plan(buffer.size, combine([mine, other.constraints])) is None:
+                raise BrokerError(
+                    errno.EINVAL,
+                    f"{device.label} conflicts with attached device {other.label}: no layout "
+                    f"of {buffer.size} bytes meets both",
+                )
+        everyone = [mine, *(d.constraints for d in others.values())]
+        if plan(buffer.size, combine(everyone)) is None:
+            names = ", ".join(d.label for d in others.values())
+            raise BrokerError(
+                errno.EINVAL,
+                f"{device.label} conflicts with the attached devices {names} taken together",
+            )
+
+    def _attachment(self, device: Device, attachment_id: int) -> Attachment:
+        att = device.attachments.get(attachment_id)
+        if att is None:
+            raise BrokerError(errno.EINVAL, f"no attachment {attachment_id} on this device")
+        return att
+
+    def detach(self, device: Device, attachment_id: int) -> None:
+        att = self._attachment(device, attachment_id)
+        if att.map_count:
+            raise BrokerError(errno.EBUSY, f"attachment {attachment_id} is still mapped")
+        self._drop_attachment(att)
+
+    def _drop_attachment(self, att: Attachment) -> None:
+        del att.buffer.attachments[att.id]
+        del att.device.attachments[att.id]
+
+    def _materialize(self, buffer: Buffer) -> tuple[list[Segment], Backing]:
+        """Late allocation: the layout (and memfd) chosen for everyone attached right now."""
+        if buffer.layout is None:
+            wanted = combine(a.device.constraints for a in buffer.attachments.values())
+            layout = plan(buffer.size, wanted)
+            if layout is None:  # attach refuses such combinations; this guards the invariant
+                raise BrokerError(errno.EINVAL, "the attached devices admit no common layout")
+            if buffer.backing is None:
+                buffer.backing = self._allocate(buffer.size, buffer.name or str(buffer.id))
+            buffer.layout = layout
+        assert buffer.backing is not None
+        return buffer.layout, buffer.backing
+
+    def map(self, device: Device, attachment_id: int, direction: Direction) -> Mapped:
+        att = self._attachment(device, attachment_id)
+        if direction.writes and not device.refs[att.buffer.id].writable:
+            raise BrokerError(errno.EACCES, f"a read-only handle cannot be mapped {direction.value}")
+        if att.map_count and direction is not att.direction:
+            if att.direction is not Direction.BIDIRECTIONAL:
+                raise BrokerError(
+                    errno.EBUSY,
+                    f"attachment {att.id} is mapped {att.direction.value if att.direction else ''}"
+                    f"; unmap it before mapping {direction.value}",
+                )
+        layout, backing = self._materialize(att.buffer)
+        if not att.map_count:
+            att.direction = direction
+        att.map_count += 1
+        return Mapped(layout, backing, direction.writes)
+
+    def unmap(self, device: Device, attachment_id: int) -> None:
+        att = self._attachment(device, attachment_id)
+        if not att.map_count:
+            raise BrokerError(errno.EINVAL, f"attachment {attachment_id} is not mapped")
+        att.map_count -= 1
+        if not att.map_count:
+            att.direction = None
+
+    # --- cpu access ----------------------------------------------------------------------
+
+    def cpu_begin(self, device: Device, buffer_id: int, access: Access) -> Mapped:
+        ref = self._ref(device, buffer_id)
+        if access.writes and not ref.writable:
+            raise BrokerError(errno.EACCES, "a read-only handle allows cpu access read only")
+        layout, backing = self._materialize(ref.buffer)
+        device.cpu[(buffer_id, access)] += 1
+        ref.buffer.cpu[(device.id, access)] += 1
+        return Mapped(layout, backing, access.writes)
+
+    def cpu_end(self, device: Device, buffer_id: int, access: Access) -> None:
+        buffer = self._ref(device, buffer_id).buffer
+        if not device.cpu[(buffer_id, access)]:
+            del device.cpu[(buffer_id, access)]
+            raise BrokerError(errno.EINVAL, f"cpu access {access.value} was not begun")
+        for counter, key in ((device.cpu, (buffer_id, access)), (buffer.cpu, (device.id, access))):
+            counter[key] -= 1
+            if not counter[key]:
+                del counter[key]

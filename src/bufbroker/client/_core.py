@@ -1,0 +1,232 @@
+"""What the blocking and trio clients share: every decision that needs no I/O.
+
+``Session`` numbers requests, encodes them, decodes what comes back and turns errors into
+exceptions. The ``*Base`` classes hold the objects' data and local resources (handle fds,
+mmaps); the blocking and trio modules add only the methods that talk to the broker, with the
+same names in the same order (like httpx's Client and AsyncClient).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import itertools
+import os
+from collections.abc import Sequence
+from typing import Any
+
+from .. import protocol as p
+from ..protocol import Access, BrokerError, Constraints, Direction, Segment
+from ._memory import MappedMemory, segments_from_wire
+
+__all__ = [
+    "MAX_REPLY", "MAX_REPLY_FDS", "AttachmentBase", "BufferBase", "CpuAccessBase", "DeviceBase",
+    "MappingBase", "Session",
+]
+
+MAX_REPLY = 256 << 10  # above any SOCK_SEQPACKET packet the kernel lets the broker send
+MAX_REPLY_FDS = 4
+
+
+class Session:
+    """One connection's protocol state, sans I/O."""
+
+    def __init__(self, name: str, constraints: Constraints | None) -> None:
+        self.name = name
+        self.constraints = constraints or Constraints()
+        self._ids = itertools.count(1)
+        self.device_id: int | None = None
+        self.broker_version: str | None = None
+        self.shutting_down = False
+
+    def request(self, args: p.OpArgs) -> tuple[int, bytes]:
+        id = next(self._ids)
+        return id, p.encode(p.Request(id=id, op=p.OP_NAMES[type(args)], args=args))
+
+    def hello(self) -> tuple[int, bytes]:
+        return self.request(
+            p.Hello(version=p.PROTOCOL_VERSION, name=self.name, constraints=self.constraints)
+        )
+
+    def welcome(self, result: dict[str, Any]) -> None:
+        self.device_id = result["device"]
+        self.broker_version = result.get("broker")
+
+    def receive(self, data: bytes, fds: list[int]) -> p.Message | None:
+        """Decode one packet; None for end of file. Events are noted here."""
+        if not data and not fds:
+            return None
+        try:
+            message = p.decode(data, fds)
+        except BrokerError:
+            p.close_all(fds)
+            raise
+        if isinstance(message, p.Event):
+            p.close_all(message.fds)
+            if message.name == "shutdown":
+                self.shutting_down = True
+        return message
+
+    @staticmethod
+    def outcome(message: p.Reply | p.Error) -> tuple[Any, list[int]]:
+        """The result and descriptors of a reply, or the exception an error stands for."""
+        if isinstance(message, p.Error):
+            p.close_all(message.fds)
+            raise message.exception()
+        return message.result, list(message.fds)
+
+    @staticmethod
+    def lost(error: OSError | None = None) -> BrokerError:
+        reason = f": {error.strerror}" if error is not None and error.strerror else ""
+        return BrokerError(errno.ECONNRESET, f"the broker closed the connection{reason}")
+
+
+def take_one_fd(fds: list[int]) -> int:
+    if not fds:
+        raise p.ProtocolError("the broker's reply lacks its descriptor")
+    p.close_all(fds[1:])
+    return fds[0]
+
+
+class DeviceBase:
+    def __init__(self, session: Session) -> None:
+        self._session = session
+        self._buffers: set[BufferBase] = set()
+        self._memory: set[MappedMemory] = set()
+        self.closed = False
+
+    @property
+    def id(self) -> int:
+        assert self._session.device_id is not None
+        return self._session.device_id
+
+    @property
+    def name(self) -> str:
+        return self._session.name
+
+    @property
+    def constraints(self) -> Constraints:
+        return self._session.constraints
+
+    def _check_open(self) -> None:
+        if self.closed:
+            raise BrokerError(errno.EBADF, "the device is closed")
+
+    def _map_memory(self, result: dict[str, Any], fds: list[int]) -> MappedMemory:
+        memory = MappedMemory(fds, segments_from_wire(result["segments"]), result["size"], result["writable"])
+        self._memory.add(memory)
+        return memory
+
+    def _forget_local(self) -> None:
+        """Drop local resources at close; the broker drops its side when the connection ends."""
+        self.closed = True
+        for memory in self._memory:
+            with contextlib.suppress(BrokerError):  # views still alive keep their mmap
+                memory.close()
+        self._memory.clear()
+        for buffer in self._buffers:
+            buffer._close_handle()
+        self._buffers.clear()
+
+    def __repr__(self) -> str:
+        state = "closed" if self.closed else f"device {self._session.device_id}"
+        return f"<{type(self).__name__} {self.name!r} {state}>"
+
+
+class BufferBase:
+    """A buffer this device holds; ``handle`` is its own handle fd, if the broker minted one."""
+
+    def __init__(self, device: DeviceBase, result: dict[str, Any], handle: int | None) -> None:
+        self._device = device
+        self.id: int = result["id"]
+        self.size: int = result["size"]
+        self.name: str | None = result["name"]
+        self.heap: str = result["heap"]
+        self.exporter: str = result["exporter"]
+        self.readonly: bool = result["readonly"]
+        self.handle = handle
+        self.closed = False
+        device._buffers.add(self)
+
+    def _close_handle(self) -> None:
+        if self.handle is not None:
+            os.close(self.handle)
+            self.handle = None
+
+    def _released(self) -> None:
+        self.closed = True
+        self._close_handle()
+        self._device._buffers.discard(self)
+
+    def __repr__(self) -> str:
+        return f"<Buffer {self.id} {self.name!r} {self.size} bytes{' read-only' if self.readonly else ''}>"
+
+
+class AttachmentBase:
+    def __init__(self, buffer: BufferBase, id: int) -> None:
+        self.buffer = buffer
+        self.id = id
+        self.detached = False
+
+    def __repr__(self) -> str:
+        return f"<Attachment {self.id} to buffer {self.buffer.id}>"
+
+
+class MappingBase:
+    """A mapped attachment: the scatter list and the memory it describes."""
+
+    def __init__(self, attachment: AttachmentBase, direction: Direction, memory: MappedMemory) -> None:
+        self.attachment = attachment
+        self.direction = direction
+        self._memory = memory
+
+    @property
+    def segments(self) -> list[Segment]:
+        return self._memory.segments
+
+    @property
+    def memory(self) -> memoryview:
+        """The whole buffer; read-only unless the direction lets the device write."""
+        if self._memory.closed:
+            raise BrokerError(errno.EINVAL, "the mapping was unmapped")
+        return self._memory.memory
+
+    @property
+    def unmapped(self) -> bool:
+        return self._memory.closed
+
+    def __repr__(self) -> str:
+        return f"<Mapping of attachment {self.attachment.id} {self.direction.value}>"
+
+
+class CpuAccessBase:
+    """``with buffer.cpu_access(mode) as memory``: begin on enter, end on exit."""
+
+    def __init__(self, buffer: BufferBase, access: Access) -> None:
+        self.buffer = buffer
+        self.access = access
+        self._memory: MappedMemory | None = None
+
+    @property
+    def memory(self) -> memoryview:
+        if self._memory is None or self._memory.closed:
+            raise BrokerError(errno.EINVAL, "cpu access has not begun or has ended")
+        return self._memory.memory
+
+
+def undo_for(args: p.OpArgs, result: Any, fds: Sequence[int]) -> p.OpArgs | None:
+    """The request that takes back what ``args`` did, for a reply nobody waits for any more.
+
+    A trio task cancelled while its request is in flight must not leak the broker-side state
+    the request created; the reply's descriptors are closed by the caller.
+    """
+    match args:
+        case p.Allocate() | p.Open() | p.Import() | p.ExportMemfd():
+            return p.Release(buffer=result["id"])
+        case p.Attach():
+            return p.Detach(attachment=result["attachment"])
+        case p.Map(attachment=att):
+            return p.Unmap(attachment=att)
+        case p.CpuBegin(buffer=buffer, access=access):
+            return p.CpuEnd(buffer=buffer, access=access)
+    return None

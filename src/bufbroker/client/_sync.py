@@ -1,0 +1,241 @@
+"""The blocking client: plain stdlib sockets, one request in flight at a time per device.
+
+Importing this module never imports trio (which costs ~140 ms of start-up): the CLI and
+short-lived scripts depend on that.
+"""
+
+from __future__ import annotations
+
+import socket as _socket
+import threading
+from collections.abc import Sequence
+from types import TracebackType
+from typing import Any, Self
+
+from .. import protocol as p
+from .._paths import default_socket_path
+from ..protocol import Access, BrokerUnavailable, Constraints, Direction
+from ._core import (
+    MAX_REPLY, MAX_REPLY_FDS, AttachmentBase, BufferBase, CpuAccessBase, DeviceBase, MappingBase,
+    Session, take_one_fd,
+)
+
+__all__ = ["Attachment", "Buffer", "CpuAccess", "Device", "Mapping", "connect"]
+
+
+class _Closing:
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(self, t: type[BaseException] | None, e: BaseException | None, tb: TracebackType | None) -> None:
+        self.close()
+
+    def close(self) -> None:
+        raise NotImplementedError
+
+
+def connect(
+    name: str, *, constraints: Constraints | None = None, socket: str | None = None
+) -> Device:
+    """Register this process as a device named ``name`` with the broker at ``socket``."""
+    path = socket or default_socket_path()
+    sock = _socket.socket(_socket.AF_UNIX, _socket.SOCK_SEQPACKET | _socket.SOCK_CLOEXEC)
+    try:
+        sock.connect(path)
+    except (FileNotFoundError, ConnectionRefusedError) as e:
+        sock.close()
+        raise BrokerUnavailable(path, e.errno or 0) from None
+    except BaseException:
+        sock.close()
+        raise
+    device = Device(sock, Session(name, constraints))
+    try:
+        id, data = device._session.hello()
+        device._session.welcome(device._exchange(id, data, ()))
+    except BaseException:
+        device.close()
+        raise
+    return device
+
+
+class Device(DeviceBase, _Closing):
+    """This process as a device: it exports, imports, attaches and maps buffers."""
+
+    def __init__(self, sock: _socket.socket, session: Session) -> None:
+        super().__init__(session)
+        self._sock = sock
+        self._lock = threading.Lock()
+        self._ancbuf = p.ancillary_space(MAX_REPLY_FDS)
+
+    def _exchange(self, id: int, data: bytes, fds: Sequence[int]) -> Any:
+        self._sock.sendmsg([data], p.ancillary(fds))
+        while True:
+            try:
+                raw, ancdata, flags, _ = self._sock.recvmsg(MAX_REPLY, self._ancbuf, p.RECV_FLAGS)
+            except OSError as e:
+                raise self._session.lost(e) from None
+            got = p.fds_from_ancillary(ancdata, flags, MAX_REPLY_FDS)
+            message = self._session.receive(raw, got)
+            if message is None:
+                raise self._session.lost()
+            if isinstance(message, p.Reply | p.Error) and message.id in (id, None):
+                result, fds_back = self._session.outcome(message)
+                return result if not fds_back else (result, fds_back)
+            p.close_all(got)
+
+    def _call(self, args: p.OpArgs, fds: Sequence[int] = ()) -> Any:
+        """One request and its result; (result, fds) when the reply carries descriptors."""
+        self._check_open()
+        with self._lock:
+            id, data = self._session.request(args)
+            try:
+                return self._exchange(id, data, fds)
+            except OSError as e:
+                if isinstance(e, p.BrokerError):
+                    raise
+                raise self._session.lost(e) from None
+
+    def _buffer(self, args: p.OpArgs, fds: Sequence[int] = ()) -> Buffer:
+        answer = self._call(args, fds)
+        if isinstance(answer, tuple):
+            result, got = answer
+            return Buffer(self, result, take_one_fd(got))
+        return Buffer(self, answer, None)
+
+    def ping(self) -> None:
+        """A request that does nothing: measures a round trip, proves the broker is alive."""
+        self._call(p.Ping())
+
+    def allocate(self, size: int, *, name: str | None = None, heap: str = "memfd") -> Buffer:
+        """A new buffer of ``size`` bytes (rounded up to pages); its memory comes at first map."""
+        return self._buffer(p.Allocate(size=size, name=name, heap=heap))
+
+    def import_handle(self, fd: int) -> Buffer:
+        """The buffer behind handle ``fd``; the caller keeps (and should close) ``fd``."""
+        return self._buffer(p.Import(), [fd])
+
+    def open(self, name: str, *, timeout: float | None = None) -> Buffer:
+        """The buffer named ``name`` (same uid, or root); waits up to ``timeout`` s for it."""
+        return self._buffer(p.Open(name=name, timeout=timeout))
+
+    def export_memfd(self, memfd: int, *, name: str | None = None) -> Buffer:
+        """A buffer over this process's own sealed memfd, without a copy (udmabuf)."""
+        return self._buffer(p.ExportMemfd(name=name), [memfd])
+
+    def _pages(self, args: type[p.Buffers] | type[p.Devices], key: str) -> list[dict[str, Any]]:
+        entries: list[dict[str, Any]] = []
+        while True:
+            page = self._call(args(after=entries[-1]["id"] if entries else 0))
+            entries.extend(page[key])
+            if not page["more"]:
+                return entries
+
+    def buffers(self) -> list[dict[str, Any]]:
+        """Every buffer this uid may see (root: all), as docs/PROTOCOL.md describes."""
+        return self._pages(p.Buffers, "buffers")
+
+    def devices(self) -> list[dict[str, Any]]:
+        return self._pages(p.Devices, "devices")
+
+    def stats(self) -> dict[str, Any]:
+        result: dict[str, Any] = self._call(p.Stats())
+        return result
+
+    def fileno(self) -> int:
+        return self._sock.fileno()
+
+    def close(self) -> None:
+        """Disconnect; the broker releases everything this device still held."""
+        if not self.closed:
+            self._forget_local()
+            self._sock.close()
+
+
+class Buffer(BufferBase, _Closing):
+    _device: Device
+
+    def share(self, *, readonly: bool = False) -> int:
+        """A new handle fd for this buffer, owned by the caller; read-only if asked."""
+        _, fds = self._device._call(p.Share(buffer=self.id, readonly=readonly))
+        return take_one_fd(fds)
+
+    def set_name(self, name: str | None) -> None:
+        """Name (or, with None, unname) the buffer: at most 31 bytes of UTF-8."""
+        self._device._call(p.SetName(buffer=self.id, name=name))
+        self.name = name or None
+
+    def attach(self) -> Attachment:
+        """Link this device to the buffer, with its constraints (EINVAL/EBUSY if they cannot be met)."""
+        result = self._device._call(p.Attach(buffer=self.id))
+        return Attachment(self, result["attachment"])
+
+    def cpu_access(self, access: Access = Access.RW) -> CpuAccess:
+        """``with buffer.cpu_access(Access.WRITE) as memory:`` (DMA_BUF_IOCTL_SYNC begin/end)."""
+        return CpuAccess(self, access)
+
+    def close(self) -> None:
+        """Release this device's hold (EBUSY while attached) and close its own handle."""
+        if not self.closed and not self._device.closed:
+            self._device._call(p.Release(buffer=self.id))
+        self._released()
+
+
+class Attachment(AttachmentBase, _Closing):
+    buffer: Buffer
+
+    def map(self, direction: Direction = Direction.BIDIRECTIONAL) -> Mapping:
+        device = self.buffer._device
+        result, fds = device._call(p.Map(attachment=self.id, direction=direction))
+        return Mapping(self, direction, device._map_memory(result, fds))
+
+    def detach(self) -> None:
+        """Unlink the device (EBUSY while mapped)."""
+        if not self.detached and not self.buffer._device.closed:
+            self.buffer._device._call(p.Detach(attachment=self.id))
+        self.detached = True
+
+    def close(self) -> None:
+        self.detach()
+
+
+class Mapping(MappingBase, _Closing):
+    attachment: Attachment
+
+    def unmap(self) -> None:
+        """Unmap (EBUSY, changing nothing, while views of ``memory`` are still alive)."""
+        if self._memory.closed:
+            return
+        device = self.attachment.buffer._device
+        self._memory.close()
+        device._memory.discard(self._memory)
+        if not device.closed:
+            device._call(p.Unmap(attachment=self.attachment.id))
+
+    def close(self) -> None:
+        self.unmap()
+
+
+class CpuAccess(CpuAccessBase):
+    buffer: Buffer
+
+    def begin(self) -> memoryview:
+        device = self.buffer._device
+        result, fds = device._call(p.CpuBegin(buffer=self.buffer.id, access=self.access))
+        self._memory = device._map_memory(result, fds)
+        return self._memory.memory
+
+    def end(self) -> None:
+        """End the access (EBUSY, changing nothing, while views of the memory are alive)."""
+        if self._memory is None or self._memory.closed:
+            return
+        device = self.buffer._device
+        self._memory.close()
+        device._memory.discard(self._memory)
+        if not device.closed:
+            device._call(p.CpuEnd(buffer=self.buffer.id, access=self.access))
+
+    def __enter__(self) -> memoryview:
+        return self.begin()
+
+    def __exit__(self, t: type[BaseException] | None, e: BaseException | None, tb: TracebackType | None) -> None:
+        self.end()

@@ -1,0 +1,64 @@
+"""SCM_RIGHTS: descriptors beside a packet, packed and unpacked without leaking one.
+
+Python's ``socket.recv_fds`` neither asks for MSG_CMSG_CLOEXEC nor looks at MSG_CTRUNC, and it
+drops a trailing partial descriptor silently: a broker must do all three, so it receives with
+``recvmsg`` and hands the ancillary data here.
+"""
+
+from __future__ import annotations
+
+import array
+import errno
+import os
+import socket
+from collections.abc import Iterable, Sequence
+
+from ._errors import BrokerError
+
+__all__ = ["RECV_FLAGS", "FdOverflow", "ancillary", "ancillary_space", "close_all", "fds_from_ancillary"]
+
+RECV_FLAGS = socket.MSG_CMSG_CLOEXEC
+_INT = array.array("i").itemsize
+
+AncData = list[tuple[int, int, bytes]]
+
+
+class FdOverflow(BrokerError):
+    """A packet carried more descriptors than the receiver had room for (MSG_CTRUNC)."""
+
+
+def ancillary_space(max_fds: int) -> int:
+    """The ``ancbufsize`` for ``recvmsg`` that holds at most ``max_fds`` descriptors."""
+    return socket.CMSG_SPACE(max_fds * _INT)
+
+
+def ancillary(fds: Sequence[int]) -> AncData:
+    """The ancillary data that sends ``fds`` with a packet (none if empty)."""
+    if not fds:
+        return []
+    return [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds).tobytes())]
+
+
+def close_all(fds: Iterable[int]) -> None:
+    for fd in fds:
+        try:
+            os.close(fd)
+        except OSError:
+            pass
+
+
+def fds_from_ancillary(ancdata: AncData, msg_flags: int, max_fds: int) -> list[int]:
+    """Every descriptor the kernel installed for one ``recvmsg``.
+
+    On MSG_CTRUNC the kernel has already dropped what did not fit; the ones that did fit are
+    closed here and ``FdOverflow`` is raised, so a truncated message never half-applies.
+    """
+    fds: list[int] = []
+    for level, kind, data in ancdata:
+        if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
+            whole = len(data) - len(data) % _INT
+            fds.extend(array.array("i", data[:whole]))
+    if msg_flags & socket.MSG_CTRUNC:
+        close_all(fds)
+        raise FdOverflow(errno.ETOOMANYREFS, f"a message may carry at most {max_fds} descriptors")
+    return fds

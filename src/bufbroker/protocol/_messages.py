@@ -1,0 +1,161 @@
+"""The four message kinds and their encoding: bytes + fds in, validated messages out.
+
+Theory of operation: the transport is SOCK_SEQPACKET, so the kernel keeps message boundaries
+and one ``recvmsg`` yields exactly one message and its descriptors. There is therefore no
+stream buffering here (unlike h11): a packet is decoded whole or rejected whole. A packet is
+one msgpack array::
+
+    [0, id, op, args]                       request (client → broker)
+    [1, id, result]                         reply
+    [2, id, {errno, code, message}]         error (id is nil when no request is to blame)
+    [3, name, args]                         event (broker → client, unsolicited)
+
+Decoding never trusts the peer: the unpacker's limits are explicit, and anything that is not
+one of these shapes is a ``ProtocolError`` (EPROTO), after which the connection is closed.
+A well-formed request whose arguments break the op's schema is a ``RequestError`` carrying
+the request id, so that it can be answered and the connection kept.
+"""
+
+from __future__ import annotations
+
+import errno
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import msgpack
+
+from ._errors import BrokerError, ProtocolError, errno_code, errno_from_code
+from ._ops import OpArgs, parse_args
+
+__all__ = [
+    "PROTOCOL_VERSION", "Error", "Event", "Message", "Reply", "Request", "RequestError",
+    "decode", "encode", "peek_request_id",
+]
+
+PROTOCOL_VERSION = 1
+
+REQUEST, REPLY, ERROR, EVENT = 0, 1, 2, 3
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Request:
+    id: int
+    op: str
+    args: OpArgs
+    fds: Sequence[int] = ()
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Reply:
+    id: int
+    result: Any = field(default_factory=dict)
+    fds: Sequence[int] = ()
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Error:
+    id: int | None
+    errno: int
+    message: str
+    fds: Sequence[int] = ()
+
+    @classmethod
+    def from_exception(cls, id: int | None, exc: BrokerError) -> Error:
+        return cls(id=id, errno=exc.errno or errno.EIO, message=exc.strerror or "")
+
+    def exception(self) -> BrokerError:
+        """The exception a client raises for this error."""
+        if self.errno == errno.EPROTO:
+            return ProtocolError(self.message)
+        return BrokerError(self.errno, self.message)
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Event:
+    name: str
+    args: dict[str, Any] = field(default_factory=dict)
+    fds: Sequence[int] = ()
+
+
+Message = Request | Reply | Error | Event
+
+
+class RequestError(BrokerError):
+    """A well-framed request that cannot be carried out as sent: answer it, keep the peer."""
+
+    def __init__(self, id: int, cause: BrokerError) -> None:
+        super().__init__(cause.errno or errno.EINVAL, cause.strerror)
+        self.id = id
+
+
+def encode(message: Message) -> bytes:
+    """The packet for ``message``; its ``fds`` travel beside it (see ``ancillary``)."""
+    match message:
+        case Request(id=id, op=op, args=args):
+            body: list[Any] = [REQUEST, id, op, args.to_wire()]
+        case Reply(id=id, result=result):
+            body = [REPLY, id, result]
+        case Error(id=id, errno=number, message=text):
+            body = [ERROR, id, {"errno": number, "code": errno_code(number), "message": text}]
+        case Event(name=name, args=args):
+            body = [EVENT, name, args]
+    return msgpack.packb(body, use_bin_type=True)  # type: ignore[no-any-return]
+
+
+def _unpack(data: bytes, max_items: int) -> Any:
+    try:
+        return msgpack.unpackb(
+            data, raw=False, use_list=True, strict_map_key=True, max_ext_len=0,
+            max_str_len=len(data), max_bin_len=len(data),
+            max_array_len=max_items, max_map_len=max_items,
+        )
+    except Exception as e:  # msgpack raises a zoo: ValueError, ExtraData, StackError, TypeError...
+        raise ProtocolError(f"not a msgpack message: {e}") from None
+
+
+def _is_id(value: Any) -> bool:
+    return type(value) is int and 0 <= value < (1 << 63)
+
+
+def decode(data: bytes, fds: Sequence[int] = (), *, max_items: int = 1 << 20) -> Message:
+    """One packet (and the fds that came with it) as a message.
+
+    The caller keeps ownership of ``fds`` on every path: on an exception nothing here has
+    closed them, and a request that uses fewer than it got leaves the rest for the caller.
+    """
+    body = _unpack(data, max_items)
+    if type(body) is not list or not body or type(body[0]) is not int:
+        raise ProtocolError("a message is an array whose first element is its kind (0-3)")
+    match body:
+        case [0, id, str(op), args] if _is_id(id):
+            try:
+                parsed = parse_args(op, args, len(fds))
+            except BrokerError as e:
+                raise RequestError(id, e) from None
+            return Request(id=id, op=op, args=parsed, fds=fds)
+        case [1, id, result] if _is_id(id):
+            return Reply(id=id, result=result, fds=fds)
+        case [2, id, {"errno": int(number), "code": str(code), "message": str(text)}] if (
+            id is None or _is_id(id)
+        ):
+            return Error(id=id, errno=errno_from_code(code, number), message=text, fds=fds)
+        case [3, str(name), dict(args)]:
+            return Event(name=name, args=args, fds=fds)
+    raise ProtocolError(f"malformed message of kind {body[0]}")
+
+
+def peek_request_id(data: bytes) -> int | None:
+    """The id of a request that cannot be decoded whole (it was truncated), if one can be read.
+
+    Lets the broker answer an oversized request by its id instead of only hanging up.
+    """
+    unpacker = msgpack.Unpacker(raw=False, max_buffer_size=len(data) or 1, max_array_len=4)
+    unpacker.feed(data)
+    try:
+        if unpacker.read_array_header() >= 2 and unpacker.unpack() == REQUEST:
+            id = unpacker.unpack()
+            return id if _is_id(id) else None
+    except Exception:  # anything short of a readable id means "unknown"
+        pass
+    return None

@@ -1,0 +1,319 @@
+"""Every operation's arguments, in one place.
+
+Each op is a frozen dataclass whose fields are its arguments, registered under its wire name
+with the number of descriptors it carries. ``parse_args`` is the only code that turns a
+peer's ``args`` map into one of these; everything after it may trust the types. Results are
+plain maps, described beside each op in docs/PROTOCOL.md.
+
+Errors: an args map that breaks its op's schema is ``EINVAL``; an op nobody defined is
+``ENOTTY`` (an unknown ioctl); an op that needs a descriptor and got none is ``EBADF``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import errno
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, TypeVar
+
+from ._errors import BrokerError
+from ._types import Access, Constraints, Direction
+
+__all__ = [
+    "OPS", "OP_NAMES",
+    "Allocate",
+    "Attach",
+    "Buffers",
+    "CpuBegin",
+    "CpuEnd",
+    "Detach",
+    "Devices",
+    "ExportMemfd",
+    "Hello",
+    "Import",
+    "Map",
+    "OpArgs",
+    "OpSpec",
+    "Open",
+    "Ping",
+    "Release",
+    "SetName",
+    "Share",
+    "Stats",
+    "Unmap",
+    "parse_args",
+]
+
+MAX_NAME_BYTES = 31  # DMA_BUF_NAME_LEN - 1: the kernel keeps 32 bytes with the NUL
+MAX_ID = (1 << 63) - 1
+
+
+def _int(value: Any) -> int:
+    if type(value) is not int or not 0 <= value <= MAX_ID:
+        raise ValueError("a non-negative integer")
+    return value
+
+
+def _str(value: Any) -> str:
+    if type(value) is not str:
+        raise ValueError("a string")
+    return value
+
+
+def _bool(value: Any) -> bool:
+    if type(value) is not bool:
+        raise ValueError("true or false")
+    return value
+
+
+def _seconds(value: Any) -> float:
+    if type(value) not in (int, float) or not math.isfinite(value) or value < 0:
+        raise ValueError("a non-negative number of seconds")
+    return float(value)
+
+
+def _name(value: Any) -> str:
+    name = _str(value)
+    if len(name.encode()) > MAX_NAME_BYTES:
+        raise ValueError(f"at most {MAX_NAME_BYTES} bytes of UTF-8")
+    return name
+
+
+def _direction(value: Any) -> Direction:
+    try:
+        return Direction(value)
+    except ValueError:
+        raise ValueError("one of " + ", ".join(d.value for d in Direction)) from None
+
+
+def _access(value: Any) -> Access:
+    try:
+        return Access(value)
+    except ValueError:
+        raise ValueError("one of " + ", ".join(a.value for a in Access)) from None
+
+
+def _constraints(value: Any) -> Constraints:
+    if type(value) is not dict:
+        raise ValueError("a map")
+    known = {f.name for f in dataclasses.fields(Constraints)}
+    unknown = set(value) - known
+    if unknown:
+        raise ValueError(f"unknown keys {sorted(map(str, unknown))}")
+    try:
+        return Constraints(**{k: _int(v) for k, v in value.items()})
+    except BrokerError as e:
+        raise ValueError(e.strerror) from None
+
+
+def _optional(check: Callable[[Any], Any]) -> Callable[[Any], Any]:
+    return lambda value: None if value is None else check(value)
+
+
+# How each annotation is checked; a field's name may pick a stricter checker (names).
+_CHECKS: dict[str, Callable[[Any], Any]] = {
+    "int": _int, "str": _str, "bool": _bool, "float | None": _optional(_seconds),
+    "Direction": _direction, "Access": _access, "Constraints": _constraints,
+    "str | None": _optional(_str),
+}
+_BY_NAME: dict[tuple[str, str], Callable[[Any], Any]] = {
+    ("name", "str"): _name, ("name", "str | None"): _optional(_name),
+}
+
+
+@dataclass(frozen=True, slots=True)
+class OpSpec:
+    name: str
+    args: type[OpArgs]
+    fds: int
+    fields: tuple[tuple[str, Callable[[Any], Any], bool], ...]  # (key, check, required)
+
+
+class OpArgs:
+    """Base of every op's argument record."""
+
+    __slots__ = ()
+
+    def to_wire(self) -> dict[str, Any]:
+        out: dict[str, Any] = {}
+        for f in dataclasses.fields(self):  # type: ignore[arg-type]
+            value = getattr(self, f.name)
+            if value is None:
+                continue
+            if isinstance(value, Direction | Access):
+                value = value.value
+            elif isinstance(value, Constraints):
+                value = value.to_wire()
+            out[f.name] = value
+        return out
+
+
+OPS: dict[str, OpSpec] = {}
+OP_NAMES: dict[type[OpArgs], str] = {}  # the wire name of each args class
+_A = TypeVar("_A", bound=type[OpArgs])
+
+
+def op(name: str, *, fds: int = 0) -> Callable[[_A], _A]:
+    def register(cls: _A) -> _A:
+        hints = {f.name: f.type for f in dataclasses.fields(cls)}
+        fields = tuple(
+            (
+                f.name,
+                _BY_NAME.get((f.name, str(hints[f.name]))) or _CHECKS[str(hints[f.name])],
+                f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING,
+            )
+            for f in dataclasses.fields(cls)
+        )
+        OPS[name] = OpSpec(name, cls, fds, fields)
+        OP_NAMES[cls] = name
+        return cls
+
+    return register
+
+
+def parse_args(name: str, args: Any, nfds: int) -> OpArgs:
+    """Validate a peer's ``args`` map for op ``name``; raise BrokerError with the errno to send."""
+    spec = OPS.get(name)
+    if spec is None:
+        raise BrokerError(errno.ENOTTY, f"unknown operation {name!r}")
+    if type(args) is not dict:
+        raise BrokerError(errno.EINVAL, f"{name}: arguments must be a map")
+    values: dict[str, Any] = {}
+    for key, check, required in spec.fields:
+        if key in args:
+            try:
+                values[key] = check(args[key])
+            except ValueError as e:
+                raise BrokerError(errno.EINVAL, f"{name}: {key} must be {e}") from None
+        elif required:
+            raise BrokerError(errno.EINVAL, f"{name}: missing argument {key!r}")
+    if len(values) != len(args):
+        unknown = sorted(str(k) for k in args if k not in values)
+        raise BrokerError(errno.EINVAL, f"{name}: unknown arguments {unknown}")
+    if nfds < spec.fds:
+        raise BrokerError(errno.EBADF, f"{name}: needs {spec.fds} descriptor(s), got {nfds}")
+    return spec.args(**values)
+
+
+_frozen = dataclass(frozen=True, slots=True, kw_only=True)
+
+
+@op("hello")
+@_frozen
+class Hello(OpArgs):
+    version: int
+    name: str
+    constraints: Constraints = Constraints()
+
+
+@op("ping")
+@_frozen
+class Ping(OpArgs):
+    pass
+
+
+@op("allocate")
+@_frozen
+class Allocate(OpArgs):
+    size: int
+    name: str | None = None
+    heap: str = "memfd"
+
+
+@op("export_memfd", fds=1)
+@_frozen
+class ExportMemfd(OpArgs):
+    name: str | None = None
+
+
+@op("import", fds=1)
+@_frozen
+class Import(OpArgs):
+    pass
+
+
+@op("open")
+@_frozen
+class Open(OpArgs):
+    name: str
+    timeout: float | None = None
+
+
+@op("share")
+@_frozen
+class Share(OpArgs):
+    buffer: int
+    readonly: bool = False
+
+
+@op("set_name")
+@_frozen
+class SetName(OpArgs):
+    buffer: int
+    name: str | None = None
+
+
+@op("release")
+@_frozen
+class Release(OpArgs):
+    buffer: int
+
+
+@op("attach")
+@_frozen
+class Attach(OpArgs):
+    buffer: int
+
+
+@op("detach")
+@_frozen
+class Detach(OpArgs):
+    attachment: int
+
+
+@op("map")
+@_frozen
+class Map(OpArgs):
+    attachment: int
+    direction: Direction
+
+
+@op("unmap")
+@_frozen
+class Unmap(OpArgs):
+    attachment: int
+
+
+@op("cpu_begin")
+@_frozen
+class CpuBegin(OpArgs):
+    buffer: int
+    access: Access
+
+
+@op("cpu_end")
+@_frozen
+class CpuEnd(OpArgs):
+    buffer: int
+    access: Access
+
+
+@op("buffers")
+@_frozen
+class Buffers(OpArgs):
+    after: int = 0  # a cursor: replies are paged to stay under one packet
+
+
+@op("devices")
+@_frozen
+class Devices(OpArgs):
+    after: int = 0
+
+
+@op("stats")
+@_frozen
+class Stats(OpArgs):
+    pass
+
