@@ -1,0 +1,161 @@
+"""Fixtures: a real bufbrokerd on a real socket, and real peer processes.
+
+Every daemon and peer a test starts is stopped by that test, by its pid.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+
+import bufbroker
+
+PEER = str(Path(__file__).with_name("peer.py"))
+
+
+@dataclass
+class Broker:
+    socket: str
+    proc: subprocess.Popen[bytes]
+    log: Path
+
+    @property
+    def pid(self) -> int:
+        return self.proc.pid
+
+    def connect(self, name: str = "test", **kwargs: object) -> bufbroker.Device:
+        return bufbroker.connect(name, socket=self.socket, **kwargs)  # type: ignore[arg-type]
+
+    def fd_count(self) -> int:
+        return len(os.listdir(f"/proc/{self.pid}/fd"))
+
+    def stop(self) -> int:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        return self.proc.returncode
+
+    def wait_for(self, predicate: Callable[[], bool], timeout: float = 5.0) -> None:
+        """Poll ``predicate`` (the broker learns of closes asynchronously, in microseconds)."""
+        deadline = time.monotonic() + timeout
+        while not predicate():
+            if time.monotonic() > deadline:
+                raise AssertionError("condition not reached in time")
+            time.sleep(0.005)
+
+
+def start_broker(directory: Path, *flags: str) -> Broker:
+    path = str(directory / "bufbroker.sock")
+    log = directory / "bufbrokerd.log"
+    with log.open("wb") as out:
+        proc = subprocess.Popen(
+            [sys.executable, "-c", "from bufbroker.broker._main import main; raise SystemExit(main())",
+             "--socket", path, "--log-level", "debug", *flags],
+            stdout=out, stderr=subprocess.STDOUT,
+        )
+    deadline = time.monotonic() + 20
+    while True:
+        probe = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        try:
+            probe.connect(path)
+            break
+        except OSError:
+            if proc.poll() is not None or time.monotonic() > deadline:
+                proc.kill()
+                proc.wait()
+                raise RuntimeError(f"bufbrokerd did not start:\n{log.read_text()}") from None
+            time.sleep(0.02)
+        finally:
+            probe.close()
+    return Broker(path, proc, log)
+
+
+@pytest.fixture
+def broker_factory() -> Iterator[Callable[..., Broker]]:
+    started: list[Broker] = []
+    directories: list[str] = []
+
+    def factory(*flags: str) -> Broker:
+        # Not under pytest's tmp_path (mode 0700): tests connect as other uids too.
+        directory = tempfile.mkdtemp(prefix="bufbroker-test-")
+        os.chmod(directory, 0o755)
+        directories.append(directory)
+        b = start_broker(Path(directory), *flags)
+        started.append(b)
+        return b
+
+    yield factory
+    for b in started:
+        b.stop()
+    for directory in directories:
+        shutil.rmtree(directory, ignore_errors=True)
+
+
+@pytest.fixture
+def broker(broker_factory: Callable[..., Broker]) -> Broker:
+    return broker_factory()
+
+
+@dataclass
+class Peer:
+    """A separate Python process running one of peer.py's roles; talks JSON lines."""
+
+    proc: subprocess.Popen[str]
+    passed: list[int] = field(default_factory=list)
+
+    def line(self) -> str:
+        assert self.proc.stdout is not None
+        text = self.proc.stdout.readline()
+        if not text:
+            self.proc.wait(5)
+            raise AssertionError(f"peer exited ({self.proc.returncode}): {self.proc.stderr.read() if self.proc.stderr else ''}")
+        return text.strip()
+
+    def send(self, text: str) -> None:
+        assert self.proc.stdin is not None
+        self.proc.stdin.write(text + "\n")
+        self.proc.stdin.flush()
+
+    def finish(self, timeout: float = 20) -> int:
+        out, err = self.proc.communicate(timeout=timeout)
+        assert self.proc.returncode == 0, err
+        return self.proc.returncode
+
+
+@pytest.fixture
+def peer() -> Iterator[Callable[..., Peer]]:
+    peers: list[Peer] = []
+
+    def run(role: str, *args: object, pass_fds: tuple[int, ...] = (), env: dict[str, str] | None = None) -> Peer:
+        proc = subprocess.Popen(
+            [sys.executable, PEER, role, *map(str, args)],
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+            pass_fds=pass_fds, env={**os.environ, **(env or {})},
+        )
+        p = Peer(proc)
+        peers.append(p)
+        return p
+
+    yield run
+    for p in peers:
+        if p.proc.poll() is None:
+            p.proc.kill()
+        p.proc.wait()
+        for stream in (p.proc.stdin, p.proc.stdout, p.proc.stderr):
+            if stream:
+                stream.close()

@@ -1,0 +1,82 @@
+"""export_memfd: a client's own memfd as a buffer, under udmabuf's rules."""
+
+from __future__ import annotations
+
+import errno
+import fcntl
+import mmap
+import os
+import socket
+
+import pytest
+
+import bufbroker
+from bufbroker import Direction
+
+from conftest import Broker
+
+F_SEAL_FUTURE_WRITE = 0x10
+
+
+def _memfd(size: int = 8192, seals: int = fcntl.F_SEAL_SHRINK) -> int:
+    fd = os.memfd_create("mine", os.MFD_ALLOW_SEALING | os.MFD_CLOEXEC)
+    os.ftruncate(fd, size)
+    if seals:
+        fcntl.fcntl(fd, fcntl.F_ADD_SEALS, seals)
+    return fd
+
+
+def test_a_sealed_memfd_is_aliased_not_copied(broker: Broker) -> None:
+    fd = _memfd()
+    mine = mmap.mmap(fd, 8192)
+    with broker.connect("exporter") as dev, broker.connect("importer") as other:
+        buf = dev.export_memfd(fd, name="mine")
+        assert buf.size == 8192
+        handle = buf.share()
+        theirs = other.import_handle(handle)
+        os.close(handle)
+        with theirs.attach() as att, att.map(Direction.BIDIRECTIONAL) as m:
+            mine[100:105] = b"alias"  # written through the exporter's own mapping...
+            assert bytes(m.memory[100:105]) == b"alias"  # ...seen through the broker's
+            m.memory[0:2] = b"ok"
+            assert mine[0:2] == b"ok"
+    seals = fcntl.fcntl(fd, fcntl.F_GET_SEALS)
+    assert seals & fcntl.F_SEAL_GROW  # the broker adds GROW where it can
+    mine.close()
+    os.close(fd)
+
+
+@pytest.mark.parametrize(
+    ("make", "expected"),
+    [
+        (lambda: os.open("/dev/null", os.O_RDWR), errno.EBADFD),  # not a memfd
+        (lambda: socket.socket().detach(), errno.EBADFD),
+        (lambda: _memfd(seals=0), errno.EINVAL),  # no F_SEAL_SHRINK
+        (lambda: _memfd(seals=fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_WRITE), errno.EINVAL),
+        (lambda: _memfd(seals=fcntl.F_SEAL_SHRINK | F_SEAL_FUTURE_WRITE), errno.EINVAL),
+        (lambda: _memfd(size=4096 + 1), errno.EINVAL),  # not a page multiple
+        (lambda: _memfd(size=0), errno.EINVAL),
+    ],
+)
+def test_udmabuf_rules(broker: Broker, make, expected: int) -> None:
+    fd = make()
+    try:
+        with broker.connect() as dev:
+            with pytest.raises(bufbroker.BrokerError) as e:
+                dev.export_memfd(fd)
+            assert e.value.errno == expected
+            assert dev.buffers() == []
+            dev.ping()
+    finally:
+        os.close(fd)
+
+
+def test_a_memfd_without_allow_sealing_is_rejected(broker: Broker) -> None:
+    fd = os.memfd_create("unsealable", os.MFD_CLOEXEC)  # F_SEAL_SEAL set: cannot add SHRINK
+    os.ftruncate(fd, 4096)
+    try:
+        with broker.connect() as dev, pytest.raises(bufbroker.BrokerError) as e:
+            dev.export_memfd(fd)
+        assert e.value.errno == errno.EINVAL
+    finally:
+        os.close(fd)
