@@ -159,3 +159,54 @@ def peer() -> Iterator[Callable[..., Peer]]:
         for stream in (p.proc.stdin, p.proc.stdout, p.proc.stderr):
             if stream:
                 stream.close()
+
+
+class RawClient:
+    """A hand-driven connection for sending what no well-behaved client would."""
+
+    def __init__(self, path: str) -> None:
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        self.sock.connect(path)
+        self.sock.settimeout(10)
+
+    def send(self, data: bytes, fds: tuple[int, ...] = ()) -> None:
+        from bufbroker.protocol import ancillary
+
+        self.sock.sendmsg([data], ancillary(fds))
+
+    def request(self, id: int, op: str, args: object, fds: tuple[int, ...] = ()) -> None:
+        import msgpack
+
+        self.send(msgpack.packb([0, id, op, args]), fds)
+
+    def recv(self) -> object:
+        """The next message as a plain list, or None at end of file."""
+        import msgpack
+
+        data, ancdata, _, _ = self.sock.recvmsg(1 << 18, socket.CMSG_SPACE(64))
+        from bufbroker.protocol import close_all, fds_from_ancillary
+
+        close_all(fds_from_ancillary(ancdata, 0, 16))
+        return msgpack.unpackb(data) if data else None
+
+    def hello(self) -> None:
+        self.request(0, "hello", {"version": 1, "name": "raw"})
+        reply = self.recv()
+        assert isinstance(reply, list) and reply[0] == 1, reply
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+@pytest.fixture
+def raw() -> Iterator[Callable[[Broker], RawClient]]:
+    clients: list[RawClient] = []
+
+    def make(b: Broker) -> RawClient:
+        c = RawClient(b.socket)
+        clients.append(c)
+        return c
+
+    yield make
+    for c in clients:
+        c.close()

@@ -128,7 +128,7 @@ def decode(data: bytes, fds: Sequence[int] = (), *, max_items: int = 1 << 20) ->
     if type(body) is not list or not body or type(body[0]) is not int:
         raise ProtocolError("a message is an array whose first element is its kind (0-3)")
     match body:
-        case [0, id, str(op), args] if _is_id(id):
+        case [0, id, str(op), dict(args)] if _is_id(id):
             try:
                 parsed = parse_args(op, args, len(fds))
             except BrokerError as e:

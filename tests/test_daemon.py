@@ -1,0 +1,83 @@
+"""bufbrokerd as a process: its socket file, signals, flags and a second instance."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+import bufbroker
+
+from conftest import Broker, start_broker
+
+MAIN = "from bufbroker.broker._main import main; raise SystemExit(main())"
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
+def test_signals_shut_down_cleanly_and_remove_the_socket(broker: Broker, signum: int) -> None:
+    with broker.connect() as dev:
+        dev.allocate(4096)
+        broker.proc.send_signal(signum)
+        assert broker.proc.wait(10) == 0
+    assert not os.path.exists(broker.socket)
+    assert "shutting down" in broker.log.read_text()
+
+
+def test_refuses_a_live_brokers_socket(broker: Broker) -> None:
+    second = subprocess.run(
+        [sys.executable, "-c", MAIN, "--socket", broker.socket], capture_output=True, text=True, timeout=30
+    )
+    assert second.returncode == 1
+    assert "already serving" in second.stderr
+    with broker.connect() as dev:  # the first one is untouched
+        dev.ping()
+
+
+def test_replaces_a_stale_socket(tmp_path: Path) -> None:
+    path = tmp_path / "bufbroker.sock"
+    stale = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    stale.bind(str(path))
+    stale.close()  # the file stays, nobody listens
+    b = start_broker(tmp_path)
+    try:
+        with b.connect() as dev:
+            dev.ping()
+    finally:
+        assert b.stop() == 0
+
+
+def test_does_not_touch_a_file_that_is_not_a_socket(tmp_path: Path) -> None:
+    path = tmp_path / "bufbroker.sock"
+    path.write_text("precious")
+    result = subprocess.run(
+        [sys.executable, "-c", MAIN, "--socket", str(path)], capture_output=True, text=True, timeout=30
+    )
+    assert result.returncode == 1 and "not a socket" in result.stderr
+    assert path.read_text() == "precious"
+
+
+def test_limit_flags_reach_the_broker(broker_factory) -> None:
+    b = broker_factory("--max-buffers-per-uid", "7", "--max-buffer-size", "1M", "--handshake-timeout", "2.5")
+    with b.connect() as dev:
+        limits = dev.stats()["limits"]
+    assert limits["max_buffers_per_uid"] == 7
+    assert limits["max_buffer_size"] == 1 << 20
+    assert limits["handshake_timeout"] == 2.5
+
+
+def test_missing_broker_is_a_clear_error(tmp_path: Path) -> None:
+    path = str(tmp_path / "nobody-home.sock")
+    with pytest.raises(bufbroker.BrokerUnavailable) as e:
+        bufbroker.connect("x", socket=path)
+    assert path in str(e.value) and "bufbrokerd" in str(e.value)
+    assert isinstance(e.value, OSError)
+
+
+def test_importing_the_client_does_not_import_trio() -> None:
+    code = "import sys, bufbroker, bufbroker.client; assert 'trio' not in sys.modules, 'trio imported'"
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=30)

@@ -1,0 +1,133 @@
+"""Bad input gets its errno or a closed connection; every received fd is closed; others carry on."""
+
+from __future__ import annotations
+
+import errno
+import os
+import socket
+
+import msgpack
+import pytest
+
+from conftest import Broker
+
+
+@pytest.fixture
+def bystander(broker: Broker):  # type: ignore[no-untyped-def]
+    """A well-behaved client that must see nothing of what the others do."""
+    with broker.connect("bystander") as dev:
+        buf = dev.allocate(4096, name="bystander")
+        yield dev
+        assert [b["id"] for b in dev.buffers()] == [buf.id]
+        dev.ping()
+
+
+@pytest.mark.parametrize(
+    "packet",
+    [
+        b"\xc1garbage",
+        b"",
+        msgpack.packb("not an array"),
+        msgpack.packb([9, 1, "ping", {}]),
+        msgpack.packb([0, -1, "ping", {}]),
+        msgpack.packb([0, 1, 7, {}]),
+        msgpack.packb([0, 1, "ping", []]),
+        msgpack.packb([1, 1, {}]),  # clients do not send replies
+        msgpack.packb([0, 1, "ping", {}]) + b"\x00",  # trailing bytes
+        b"\x91" * 10000,  # nesting
+    ],
+)
+def test_malformed_packets_close_the_connection_with_eproto(broker: Broker, raw, bystander, packet: bytes) -> None:
+    c = raw(broker)
+    c.hello()
+    c.send(packet)
+    if packet:
+        reply = c.recv()
+        assert reply[0] == 2 and reply[1] is None and reply[2]["errno"] == errno.EPROTO
+    assert c.recv() is None
+
+
+def test_first_message_must_be_hello(broker: Broker, raw, bystander) -> None:
+    c = raw(broker)
+    c.request(1, "ping", {})
+    reply = c.recv()
+    assert reply[0] == 2 and reply[2]["errno"] == errno.EPROTO
+    assert c.recv() is None
+    d = raw(broker)
+    d.request(1, "hello", {"version": 99, "name": "future"})
+    assert d.recv()[2]["errno"] == errno.EPROTONOSUPPORT
+
+
+@pytest.mark.parametrize(
+    ("op", "args", "expected"),
+    [
+        ("no_such_op", {}, errno.ENOTTY),
+        ("allocate", {"size": "big"}, errno.EINVAL),
+        ("allocate", {"size": (1 << 64) - 1}, errno.EINVAL),
+        ("allocate", {"size": -5}, errno.EINVAL),
+        ("allocate", {}, errno.EINVAL),
+        ("allocate", {"size": 4096, "colour": "red"}, errno.EINVAL),
+        ("allocate", {"size": 4096, "heap": "nope"}, errno.ENODEV),
+        ("map", {"attachment": 1, "direction": "sideways"}, errno.EINVAL),
+        ("map", {"attachment": 12345, "direction": "to_device"}, errno.EINVAL),
+        ("cpu_begin", {"buffer": 1, "access": "execute"}, errno.EINVAL),
+        ("release", {"buffer": 999}, errno.EBADF),
+        ("open", {"name": "x", "timeout": -1}, errno.EINVAL),
+        ("import", {}, errno.EBADF),
+    ],
+)
+def test_bad_requests_get_their_errno_and_the_connection_stays(broker: Broker, raw, bystander, op, args, expected) -> None:
+    c = raw(broker)
+    c.hello()
+    c.request(5, op, args)
+    reply = c.recv()
+    assert reply[0] == 2 and reply[1] == 5 and reply[2]["errno"] == expected, reply
+    assert reply[2]["code"] == errno.errorcode[expected]
+    c.request(6, "ping", {})
+    assert c.recv()[:2] == [1, 6]
+
+
+def _fds_of_every_kind() -> list[int]:
+    r, w = os.pipe()
+    a, b = socket.socketpair()
+    memfd = os.memfd_create("junk")
+    return [r, w, a.detach(), b.detach(), memfd, os.open("/dev/null", os.O_RDWR), os.open(__file__, os.O_RDONLY)]
+
+
+def test_every_received_fd_is_closed(broker: Broker, raw, bystander) -> None:
+    c = raw(broker)
+    c.hello()
+    before = broker.fd_count()
+    for fd in _fds_of_every_kind():
+        c.request(1, "import", {}, (fd,))  # not a handle: EINVAL
+        assert c.recv()[2]["errno"] == errno.EINVAL
+        c.request(2, "ping", {}, (fd,))  # a surplus fd
+        assert c.recv()[:2] == [1, 2]
+        c.request(3, "export_memfd", {}, (fd,))
+        assert c.recv()[0] == 2
+        c.request(4, "nonsense", {}, (fd,))
+        assert c.recv()[2]["errno"] == errno.ENOTTY
+        c.send(b"\xc1", (fd,))  # malformed, with an fd: closed with the connection
+        assert c.recv()[2]["errno"] == errno.EPROTO
+        os.close(fd)
+        c.close()
+        c = raw(broker)
+        c.hello()
+    broker.wait_for(lambda: broker.fd_count() == before)
+
+
+def test_a_dead_handle_does_not_import(broker: Broker, raw) -> None:
+    with broker.connect() as dev:
+        buf = dev.allocate(4096)
+        handle = buf.share()
+        buf.close()
+        dup = os.dup(handle)
+        os.close(handle)
+        c = raw(broker)
+        c.hello()
+        c.request(1, "import", {}, (dup,))
+        assert c.recv()[0] == 1  # dup keeps the handle alive: it imports
+        os.close(dup)
+        c.request(2, "release", {"buffer": buf.id})
+        assert c.recv()[0] == 1
+        broker.wait_for(lambda: dev.buffers() == [])

@@ -1,0 +1,110 @@
+"""The sans-IO protocol: round trips, hostile bytes, and descriptors over a real socketpair."""
+
+from __future__ import annotations
+
+import errno
+import os
+import socket
+
+import msgpack
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from bufbroker import protocol as p
+
+
+def test_every_op_round_trips_with_its_defaults() -> None:
+    for name, spec in p.OPS.items():
+        needed = {
+            "version": 1, "name": "n", "size": 1, "buffer": 1, "attachment": 1,
+            "direction": "to_device", "access": "read",
+        }
+        args = {k: needed[k] for k, _, required in spec.fields if required}
+        request = p.decode(msgpack.packb([0, 3, name, args]), [0] * spec.fds)
+        assert isinstance(request, p.Request) and request.op == name
+        again = p.decode(p.encode(request), [0] * spec.fds)
+        assert again == request
+
+
+def test_replies_errors_and_events_round_trip() -> None:
+    for message in (
+        p.Reply(id=1, result={"x": [1, 2]}),
+        p.Error(id=None, errno=errno.EPROTO, message="bad"),
+        p.Error(id=4, errno=errno.EBUSY, message="busy"),
+        p.Event(name="shutdown", args={}),
+    ):
+        assert p.decode(p.encode(message)) == message
+    error = p.decode(p.encode(p.Error(id=1, errno=errno.EDQUOT, message="full")))
+    assert isinstance(error, p.Error)
+    exc = error.exception()
+    assert isinstance(exc, OSError) and exc.errno == errno.EDQUOT and exc.code == "EDQUOT"
+
+
+@given(st.binary(max_size=256))
+def test_arbitrary_bytes_raise_only_the_protocols_error(data: bytes) -> None:
+    try:
+        p.decode(data)
+    except p.BrokerError:
+        pass
+
+
+values = st.recursive(
+    st.none() | st.booleans() | st.integers(-(2**63), 2**64 - 1) | st.floats() | st.text() | st.binary(),
+    lambda inner: st.lists(inner) | st.dictionaries(st.text(), inner),
+    max_leaves=20,
+)
+
+
+@given(st.lists(values, max_size=5) | values)
+def test_arbitrary_msgpack_values_raise_only_the_protocols_error(value: object) -> None:
+    try:
+        p.decode(msgpack.packb(value))
+    except p.BrokerError:
+        pass
+
+
+@given(kind=st.sampled_from([0, 1, 2, 3]), id=st.integers(0, 2**63 - 1), op=st.sampled_from(sorted(p.OPS)), args=values)
+def test_arbitrary_requests_raise_only_the_protocols_error(kind: int, id: int, op: str, args: object) -> None:
+    try:
+        p.decode(msgpack.packb([kind, id, op, args]))
+    except p.BrokerError:
+        pass
+
+
+def test_ctrunc_closes_every_received_fd() -> None:
+    a, b = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    fds = [os.open("/dev/null", os.O_RDONLY) for _ in range(5)]
+    a.sendmsg([b"x"], p.ancillary(fds))
+    for fd in fds:
+        os.close(fd)
+    before = len(os.listdir("/proc/self/fd"))
+    _, ancdata, flags, _ = b.recvmsg(16, p.ancillary_space(2), p.RECV_FLAGS)
+    assert flags & socket.MSG_CTRUNC
+    with pytest.raises(p.FdOverflow) as e:
+        p.fds_from_ancillary(ancdata, flags, 2)
+    assert e.value.errno == errno.ETOOMANYREFS
+    assert len(os.listdir("/proc/self/fd")) == before  # the ones that fit are closed too
+    a.close()
+    b.close()
+
+
+def test_received_fds_are_close_on_exec() -> None:
+    import fcntl
+
+    a, b = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    fd = os.open("/dev/null", os.O_RDONLY)
+    a.sendmsg([b"x"], p.ancillary([fd]))
+    _, ancdata, flags, _ = b.recvmsg(16, p.ancillary_space(4), p.RECV_FLAGS)
+    [got] = p.fds_from_ancillary(ancdata, flags, 4)
+    assert fcntl.fcntl(got, fcntl.F_GETFD) & fcntl.FD_CLOEXEC
+    for f in (fd, got):
+        os.close(f)
+    a.close()
+    b.close()
+
+
+def test_the_id_of_a_truncated_request_can_still_be_read() -> None:
+    data = msgpack.packb([0, 77, "ping", {"pad": "x" * 100}])
+    assert p.peek_request_id(data[:20]) == 77
+    assert p.peek_request_id(b"\xc1") is None
