@@ -81,3 +81,12 @@ def test_missing_broker_is_a_clear_error(tmp_path: Path) -> None:
 def test_importing_the_client_does_not_import_trio() -> None:
     code = "import sys, bufbroker, bufbroker.client; assert 'trio' not in sys.modules, 'trio imported'"
     subprocess.run([sys.executable, "-c", code], check=True, timeout=30)
+
+
+def test_devices_hear_of_a_shutdown(broker: Broker, raw) -> None:
+    c = raw(broker)
+    c.hello()
+    broker.proc.send_signal(signal.SIGTERM)
+    assert c.recv() == [3, "shutdown", {}]
+    assert c.recv() is None
+    assert broker.proc.wait(10) == 0

@@ -100,6 +100,7 @@ async def _run(config: Config, path: str, mode: int) -> None:
             log.info("bufbrokerd %s listening on %s (pid %d)", __version__, path, os.getpid())
             async for signum in signals:
                 log.info("%s: shutting down", signal.Signals(signum).name)
+                await server.announce_shutdown()
                 nursery.cancel_scope.cancel()
                 break
 

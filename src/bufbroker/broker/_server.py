@@ -47,6 +47,7 @@ class Server:
         self.version = version
         self.connections = 0
         self._incomplete = 0
+        self._live: set[Connection] = set()
 
     async def serve(
         self,
@@ -69,6 +70,13 @@ class Server:
         finally:
             self.handles.close()
 
+    async def announce_shutdown(self, grace: float = 0.5) -> None:
+        """Tell every device the broker is stopping (the ``shutdown`` event), briefly."""
+        with trio.move_on_after(grace):
+            for connection in list(self._live):
+                with contextlib.suppress(OSError):
+                    await connection.send(p.Event(name="shutdown"))
+
     async def _client(self, sock: trio.socket.SocketType) -> None:
         with sock:
             pid, uid, gid = _CRED.unpack(sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, _CRED.size))
@@ -83,9 +91,12 @@ class Server:
                 if device is None:
                     return
                 log.debug("device %s connected", device.label)
+                connection = Connection(self, sock, device)
+                self._live.add(connection)
                 try:
-                    await Connection(self, sock, device).run()
+                    await connection.run()
                 finally:
+                    self._live.discard(connection)
                     self.state.remove_device(device)
                     log.debug("device %s gone", device.label)
             finally:
