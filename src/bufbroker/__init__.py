@@ -12,9 +12,23 @@ from .protocol import Access, BrokerError, BrokerUnavailable, Constraints, Direc
 __version__ = "0.1.0"
 
 __all__ = [
-    "Access", "Attachment", "BrokerError", "BrokerUnavailable", "Buffer", "Constraints", "CpuAccess",
-    "Device", "Direction", "Mapping", "ProtocolError", "Segment", "__version__", "connect",
-    "open_device", "recv_handle", "send_handle",
+    "Access",
+    "Attachment",
+    "BrokerError",
+    "BrokerUnavailable",
+    "Buffer",
+    "Constraints",
+    "CpuAccess",
+    "Device",
+    "Direction",
+    "Mapping",
+    "ProtocolError",
+    "Segment",
+    "__version__",
+    "connect",
+    "open_device",
+    "recv_handle",
+    "send_handle",
 ]
 
 

@@ -52,7 +52,9 @@ class Config:
     max_connections_per_uid: int = _count(256, "connections one uid may hold (ECONNREFUSED beyond)")
     max_incomplete_connections: int = _count(64, "connections that have not said hello yet")
     max_buffers_per_uid: int = _count(4096, "live buffers one uid may own (EDQUOT beyond)")
-    max_bytes_per_uid: int = _size(_physical_memory() // 4, "bytes of buffers one uid may own (EDQUOT beyond)")
+    max_bytes_per_uid: int = _size(
+        _physical_memory() // 4, "bytes of buffers one uid may own (EDQUOT beyond)"
+    )
     max_buffer_size: int = _size(4 << 30, "largest single buffer (EINVAL beyond)")
     max_memory: int = _size(_physical_memory() // 2, "bytes of all buffers together (ENOMEM beyond)")
     handshake_timeout: float = _count(30.0, "seconds a new connection has to send hello")
@@ -76,7 +78,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     for f in dataclasses.fields(Config):
         kind = parse_size if f.metadata.get("size") else type(f.default)
         group.add_argument(
-            _flag(f.name), dest=f.name, type=kind, default=None, metavar="N",
+            _flag(f.name),
+            dest=f.name,
+            type=kind,
+            default=None,
+            metavar="N",
             help=f"{f.metadata['help']} [default: {f.default}]",
         )
 

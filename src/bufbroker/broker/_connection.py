@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import errno
 import logging
-import os
 import socket
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
@@ -79,7 +78,9 @@ class Connection:
         async with trio.open_nursery() as nursery:
             while True:
                 try:
-                    data, fds, truncated = await receive(self.sock, cfg.max_message_size, cfg.max_fds_per_message)
+                    data, fds, truncated = await receive(
+                        self.sock, cfg.max_message_size, cfg.max_fds_per_message
+                    )
                 except p.FdOverflow as e:
                     await self.send(p.Error.from_exception(None, e))
                     continue
@@ -92,14 +93,20 @@ class Connection:
                     if truncated:
                         raise RequestError(
                             p.peek_request_id(data) or 0,
-                            BrokerError(errno.EMSGSIZE, f"a message may be at most {cfg.max_message_size} bytes"),
+                            BrokerError(
+                                errno.EMSGSIZE, f"a message may be at most {cfg.max_message_size} bytes"
+                            ),
                         )
                     message = p.decode(data, fds, max_items=cfg.max_message_size)
                     if not isinstance(message, p.Request):
                         raise ProtocolError("clients send requests only")
                     if self.pending >= cfg.max_pending_requests:
-                        raise RequestError(message.id, BrokerError(
-                            errno.EAGAIN, f"max_pending_requests ({cfg.max_pending_requests}) in flight"))
+                        raise RequestError(
+                            message.id,
+                            BrokerError(
+                                errno.EAGAIN, f"max_pending_requests ({cfg.max_pending_requests}) in flight"
+                            ),
+                        )
                     if isinstance(message.args, p.Open) and message.args.timeout:
                         nursery.start_soon(self._waiting_open, message, bag)
                         bag = FdBag(())
@@ -209,8 +216,12 @@ class Connection:
 
     def _describe(self, buffer: Buffer) -> dict[str, Any]:
         return {
-            "id": buffer.id, "size": buffer.size, "name": buffer.name, "heap": buffer.heap,
-            "exporter": buffer.exporter[1], "readonly": not self.device.refs[buffer.id].writable,
+            "id": buffer.id,
+            "size": buffer.size,
+            "name": buffer.name,
+            "heap": buffer.heap,
+            "exporter": buffer.exporter[1],
+            "readonly": not self.device.refs[buffer.id].writable,
         }
 
     def _with_handle(self, buffer: Buffer, *, readonly: bool, new_ref: bool = False) -> tuple[Any, list[int]]:

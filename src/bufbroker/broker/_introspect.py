@@ -17,9 +17,7 @@ __all__ = ["buffer_entries", "device_entries", "stats"]
 
 
 def _visible_buffer(buffer: Buffer, viewer: int) -> bool:
-    return viewer == 0 or buffer.owner == viewer or any(
-        d.uid == viewer for d in buffer.holders.values()
-    )
+    return viewer == 0 or buffer.owner == viewer or any(d.uid == viewer for d in buffer.holders.values())
 
 
 def _buffer(state: State, buffer: Buffer) -> dict[str, Any]:
@@ -34,24 +32,29 @@ def _buffer(state: State, buffer: Buffer) -> dict[str, Any]:
         "owner": buffer.owner,
         "created": buffer.created,
         "handles": len(buffer.handles),
-        "layout": None if buffer.layout is None else [
-            [s.fd, s.offset, s.length] for s in buffer.layout
-        ],
+        "layout": None if buffer.layout is None else [[s.fd, s.offset, s.length] for s in buffer.layout],
         "importers": [
             {"device": d.id, "name": d.name, "pid": d.pid, "count": d.refs[buffer.id].count}
             for d in buffer.holders.values()
         ],
         "attachments": [
             {
-                "id": a.id, "device": a.device.id, "name": a.device.name, "pid": a.device.pid,
-                "direction": a.direction.value if a.direction else None, "map_count": a.map_count,
+                "id": a.id,
+                "device": a.device.id,
+                "name": a.device.name,
+                "pid": a.device.pid,
+                "direction": a.direction.value if a.direction else None,
+                "map_count": a.map_count,
             }
             for a in buffer.attachments.values()
         ],
         "cpu_access": [
             {
-                "device": dev_id, "name": devices[dev_id].name, "pid": devices[dev_id].pid,
-                "access": access.value, "count": count,
+                "device": dev_id,
+                "name": devices[dev_id].name,
+                "pid": devices[dev_id].pid,
+                "access": access.value,
+                "count": count,
             }
             for (dev_id, access), count in buffer.cpu.items()
         ],
@@ -75,7 +78,7 @@ def _device(device: Device) -> dict[str, Any]:
 
 
 def _page(ids: Iterator[tuple[int, Any]], after: int, limit: int) -> Iterator[Any]:
-    for n, (key, value) in enumerate((k, v) for k, v in ids if k > after):
+    for n, value in enumerate(v for k, v in ids if k > after):
         if n == limit:
             return
         yield value

@@ -36,11 +36,22 @@ def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="bufbrokerd", description="The bufbroker daemon: shares dma-buf-like buffers between processes."
     )
-    parser.add_argument("--socket", metavar="PATH", help=f"socket to listen on [default: {default_socket_path()}]")
-    parser.add_argument("--socket-mode", metavar="MODE", type=lambda s: int(s, 8), default=0o666,
-                        help="permissions of a socket file the daemon creates [default: 0666]")
-    parser.add_argument("--config", metavar="FILE", type=Path,
-                        help=f"TOML file of limits [default: {DEFAULT_CONFIG} if present]")
+    parser.add_argument(
+        "--socket", metavar="PATH", help=f"socket to listen on [default: {default_socket_path()}]"
+    )
+    parser.add_argument(
+        "--socket-mode",
+        metavar="MODE",
+        type=lambda s: int(s, 8),
+        default=0o666,
+        help="permissions of a socket file the daemon creates [default: 0666]",
+    )
+    parser.add_argument(
+        "--config",
+        metavar="FILE",
+        type=Path,
+        help=f"TOML file of limits [default: {DEFAULT_CONFIG} if present]",
+    )
     parser.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     parser.add_argument("--version", action="version", version=f"bufbrokerd {__version__}")
     add_arguments(parser)
@@ -74,13 +85,14 @@ def _listening(path: str, mode: int) -> Iterator[trio.socket.SocketType]:
     """A bound, listening socket at ``path``, removed again on the way out if still ours."""
     _claim(path)
     os.makedirs(os.path.dirname(path) or ".", mode=0o755, exist_ok=True)
-    sock = trio.socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET | socket.SOCK_CLOEXEC)
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET | socket.SOCK_CLOEXEC)
+    ours = -1
     try:
-        sock._sock.bind(path)  # binding a path never blocks; trio's bind is async only for names
+        sock.bind(path)
         ours = os.stat(path).st_ino
         os.chmod(path, mode)
         sock.listen(128)
-        yield sock
+        yield trio.socket.from_stdlib_socket(sock)
     except OSError as e:
         if e.errno in (errno.EADDRINUSE, errno.EACCES, errno.EROFS):
             raise StartupError(f"cannot listen on {path}: {e.strerror}") from None
@@ -94,7 +106,10 @@ def _listening(path: str, mode: int) -> Iterator[trio.socket.SocketType]:
 
 async def _run(config: Config, path: str, mode: int) -> None:
     server = Server(config, version=__version__)
-    with _listening(path, mode) as listener, trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+    with (
+        _listening(path, mode) as listener,
+        trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals,
+    ):
         async with trio.open_nursery() as nursery:
             await nursery.start(server.serve, listener)
             log.info("bufbrokerd %s listening on %s (pid %d)", __version__, path, os.getpid())

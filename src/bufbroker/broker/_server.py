@@ -131,19 +131,32 @@ class Server:
                     return None
                 hello = message.args
                 if hello.version != p.PROTOCOL_VERSION:
-                    await self._refuse(sock, BrokerError(
-                        errno.EPROTONOSUPPORT,
-                        f"protocol version {hello.version} is not supported (this broker speaks {p.PROTOCOL_VERSION})",
-                    ), message.id)
+                    await self._refuse(
+                        sock,
+                        BrokerError(
+                            errno.EPROTONOSUPPORT,
+                            f"protocol version {hello.version} is not supported (this broker speaks {p.PROTOCOL_VERSION})",
+                        ),
+                        message.id,
+                    )
                     return None
                 device = self.state.add_device(
-                    name=hello.name, pid=pid, uid=uid, gid=gid, command=_command(pid),
+                    name=hello.name,
+                    pid=pid,
+                    uid=uid,
+                    gid=gid,
+                    command=_command(pid),
                     constraints=hello.constraints,
                 )
-                reply = p.Reply(id=message.id, result={
-                    "version": p.PROTOCOL_VERSION, "device": device.id, "broker": self.version,
-                    "page_size": p.PAGE_SIZE,
-                })
+                reply = p.Reply(
+                    id=message.id,
+                    result={
+                        "version": p.PROTOCOL_VERSION,
+                        "device": device.id,
+                        "broker": self.version,
+                        "page_size": p.PAGE_SIZE,
+                    },
+                )
                 try:
                     await sock.send(p.encode(reply))
                 except OSError:

@@ -92,8 +92,14 @@ class State:
         self, *, name: str, pid: int, uid: int, gid: int, command: str, constraints: Constraints
     ) -> Device:
         device = Device(
-            id=self._id("device"), name=name, pid=pid, uid=uid, gid=gid, command=command,
-            constraints=constraints, connected=self.clock(),
+            id=self._id("device"),
+            name=name,
+            pid=pid,
+            uid=uid,
+            gid=gid,
+            command=command,
+            constraints=constraints,
+            connected=self.clock(),
         )
         self.devices[device.id] = device
         return device
@@ -115,9 +121,7 @@ class State:
     def _charge(self, device: Device, size: int) -> None:
         cfg = self.config
         if size > cfg.max_buffer_size:
-            raise BrokerError(
-                errno.EINVAL, f"{size} bytes is above max_buffer_size ({cfg.max_buffer_size})"
-            )
+            raise BrokerError(errno.EINVAL, f"{size} bytes is above max_buffer_size ({cfg.max_buffer_size})")
         if self.total_bytes + size > cfg.max_memory:
             raise BrokerError(
                 errno.ENOMEM,
@@ -147,8 +151,13 @@ class State:
         self._charge(device, size)
         self._check_name_free(name)
         buffer = Buffer(
-            id=self._id("buffer"), size=size, heap=heap, owner=device.uid, created=self.clock(),
-            exporter=(device.id, device.name, device.pid), backing=backing,
+            id=self._id("buffer"),
+            size=size,
+            heap=heap,
+            owner=device.uid,
+            created=self.clock(),
+            exporter=(device.id, device.name, device.pid),
+            backing=backing,
         )
         self.buffers[buffer.id] = buffer
         usage = self._usage(device.uid)
@@ -344,13 +353,12 @@ class State:
         att = self._attachment(device, attachment_id)
         if direction.writes and not device.refs[att.buffer.id].writable:
             raise BrokerError(errno.EACCES, f"a read-only handle cannot be mapped {direction.value}")
-        if att.map_count and direction is not att.direction:
-            if att.direction is not Direction.BIDIRECTIONAL:
-                raise BrokerError(
-                    errno.EBUSY,
-                    f"attachment {att.id} is mapped {att.direction.value if att.direction else ''}"
-                    f"; unmap it before mapping {direction.value}",
-                )
+        current = att.direction
+        if current is not None and current not in (direction, Direction.BIDIRECTIONAL):
+            raise BrokerError(
+                errno.EBUSY,
+                f"attachment {att.id} is mapped {current.value}; unmap it before mapping {direction.value}",
+            )
         layout, backing = self._materialize(att.buffer)
         if not att.map_count:
             att.direction = direction

@@ -20,8 +20,14 @@ from ..protocol import Access, BrokerError, Constraints, Direction, Segment
 from ._memory import MappedMemory, segments_from_wire
 
 __all__ = [
-    "MAX_REPLY", "MAX_REPLY_FDS", "AttachmentBase", "BufferBase", "CpuAccessBase", "DeviceBase",
-    "MappingBase", "Session",
+    "MAX_REPLY",
+    "MAX_REPLY_FDS",
+    "AttachmentBase",
+    "BufferBase",
+    "CpuAccessBase",
+    "DeviceBase",
+    "MappingBase",
+    "Session",
 ]
 
 MAX_REPLY = 256 << 10  # above any SOCK_SEQPACKET packet the kernel lets the broker send
@@ -44,9 +50,7 @@ class Session:
         return id, p.encode(p.Request(id=id, op=p.OP_NAMES[type(args)], args=args))
 
     def hello(self) -> tuple[int, bytes]:
-        return self.request(
-            p.Hello(version=p.PROTOCOL_VERSION, name=self.name, constraints=self.constraints)
-        )
+        return self.request(p.Hello(version=p.PROTOCOL_VERSION, name=self.name, constraints=self.constraints))
 
     def welcome(self, result: dict[str, Any]) -> None:
         self.device_id = result["device"]

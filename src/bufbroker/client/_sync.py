@@ -16,8 +16,15 @@ from .. import protocol as p
 from .._paths import default_socket_path
 from ..protocol import Access, BrokerUnavailable, Constraints, Direction
 from ._core import (
-    MAX_REPLY, MAX_REPLY_FDS, AttachmentBase, BufferBase, CpuAccessBase, DeviceBase, MappingBase,
-    Session, take_one_fd,
+    MAX_REPLY,
+    MAX_REPLY_FDS,
+    AttachmentBase,
+    BufferBase,
+    CpuAccessBase,
+    DeviceBase,
+    MappingBase,
+    Session,
+    take_one_fd,
 )
 
 __all__ = ["Attachment", "Buffer", "CpuAccess", "Device", "Mapping", "connect"]
@@ -27,16 +34,16 @@ class _Closing:
     def __enter__(self) -> Self:
         return self
 
-    def __exit__(self, t: type[BaseException] | None, e: BaseException | None, tb: TracebackType | None) -> None:
+    def __exit__(
+        self, t: type[BaseException] | None, e: BaseException | None, tb: TracebackType | None
+    ) -> None:
         self.close()
 
     def close(self) -> None:
         raise NotImplementedError
 
 
-def connect(
-    name: str, *, constraints: Constraints | None = None, socket: str | None = None
-) -> Device:
+def connect(name: str, *, constraints: Constraints | None = None, socket: str | None = None) -> Device:
     """Register this process as a device named ``name`` with the broker at ``socket``."""
     path = socket or default_socket_path()
     sock = _socket.socket(_socket.AF_UNIX, _socket.SOCK_SEQPACKET | _socket.SOCK_CLOEXEC)
@@ -237,5 +244,7 @@ class CpuAccess(CpuAccessBase):
     def __enter__(self) -> memoryview:
         return self.begin()
 
-    def __exit__(self, t: type[BaseException] | None, e: BaseException | None, tb: TracebackType | None) -> None:
+    def __exit__(
+        self, t: type[BaseException] | None, e: BaseException | None, tb: TracebackType | None
+    ) -> None:
         self.end()

@@ -48,6 +48,7 @@ from ._types import PAGE_SIZE, Access, Constraints, Direction, Segment, page_rou
 __all__ = [
     "MAX_NAME_BYTES",
     "OPS",
+    "OP_NAMES",
     "PAGE_SIZE",
     "PROTOCOL_VERSION",
     "RECV_FLAGS",

@@ -29,8 +29,16 @@ from ._errors import BrokerError, ProtocolError, errno_code, errno_from_code
 from ._ops import OpArgs, parse_args
 
 __all__ = [
-    "PROTOCOL_VERSION", "Error", "Event", "Message", "Reply", "Request", "RequestError",
-    "decode", "encode", "peek_request_id",
+    "PROTOCOL_VERSION",
+    "Error",
+    "Event",
+    "Message",
+    "Reply",
+    "Request",
+    "RequestError",
+    "decode",
+    "encode",
+    "peek_request_id",
 ]
 
 PROTOCOL_VERSION = 1
@@ -106,9 +114,15 @@ def encode(message: Message) -> bytes:
 def _unpack(data: bytes, max_items: int) -> Any:
     try:
         return msgpack.unpackb(
-            data, raw=False, use_list=True, strict_map_key=True, max_ext_len=0,
-            max_str_len=len(data), max_bin_len=len(data),
-            max_array_len=max_items, max_map_len=max_items,
+            data,
+            raw=False,
+            use_list=True,
+            strict_map_key=True,
+            max_ext_len=0,
+            max_str_len=len(data),
+            max_bin_len=len(data),
+            max_array_len=max_items,
+            max_map_len=max_items,
         )
     except Exception as e:  # msgpack raises a zoo: ValueError, ExtraData, StackError, TypeError...
         raise ProtocolError(f"not a msgpack message: {e}") from None
@@ -136,8 +150,8 @@ def decode(data: bytes, fds: Sequence[int] = (), *, max_items: int = 1 << 20) ->
             return Request(id=id, op=op, args=parsed, fds=fds)
         case [1, id, result] if _is_id(id):
             return Reply(id=id, result=result, fds=fds)
-        case [2, id, {"errno": int(number), "code": str(code), "message": str(text)}] if (
-            id is None or _is_id(id)
+        case [2, id, {"errno": int(number), "code": str(code), "message": str(text)}] if id is None or _is_id(
+            id
         ):
             return Error(id=id, errno=errno_from_code(code, number), message=text, fds=fds)
         case [3, str(name), dict(args)]:

@@ -22,7 +22,8 @@ from ._errors import BrokerError
 from ._types import Access, Constraints, Direction
 
 __all__ = [
-    "OPS", "OP_NAMES",
+    "OPS",
+    "OP_NAMES",
     "Allocate",
     "Attach",
     "Buffers",
@@ -114,12 +115,18 @@ def _optional(check: Callable[[Any], Any]) -> Callable[[Any], Any]:
 
 # How each annotation is checked; a field's name may pick a stricter checker (names).
 _CHECKS: dict[str, Callable[[Any], Any]] = {
-    "int": _int, "str": _str, "bool": _bool, "float | None": _optional(_seconds),
-    "Direction": _direction, "Access": _access, "Constraints": _constraints,
+    "int": _int,
+    "str": _str,
+    "bool": _bool,
+    "float | None": _optional(_seconds),
+    "Direction": _direction,
+    "Access": _access,
+    "Constraints": _constraints,
     "str | None": _optional(_str),
 }
 _BY_NAME: dict[tuple[str, str], Callable[[Any], Any]] = {
-    ("name", "str"): _name, ("name", "str | None"): _optional(_name),
+    ("name", "str"): _name,
+    ("name", "str | None"): _optional(_name),
 }
 
 
@@ -157,14 +164,15 @@ _A = TypeVar("_A", bound=type[OpArgs])
 
 def op(name: str, *, fds: int = 0) -> Callable[[_A], _A]:
     def register(cls: _A) -> _A:
-        hints = {f.name: f.type for f in dataclasses.fields(cls)}
+        record: Any = cls  # a dataclass by the time this decorator runs
+        hints = {f.name: f.type for f in dataclasses.fields(record)}
         fields = tuple(
             (
                 f.name,
                 _BY_NAME.get((f.name, str(hints[f.name]))) or _CHECKS[str(hints[f.name])],
                 f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING,
             )
-            for f in dataclasses.fields(cls)
+            for f in dataclasses.fields(record)
         )
         OPS[name] = OpSpec(name, cls, fds, fields)
         OP_NAMES[cls] = name
@@ -197,25 +205,22 @@ def parse_args(name: str, args: Any, nfds: int) -> OpArgs:
     return spec.args(**values)
 
 
-_frozen = dataclass(frozen=True, slots=True, kw_only=True)
-
-
 @op("hello")
-@_frozen
+@dataclass(frozen=True, slots=True, kw_only=True)
 class Hello(OpArgs):
     version: int
     name: str
-    constraints: Constraints = Constraints()
+    constraints: Constraints = Constraints()  # noqa: RUF009 (frozen: sharing is safe)
 
 
 @op("ping")
-@_frozen
+@dataclass(frozen=True, slots=True, kw_only=True)
 class Ping(OpArgs):
     pass
 
 
 @op("allocate")
-@_frozen
+@dataclass(frozen=True, slots=True, kw_only=True)
 class Allocate(OpArgs):
     size: int
     name: str | None = None
@@ -223,97 +228,96 @@ class Allocate(OpArgs):
 
 
 @op("export_memfd", fds=1)
-@_frozen
+@dataclass(frozen=True, slots=True, kw_only=True)
 class ExportMemfd(OpArgs):
     name: str | None = None
 
 
 @op("import", fds=1)
-@_frozen
+@dataclass(frozen=True, slots=True, kw_only=True)
 class Import(OpArgs):
     pass
 
 
 @op("open")
-@_frozen
+@dataclass(frozen=True, slots=True, kw_only=True)
 class Open(OpArgs):
     name: str
     timeout: float | None = None
 
 
 @op("share")
-@_frozen
+@dataclass(frozen=True, slots=True, kw_only=True)
 class Share(OpArgs):
     buffer: int
     readonly: bool = False
 
 
 @op("set_name")
-@_frozen
+@dataclass(frozen=True, slots=True, kw_only=True)
 class SetName(OpArgs):
     buffer: int
     name: str | None = None
 
 
 @op("release")
-@_frozen
+@dataclass(frozen=True, slots=True, kw_only=True)
 class Release(OpArgs):
     buffer: int
 
 
 @op("attach")
-@_frozen
+@dataclass(frozen=True, slots=True, kw_only=True)
 class Attach(OpArgs):
     buffer: int
 
 
 @op("detach")
-@_frozen
+@dataclass(frozen=True, slots=True, kw_only=True)
 class Detach(OpArgs):
     attachment: int
 
 
 @op("map")
-@_frozen
+@dataclass(frozen=True, slots=True, kw_only=True)
 class Map(OpArgs):
     attachment: int
     direction: Direction
 
 
 @op("unmap")
-@_frozen
+@dataclass(frozen=True, slots=True, kw_only=True)
 class Unmap(OpArgs):
     attachment: int
 
 
 @op("cpu_begin")
-@_frozen
+@dataclass(frozen=True, slots=True, kw_only=True)
 class CpuBegin(OpArgs):
     buffer: int
     access: Access
 
 
 @op("cpu_end")
-@_frozen
+@dataclass(frozen=True, slots=True, kw_only=True)
 class CpuEnd(OpArgs):
     buffer: int
     access: Access
 
 
 @op("buffers")
-@_frozen
+@dataclass(frozen=True, slots=True, kw_only=True)
 class Buffers(OpArgs):
     after: int = 0  # a cursor: replies are paged to stay under one packet
 
 
 @op("devices")
-@_frozen
+@dataclass(frozen=True, slots=True, kw_only=True)
 class Devices(OpArgs):
     after: int = 0
 
 
 @op("stats")
-@_frozen
+@dataclass(frozen=True, slots=True, kw_only=True)
 class Stats(OpArgs):
     pass
-
