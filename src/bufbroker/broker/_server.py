@@ -135,7 +135,8 @@ class Server:
                         sock,
                         BrokerError(
                             errno.EPROTONOSUPPORT,
-                            f"protocol version {hello.version} is not supported (this broker speaks {p.PROTOCOL_VERSION})",
+                            f"protocol version {hello.version} is not supported "
+                            f"(this broker speaks {p.PROTOCOL_VERSION})",
                         ),
                         message.id,
                     )
