@@ -49,11 +49,17 @@ class FdBag:
         self.fds.clear()
 
 
-async def receive(sock: trio.socket.SocketType, max_size: int, max_fds: int) -> tuple[bytes, list[int], bool]:
-    """One packet: (data, fds, truncated). Raises FdOverflow with its fds already closed."""
-    data, ancdata, flags, _ = await sock.recvmsg(max_size, p.ancillary_space(max_fds), p.RECV_FLAGS)
+async def receive(
+    sock: trio.socket.SocketType, inbox: bytearray, max_fds: int
+) -> tuple[memoryview, list[int], bool]:
+    """One packet into ``inbox``: (data, fds, truncated). FdOverflow comes with its fds closed.
+
+    ``data`` is a view of ``inbox``, valid until the next receive into it; one buffer per
+    connection spares an allocation of max_message_size bytes per request.
+    """
+    n, ancdata, flags, _ = await sock.recvmsg_into([inbox], p.ancillary_space(max_fds), p.RECV_FLAGS)
     fds = p.fds_from_ancillary(ancdata, flags, max_fds)
-    return data, fds, bool(flags & socket.MSG_TRUNC)
+    return memoryview(inbox)[:n], fds, bool(flags & socket.MSG_TRUNC)
 
 
 class Connection:
@@ -63,24 +69,34 @@ class Connection:
         self.sock = sock
         self.device = device
         self.pending = 0
+        self.gone = False  # a send failed: the peer went away
+        self._waiting = 0  # open-with-timeout tasks, which send concurrently with the loop
         self._send_lock = trio.Lock()
 
     async def send(self, message: p.Message, owned: Sequence[int] = ()) -> None:
-        """Send ``message`` with the descriptors ``owned``, which are closed afterwards."""
+        """Send ``message`` with the descriptors ``owned``, which are closed afterwards.
+
+        A SEQPACKET send is atomic, so the lock is only needed while other tasks may send too;
+        without them it would cost a checkpoint per request. A failed send marks the peer gone.
+        """
         try:
-            async with self._send_lock:
+            if self._waiting:
+                async with self._send_lock:
+                    await self.sock.sendmsg([p.encode(message)], p.ancillary(owned))
+            else:
                 await self.sock.sendmsg([p.encode(message)], p.ancillary(owned))
+        except OSError:
+            self.gone = True
         finally:
             p.close_all(owned)
 
     async def run(self) -> None:
         cfg = self.state.config
+        inbox = bytearray(cfg.max_message_size)
         async with trio.open_nursery() as nursery:
-            while True:
+            while not self.gone:
                 try:
-                    data, fds, truncated = await receive(
-                        self.sock, cfg.max_message_size, cfg.max_fds_per_message
-                    )
+                    data, fds, truncated = await receive(self.sock, inbox, cfg.max_fds_per_message)
                 except p.FdOverflow as e:
                     await self.send(p.Error.from_exception(None, e))
                     continue
@@ -108,6 +124,8 @@ class Connection:
                             ),
                         )
                     if isinstance(message.args, p.Open) and message.args.timeout:
+                        self.pending += 1
+                        self._waiting += 1
                         nursery.start_soon(self._waiting_open, message, bag)
                         bag = FdBag(())
                         continue
@@ -141,7 +159,6 @@ class Connection:
     async def _waiting_open(self, request: p.Request, bag: FdBag) -> None:
         """``open`` that waits for the name to appear, like Plasma's get with a timeout."""
         assert isinstance(request.args, p.Open)
-        self.pending += 1
         try:
             with trio.move_on_after(request.args.timeout or 0):
                 while request.args.name not in self.state.names:
@@ -149,6 +166,7 @@ class Connection:
             await self._answer(p.Request(id=request.id, op="open", args=p.Open(name=request.args.name)), bag)
         finally:
             self.pending -= 1
+            self._waiting -= 1
             bag.close()
 
     # --- the ops -------------------------------------------------------------------------

@@ -36,6 +36,7 @@ class HandleTable:
     def __init__(self) -> None:
         self._epoll = select.epoll()
         self._ends: dict[int, tuple[socket.socket, Key]] = {}  # by broker-end fd
+        self._by_key: dict[Key, int] = {}
 
     def __len__(self) -> int:
         return len(self._ends)
@@ -53,7 +54,20 @@ class HandleTable:
             theirs.close()
             raise
         self._ends[ours.fileno()] = (ours, key)
+        self._by_key[key] = ours.fileno()
         return theirs.detach(), key
+
+    def adopt(self, fd: int, key: Key) -> None:
+        """Watch the broker's end of a handle minted before a restart (from the fd store)."""
+        end = socket.socket(fileno=fd)
+        end.setblocking(False)
+        self._epoll.register(fd, select.EPOLLIN | select.EPOLLRDHUP)
+        self._ends[fd] = (end, key)
+        self._by_key[key] = fd
+
+    def end_of(self, key: Key) -> int | None:
+        """The broker's end of handle ``key`` (for the fd store), if it is still open."""
+        return self._by_key.get(key)
 
     async def watch(self, closed: Callable[[Key], None]) -> None:
         """Run forever, calling ``closed(key)`` for each handle whose last copy was closed."""
@@ -73,7 +87,8 @@ class HandleTable:
                         break
 
     def _forget(self, fd: int) -> None:
-        end, _ = self._ends.pop(fd)
+        end, key = self._ends.pop(fd)
+        del self._by_key[key]
         self._epoll.unregister(fd)
         end.close()
 

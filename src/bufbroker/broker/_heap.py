@@ -21,7 +21,7 @@ import os
 
 from ..protocol import PAGE_SIZE, BrokerError
 
-__all__ = ["HEAPS", "Backing", "adopt_memfd", "allocate_memfd"]
+__all__ = ["HEAPS", "Backing", "adopt_memfd", "allocate_memfd", "seal_snapshot"]
 
 F_SEAL_FUTURE_WRITE = 0x10  # linux/fcntl.h; Python has no constant for it
 _OURS = fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW | fcntl.F_SEAL_SEAL
@@ -89,3 +89,18 @@ def adopt_memfd(fd: int) -> Backing:
     with contextlib.suppress(PermissionError):
         os.fchmod(fd, 0o400)
     return Backing(fd, size)
+
+
+def seal_snapshot(data: bytes) -> int:
+    """A memfd holding ``data``, sealed against every change (for the fd store)."""
+    fd = os.memfd_create("bufbroker:snapshot", os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
+    try:
+        os.write(fd, data)
+        fcntl.fcntl(
+            fd, fcntl.F_ADD_SEALS,
+            fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW | fcntl.F_SEAL_WRITE | fcntl.F_SEAL_SEAL,
+        )
+    except OSError:
+        os.close(fd)
+        raise
+    return fd

@@ -19,6 +19,7 @@ from .. import protocol as p
 from ..protocol import BrokerError, ProtocolError
 from ._config import Config
 from ._connection import Connection, receive
+from ._fdstore import FdStore, Notifier, restore
 from ._handles import HandleTable
 from ._records import Device
 from ._state import State
@@ -40,9 +41,21 @@ def _command(pid: int) -> str:
 
 
 class Server:
-    def __init__(self, config: Config, *, version: str) -> None:
+    def __init__(
+        self,
+        config: Config,
+        *,
+        version: str,
+        fdstore: Notifier | None = None,
+        stored: list[tuple[int, str]] | None = None,
+    ) -> None:
         self.state = State(config)
         self.handles = HandleTable()
+        self._fdstore: FdStore | None = None
+        if fdstore is not None:
+            generation = restore(stored or [], self.state, self.handles, fdstore)
+            self._fdstore = FdStore(fdstore, self.state, self.handles, generation)
+            self.state.observer = self._fdstore
         self.names_changed = trio.lowlevel.ParkingLot()
         self.version = version
         self.connections = 0
@@ -58,6 +71,8 @@ class Server:
         try:
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(self.handles.watch, self.state.handle_closed)
+                if self._fdstore is not None:
+                    nursery.start_soon(self._fdstore.run)
                 task_status.started()
                 while True:
                     try:
@@ -95,6 +110,8 @@ class Server:
                 self._live.add(connection)
                 try:
                     await connection.run()
+                except Exception:  # a bug must cost one connection, never the broker
+                    log.exception("connection of %s failed", device.label)
                 finally:
                     self._live.discard(connection)
                     self.state.remove_device(device)
@@ -117,7 +134,7 @@ class Server:
         try:
             with trio.move_on_after(cfg.handshake_timeout):
                 try:
-                    data, fds, _ = await receive(sock, cfg.max_message_size, cfg.max_fds_per_message)
+                    data, fds, _ = await receive(sock, bytearray(cfg.max_message_size), cfg.max_fds_per_message)
                 except OSError:
                     return None
                 p.close_all(fds)  # hello carries none

@@ -29,6 +29,22 @@ from ._records import Attachment, Buffer, Device, Handle, Key, Ref, Usage
 __all__ = ["Mapped", "State"]
 
 
+class Observer:
+    """Told of every change that outlives a connection; the fd store persists them.
+
+    The default does nothing: a broker with no service manager keeps nothing across restarts.
+    """
+
+    def handle_added(self, handle: Handle) -> None:
+        pass
+
+    def handle_removed(self, handle: Handle) -> None:
+        pass
+
+    def changed(self, buffer: Buffer) -> None:
+        """A buffer was created, named, laid out or freed."""
+
+
 @dataclass(frozen=True, slots=True)
 class Mapped:
     """What a map or cpu access hands the client: the layout and the backing, RO or RW."""
@@ -54,10 +70,10 @@ class State:
         self.devices: dict[int, Device] = {}
         self.handles: dict[Key, Handle] = {}
         self.names: dict[str, Buffer] = {}
-        self.names_changed = 0  # bumped whenever a name appears, for open-with-wait
         self.usage: dict[int, Usage] = {}
         self.total_bytes = 0
         self._ids: dict[str, itertools.count[int]] = defaultdict(lambda: itertools.count(1))
+        self.observer = Observer()
 
     def _id(self, kind: str) -> int:
         """Ids count per kind (buffer 1, 2, ...; device 1, 2, ...) and are never reused."""
@@ -168,6 +184,43 @@ class State:
         self._add_ref(device, buffer, writable=True)
         return buffer
 
+    def restore(
+        self,
+        *,
+        id: int,
+        size: int,
+        owner: int,
+        heap: str,
+        name: str | None,
+        exporter: tuple[int, str, int],
+        created: float,
+        backing: Backing | None,
+        layout: list[Segment] | None,
+    ) -> Buffer:
+        """A buffer carried across a broker restart; only its handles hold it until imported.
+
+        Quotas are charged but not checked: the buffer already existed within them.
+        """
+        buffer = Buffer(
+            id=id, size=size, heap=heap, owner=owner, created=created, exporter=exporter,
+            backing=backing, layout=layout if backing is not None else None,
+        )
+        self.buffers = dict(sorted({**self.buffers, id: buffer}.items()))
+        if id >= self._peek_id("buffer"):
+            self._ids["buffer"] = itertools.count(id + 1)
+        usage = self._usage(owner)
+        usage.buffers += 1
+        usage.bytes += size
+        self.total_bytes += size
+        if name and name not in self.names:
+            self._set_name(buffer, name)
+        return buffer
+
+    def _peek_id(self, kind: str) -> int:
+        upcoming = next(self._ids[kind])
+        self._ids[kind] = itertools.count(upcoming)
+        return upcoming
+
     def allocate(self, device: Device, size: int, *, name: str | None, heap: str) -> Buffer:
         """``dma_heap_buffer_alloc``: a buffer with no backing yet (it comes at first map)."""
         if size == 0:
@@ -184,12 +237,14 @@ class State:
         handle = Handle(key=key, buffer=buffer, readonly=readonly)
         self.handles[key] = handle
         buffer.handles[key] = handle
+        self.observer.handle_added(handle)
 
     def handle_closed(self, key: Key) -> None:
         """The last copy of a handle was closed, somewhere (the kernel told the server)."""
         handle = self.handles.pop(key, None)
         if handle is not None:
             del handle.buffer.handles[key]
+            self.observer.handle_removed(handle)
             self._maybe_free(handle.buffer)
 
     # --- references ----------------------------------------------------------------------
@@ -264,7 +319,7 @@ class State:
         buffer.name = name or None
         if buffer.name is not None:
             self.names[buffer.name] = buffer
-            self.names_changed += 1
+        self.observer.changed(buffer)
 
     def _maybe_free(self, buffer: Buffer) -> None:
         if buffer.alive or buffer.id not in self.buffers:
@@ -346,6 +401,7 @@ class State:
             if buffer.backing is None:
                 buffer.backing = self._allocate(buffer.size, buffer.name or str(buffer.id))
             buffer.layout = layout
+            self.observer.changed(buffer)
         assert buffer.backing is not None
         return buffer.layout, buffer.backing
 

@@ -56,7 +56,7 @@ class Session:
         self.device_id = result["device"]
         self.broker_version = result.get("broker")
 
-    def receive(self, data: bytes, fds: list[int]) -> p.Message | None:
+    def receive(self, data: bytes | memoryview, fds: list[int]) -> p.Message | None:
         """Decode one packet; None for end of file. Events are noted here."""
         if not data and not fds:
             return None

@@ -73,16 +73,20 @@ class Device(DeviceBase, _Closing):
         self._sock = sock
         self._lock = threading.Lock()
         self._ancbuf = p.ancillary_space(MAX_REPLY_FDS)
+        # One receive buffer for the device's life: a fresh 256 KiB per reply would cost an
+        # mmap/munmap pair in malloc on every round trip.
+        self._inbox = bytearray(MAX_REPLY)
+        self._inview = memoryview(self._inbox)
 
     def _exchange(self, id: int, data: bytes, fds: Sequence[int]) -> Any:
         self._sock.sendmsg([data], p.ancillary(fds))
         while True:
             try:
-                raw, ancdata, flags, _ = self._sock.recvmsg(MAX_REPLY, self._ancbuf, p.RECV_FLAGS)
+                n, ancdata, flags, _ = self._sock.recvmsg_into([self._inbox], self._ancbuf, p.RECV_FLAGS)
             except OSError as e:
                 raise self._session.lost(e) from None
             got = p.fds_from_ancillary(ancdata, flags, MAX_REPLY_FDS)
-            message = self._session.receive(raw, got)
+            message = self._session.receive(self._inview[:n], got)
             if message is None:
                 raise self._session.lost()
             if isinstance(message, p.Reply | p.Error) and message.id in (id, None):

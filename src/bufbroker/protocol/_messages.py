@@ -111,7 +111,7 @@ def encode(message: Message) -> bytes:
     return msgpack.packb(body, use_bin_type=True)  # type: ignore[no-any-return]
 
 
-def _unpack(data: bytes, max_items: int) -> Any:
+def _unpack(data: bytes | memoryview, max_items: int) -> Any:
     try:
         return msgpack.unpackb(
             data,
@@ -132,7 +132,7 @@ def _is_id(value: Any) -> bool:
     return type(value) is int and 0 <= value < (1 << 63)
 
 
-def decode(data: bytes, fds: Sequence[int] = (), *, max_items: int = 1 << 20) -> Message:
+def decode(data: bytes | memoryview, fds: Sequence[int] = (), *, max_items: int = 1 << 20) -> Message:
     """One packet (and the fds that came with it) as a message.
 
     The caller keeps ownership of ``fds`` on every path: on an exception nothing here has
@@ -159,7 +159,7 @@ def decode(data: bytes, fds: Sequence[int] = (), *, max_items: int = 1 << 20) ->
     raise ProtocolError(f"malformed message of kind {body[0]}")
 
 
-def peek_request_id(data: bytes) -> int | None:
+def peek_request_id(data: bytes | memoryview) -> int | None:
     """The id of a request that cannot be decoded whole (it was truncated), if one can be read.
 
     Lets the broker answer an oversized request by its id instead of only hanging up.

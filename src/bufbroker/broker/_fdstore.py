@@ -1,0 +1,178 @@
+"""Buffers that survive a broker restart, through systemd's file descriptor store.
+
+While the broker runs under a service manager, it stores (FDSTORE=1) each buffer's backing
+memfd and its own end of every live handle, and removes them (FDSTOREREMOVE=1) as they die.
+When the manager starts it again, it hands them back as LISTEN_FDS with their names; the
+handles that clients kept are still the other ends of those sockets, so they import again.
+
+What a buffer is can be read from the names alone, so that a crash between two stores loses
+nothing essential::
+
+    m.<id>                                     the backing memfd of buffer <id>
+    h.<id>.<owner>.<size>.<r|w>.<dev>.<ino>    the broker's end of a handle (<dev>.<ino>: its key)
+    s.<generation>                             a sealed memfd: msgpack snapshot of the buffers
+
+The snapshot adds what names cannot carry (buffer names, layouts, exporters, creation times).
+It is rewritten, with a new generation, whenever a buffer is created, named, laid out or freed;
+the newest one wins and older ones are removed.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import re
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+import msgpack
+import trio
+
+from ..protocol import Segment
+from ._heap import Backing, seal_snapshot
+from ._handles import HandleTable
+from ._records import Buffer, Handle
+from ._state import Observer, State
+
+__all__ = ["FdStore", "Notifier", "restore"]
+
+log = logging.getLogger("bufbroker.broker")
+
+_HANDLE = re.compile(r"h\.(\d+)\.(\d+)\.(\d+)\.([rw])\.(\d+)\.(\d+)")
+_MEMFD = re.compile(r"m\.(\d+)")
+_SNAPSHOT = re.compile(r"s\.(\d+)")
+
+
+class Notifier(Protocol):
+    def fdstore(self, fds: list[int], name: str) -> None: ...
+
+    def fdstore_remove(self, name: str) -> None: ...
+
+
+def _handle_name(handle: Handle) -> str:
+    b = handle.buffer
+    return f"h.{b.id}.{b.owner}.{b.size}.{'r' if handle.readonly else 'w'}.{handle.key[0]}.{handle.key[1]}"
+
+
+class FdStore(Observer):
+    """The state model's observer that mirrors buffers and handles into the fd store."""
+
+    def __init__(self, notifier: Notifier, state: State, handles: HandleTable, generation: int = 0) -> None:
+        self._notifier = notifier
+        self._state = state
+        self._handles = handles
+        self._memfds = {b.id for b in state.buffers.values() if b.backing is not None}
+        self._generation = generation
+        self._dirty = trio.Event()
+        self._dirty.set()  # write a first snapshot at once
+
+    def handle_added(self, handle: Handle) -> None:
+        fd = self._handles.end_of(handle.key)
+        if fd is not None:
+            self._notifier.fdstore([fd], _handle_name(handle))
+
+    def handle_removed(self, handle: Handle) -> None:
+        self._notifier.fdstore_remove(_handle_name(handle))
+
+    def changed(self, buffer: Buffer) -> None:
+        alive = buffer.id in self._state.buffers
+        if alive and buffer.backing is not None and buffer.id not in self._memfds:
+            self._notifier.fdstore([buffer.backing.fd], f"m.{buffer.id}")
+            self._memfds.add(buffer.id)
+        elif not alive and buffer.id in self._memfds:
+            self._notifier.fdstore_remove(f"m.{buffer.id}")
+            self._memfds.discard(buffer.id)
+        self._dirty.set()
+
+    async def run(self) -> None:
+        """Rewrite the snapshot after changes, once per burst of them."""
+        while True:
+            await self._dirty.wait()
+            self._dirty = trio.Event()
+            self._write_snapshot()
+
+    def _write_snapshot(self) -> None:
+        data = msgpack.packb({"version": 1, "buffers": [_describe(b) for b in self._state.buffers.values()]})
+        fd = seal_snapshot(data)
+        try:
+            self._notifier.fdstore([fd], f"s.{self._generation + 1}")
+        finally:
+            os.close(fd)  # the manager holds its own copy now
+        self._notifier.fdstore_remove(f"s.{self._generation}")
+        self._generation += 1
+
+
+def _describe(b: Buffer) -> dict[str, Any]:
+    return {
+        "id": b.id, "name": b.name, "size": b.size, "heap": b.heap, "owner": b.owner,
+        "exporter": list(b.exporter), "created": b.created,
+        "layout": None if b.layout is None else [[s.fd, s.offset, s.length] for s in b.layout],
+    }
+
+
+@dataclass
+class _Found:
+    memfd: int | None = None
+    handles: list[tuple[int, tuple[int, int], bool, int, int]] = field(default_factory=list)
+
+
+def restore(stored: list[tuple[int, str]], state: State, handles: HandleTable, notifier: Notifier) -> int:
+    """Rebuild buffers from fds the manager handed back; returns the snapshot generation.
+
+    Takes ownership of every fd in ``stored``: each is adopted, or closed and removed from
+    the store.
+    """
+    found: dict[int, _Found] = {}
+    snapshots: dict[int, int] = {}
+    for fd, name in stored:
+        if m := _HANDLE.fullmatch(name):
+            buffer_id, owner, size, mode, dev, ino = m.groups()
+            entry = found.setdefault(int(buffer_id), _Found())
+            entry.handles.append((fd, (int(dev), int(ino)), mode == "r", int(owner), int(size)))
+        elif m := _MEMFD.fullmatch(name):
+            found.setdefault(int(m[1]), _Found()).memfd = fd
+        elif m := _SNAPSHOT.fullmatch(name):
+            snapshots[int(m[1])] = fd
+        else:
+            log.warning("dropping an unknown stored descriptor %r", name)
+            os.close(fd)
+            notifier.fdstore_remove(name)
+    generation = max(snapshots, default=0)
+    described = _read_snapshot(snapshots.get(generation))
+    for gen, fd in snapshots.items():
+        os.close(fd)
+        if gen != generation:
+            notifier.fdstore_remove(f"s.{gen}")
+    for buffer_id, entry in sorted(found.items()):
+        if not entry.handles:  # held only by devices, which died with the old broker
+            if entry.memfd is not None:
+                os.close(entry.memfd)
+                notifier.fdstore_remove(f"m.{buffer_id}")
+            continue
+        _, _, _, owner, size = entry.handles[0]
+        info = described.get(buffer_id, {})
+        layout = info.get("layout")
+        buffer = state.restore(
+            id=buffer_id, size=size, owner=owner, heap=info.get("heap", "memfd"), name=info.get("name"),
+            exporter=tuple(info.get("exporter", (0, "?", 0))), created=info.get("created", state.clock()),
+            backing=None if entry.memfd is None else Backing(entry.memfd, size),
+            layout=None if layout is None else [Segment(o, n, f) for f, o, n in layout],
+        )
+        for fd, key, readonly, _, _ in entry.handles:
+            handles.adopt(fd, key)
+            state.add_handle(buffer, key, readonly=readonly)
+    if found:
+        log.info("restored %d buffers from the file descriptor store", len(state.buffers))
+    return generation
+
+
+def _read_snapshot(fd: int | None) -> dict[int, dict[str, Any]]:
+    if fd is None:
+        return {}
+    with contextlib.suppress(Exception):  # a damaged snapshot only costs names and layouts
+        data = os.pread(fd, os.fstat(fd).st_size, 0)
+        snapshot = msgpack.unpackb(data)
+        return {b["id"]: b for b in snapshot["buffers"]}
+    log.warning("the stored snapshot is unreadable; buffers come back without names")
+    return {}
