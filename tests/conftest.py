@@ -64,9 +64,18 @@ def start_broker(directory: Path, *flags: str) -> Broker:
     log = directory / "bufbrokerd.log"
     with log.open("wb") as out:
         proc = subprocess.Popen(
-            [sys.executable, "-c", "from bufbroker.broker._main import main; raise SystemExit(main())",
-             "--socket", path, "--log-level", "debug", *flags],
-            stdout=out, stderr=subprocess.STDOUT,
+            [
+                sys.executable,
+                "-c",
+                "from bufbroker.broker._main import main; raise SystemExit(main())",
+                "--socket",
+                path,
+                "--log-level",
+                "debug",
+                *flags,
+            ],
+            stdout=out,
+            stderr=subprocess.STDOUT,
         )
     deadline = time.monotonic() + 20
     while True:
@@ -123,7 +132,9 @@ class Peer:
         text = self.proc.stdout.readline()
         if not text:
             self.proc.wait(5)
-            raise AssertionError(f"peer exited ({self.proc.returncode}): {self.proc.stderr.read() if self.proc.stderr else ''}")
+            raise AssertionError(
+                f"peer exited ({self.proc.returncode}): {self.proc.stderr.read() if self.proc.stderr else ''}"
+            )
         return text.strip()
 
     def send(self, text: str) -> None:
@@ -132,7 +143,7 @@ class Peer:
         self.proc.stdin.flush()
 
     def finish(self, timeout: float = 20) -> int:
-        out, err = self.proc.communicate(timeout=timeout)
+        _, err = self.proc.communicate(timeout=timeout)
         assert self.proc.returncode == 0, err
         return self.proc.returncode
 
@@ -141,11 +152,17 @@ class Peer:
 def peer() -> Iterator[Callable[..., Peer]]:
     peers: list[Peer] = []
 
-    def run(role: str, *args: object, pass_fds: tuple[int, ...] = (), env: dict[str, str] | None = None) -> Peer:
+    def run(
+        role: str, *args: object, pass_fds: tuple[int, ...] = (), env: dict[str, str] | None = None
+    ) -> Peer:
         proc = subprocess.Popen(
             [sys.executable, PEER, role, *map(str, args)],
-            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-            pass_fds=pass_fds, env={**os.environ, **(env or {})},
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            pass_fds=pass_fds,
+            env={**os.environ, **(env or {})},
         )
         p = Peer(proc)
         peers.append(p)

@@ -6,11 +6,10 @@ import errno
 import os
 
 import pytest
+from conftest import Broker
 
 import bufbroker
 from bufbroker import Access, Constraints, Direction, Segment
-
-from conftest import Broker
 
 PAGE = 4096
 SIZE = 64 * PAGE
@@ -48,9 +47,10 @@ def test_each_constraint_shapes_the_layout(broker: Broker) -> None:
 
 
 def test_conflicting_devices_get_einval_naming_the_device(broker: Broker) -> None:
-    with broker.connect("scanout", constraints=Constraints(max_segments=1)) as a, broker.connect(
-        "dma-engine", constraints=Constraints(max_segment_size=4 * PAGE)
-    ) as b:
+    with (
+        broker.connect("scanout", constraints=Constraints(max_segments=1)) as a,
+        broker.connect("dma-engine", constraints=Constraints(max_segment_size=4 * PAGE)) as b,
+    ):
         buf = a.allocate(SIZE)
         buf.attach()
         handle = buf.share()
@@ -71,9 +71,11 @@ def test_a_device_that_cannot_address_the_size_alone_gets_einval(broker: Broker)
 
 
 def test_attach_after_allocation_that_the_layout_cannot_serve_is_ebusy(broker: Broker) -> None:
-    with broker.connect("cpu") as a, broker.connect(
-        "contig", constraints=Constraints(max_segments=1)
-    ) as b, broker.connect("small", constraints=Constraints(max_segment_size=8 * PAGE)) as c:
+    with (
+        broker.connect("cpu") as a,
+        broker.connect("contig", constraints=Constraints(max_segments=1)) as b,
+        broker.connect("small", constraints=Constraints(max_segment_size=8 * PAGE)) as c,
+    ):
         buf = a.allocate(SIZE)
         with buf.cpu_access(Access.WRITE):  # first cpu access allocates: one segment
             pass

@@ -8,7 +8,6 @@ import socket
 
 import msgpack
 import pytest
-
 from conftest import Broker
 
 
@@ -37,7 +36,9 @@ def bystander(broker: Broker):  # type: ignore[no-untyped-def]
         b"\x91" * 10000,  # nesting
     ],
 )
-def test_malformed_packets_close_the_connection_with_eproto(broker: Broker, raw, bystander, packet: bytes) -> None:
+def test_malformed_packets_close_the_connection_with_eproto(
+    broker: Broker, raw, bystander, packet: bytes
+) -> None:
     c = raw(broker)
     c.hello()
     c.send(packet)
@@ -76,7 +77,9 @@ def test_first_message_must_be_hello(broker: Broker, raw, bystander) -> None:
         ("import", {}, errno.EBADF),
     ],
 )
-def test_bad_requests_get_their_errno_and_the_connection_stays(broker: Broker, raw, bystander, op, args, expected) -> None:
+def test_bad_requests_get_their_errno_and_the_connection_stays(
+    broker: Broker, raw, bystander, op, args, expected
+) -> None:
     c = raw(broker)
     c.hello()
     c.request(5, op, args)
@@ -91,7 +94,15 @@ def _fds_of_every_kind() -> list[int]:
     r, w = os.pipe()
     a, b = socket.socketpair()
     memfd = os.memfd_create("junk")
-    return [r, w, a.detach(), b.detach(), memfd, os.open("/dev/null", os.O_RDWR), os.open(__file__, os.O_RDONLY)]
+    return [
+        r,
+        w,
+        a.detach(),
+        b.detach(),
+        memfd,
+        os.open("/dev/null", os.O_RDWR),
+        os.open(__file__, os.O_RDONLY),
+    ]
 
 
 def test_every_received_fd_is_closed(broker: Broker, raw, bystander) -> None:

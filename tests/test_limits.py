@@ -10,8 +10,6 @@ import pytest
 
 import bufbroker
 
-from conftest import Broker
-
 
 def _errno(call) -> int:  # type: ignore[no-untyped-def]
     with pytest.raises(bufbroker.BrokerError) as e:

@@ -8,10 +8,9 @@ import threading
 import time
 
 import pytest
+from conftest import Broker
 
 import bufbroker
-
-from conftest import Broker
 
 NOBODY = 65534
 
@@ -52,6 +51,7 @@ def test_open_by_name(broker: Broker) -> None:
 
 def test_open_waits_for_the_name_to_appear(broker: Broker) -> None:
     with broker.connect("waiter") as w, broker.connect("maker") as m:
+
         def make_later() -> None:
             time.sleep(0.3)
             m.allocate(4096).set_name("late")

@@ -8,11 +8,10 @@ import mmap
 import os
 
 import pytest
+from conftest import Broker
 
 import bufbroker
 from bufbroker import Access, Direction
-
-from conftest import Broker
 
 NOBODY = 65534
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import errno
+import itertools
 
 import pytest
 from hypothesis import given
@@ -42,7 +43,7 @@ def test_a_buffer_lives_while_a_handle_or_a_holder_remains() -> None:
     state.handle_closed((1, 2))
     assert buf.id in state.buffers  # now the importer holds it
     state.remove_device(other)
-    assert state.buffers == {} and state.usage == {} and state.total_bytes == 0
+    assert state.buffers == {} and state.quotas.usage == {} and state.quotas.total_bytes == 0
 
 
 def test_rules_and_their_errnos() -> None:
@@ -72,9 +73,9 @@ def test_quotas_leave_state_unchanged() -> None:
     state = _state(max_buffers_per_uid=1, max_bytes_per_uid=3 * PAGE_SIZE)
     dev = _device(state)
     state.allocate(dev, PAGE_SIZE, name="a", heap="memfd")
-    before = (dict(state.buffers), dict(state.names), state.total_bytes)
+    before = (dict(state.buffers), dict(state.names), state.quotas.total_bytes)
     assert _code(lambda: state.allocate(dev, PAGE_SIZE, name="b", heap="memfd")) == errno.EDQUOT
-    assert (dict(state.buffers), dict(state.names), state.total_bytes) == before
+    assert (dict(state.buffers), dict(state.names), state.quotas.total_bytes) == before
     other = _device(state, uid=1001)
     assert _code(lambda: state.allocate(other, 4 * PAGE_SIZE, name=None, heap="memfd")) == errno.EDQUOT
     assert _code(lambda: state.allocate(other, PAGE_SIZE, name="a", heap="memfd")) == errno.EEXIST
@@ -101,7 +102,9 @@ constraint = st.builds(
 
 
 @given(pages=st.integers(1, 256), constraints=st.lists(constraint, min_size=1, max_size=4))
-def test_plans_partition_the_buffer_and_meet_every_constraint(pages: int, constraints: list[Constraints]) -> None:
+def test_plans_partition_the_buffer_and_meet_every_constraint(
+    pages: int, constraints: list[Constraints]
+) -> None:
     size = pages * PAGE_SIZE
     layout = plan(size, combine(constraints))
     if layout is None:
@@ -110,7 +113,7 @@ def test_plans_partition_the_buffer_and_meet_every_constraint(pages: int, constr
         return
     assert layout[0].offset == 0
     assert sum(s.length for s in layout) == size
-    assert all(a.offset + a.length == b.offset for a, b in zip(layout, layout[1:], strict=False))
+    assert all(a.offset + a.length == b.offset for a, b in itertools.pairwise(layout))
     for c in constraints:
         assert satisfies(layout, c)
 

@@ -30,8 +30,8 @@ import msgpack
 import trio
 
 from ..protocol import Segment
-from ._heap import Backing, seal_snapshot
 from ._handles import HandleTable
+from ._heap import Backing, seal_snapshot
 from ._records import Buffer, Handle
 from ._state import Observer, State
 
@@ -105,8 +105,13 @@ class FdStore(Observer):
 
 def _describe(b: Buffer) -> dict[str, Any]:
     return {
-        "id": b.id, "name": b.name, "size": b.size, "heap": b.heap, "owner": b.owner,
-        "exporter": list(b.exporter), "created": b.created,
+        "id": b.id,
+        "name": b.name,
+        "size": b.size,
+        "heap": b.heap,
+        "owner": b.owner,
+        "exporter": list(b.exporter),
+        "created": b.created,
         "layout": None if b.layout is None else [[s.fd, s.offset, s.length] for s in b.layout],
     }
 
@@ -154,8 +159,13 @@ def restore(stored: list[tuple[int, str]], state: State, handles: HandleTable, n
         info = described.get(buffer_id, {})
         layout = info.get("layout")
         buffer = state.restore(
-            id=buffer_id, size=size, owner=owner, heap=info.get("heap", "memfd"), name=info.get("name"),
-            exporter=tuple(info.get("exporter", (0, "?", 0))), created=info.get("created", state.clock()),
+            id=buffer_id,
+            size=size,
+            owner=owner,
+            heap=info.get("heap", "memfd"),
+            name=info.get("name"),
+            exporter=tuple(info.get("exporter", (0, "?", 0))),
+            created=info.get("created", state.clock()),
             backing=None if entry.memfd is None else Backing(entry.memfd, size),
             layout=None if layout is None else [Segment(o, n, f) for f, o, n in layout],
         )

@@ -97,7 +97,8 @@ def seal_snapshot(data: bytes) -> int:
     try:
         os.write(fd, data)
         fcntl.fcntl(
-            fd, fcntl.F_ADD_SEALS,
+            fd,
+            fcntl.F_ADD_SEALS,
             fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW | fcntl.F_SEAL_WRITE | fcntl.F_SEAL_SEAL,
         )
     except OSError:

@@ -98,7 +98,7 @@ def device_entries(state: State, viewer: int, after: int, limit: int) -> list[di
 def stats(state: State, viewer: int, version: str, connections: int) -> dict[str, Any]:
     buffers = [b for b in state.buffers.values() if _visible_buffer(b, viewer)]
     devices = [d for d in state.devices.values() if viewer in (0, d.uid)]
-    usage = state.usage.get(viewer)
+    usage = state.quotas.of(viewer)
     now = state.clock()
     return {
         "version": version,
@@ -116,8 +116,8 @@ def stats(state: State, viewer: int, version: str, connections: int) -> dict[str
         "limits": state.config.as_dict(),
         "usage": {
             "uid": viewer,
-            "connections": usage.connections if usage else 0,
-            "buffers": usage.buffers if usage else 0,
-            "bytes": usage.bytes if usage else 0,
+            "connections": usage.connections,
+            "buffers": usage.buffers,
+            "bytes": usage.bytes,
         },
     }

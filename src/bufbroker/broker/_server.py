@@ -134,7 +134,9 @@ class Server:
         try:
             with trio.move_on_after(cfg.handshake_timeout):
                 try:
-                    data, fds, _ = await receive(sock, bytearray(cfg.max_message_size), cfg.max_fds_per_message)
+                    data, fds, _ = await receive(
+                        sock, bytearray(cfg.max_message_size), cfg.max_fds_per_message
+                    )
                 except OSError:
                     return None
                 p.close_all(fds)  # hello carries none

@@ -24,7 +24,8 @@ from ..protocol import Access, BrokerError, Constraints, Direction, Segment, pag
 from ._config import Config
 from ._heap import HEAPS, Backing, allocate_memfd
 from ._layout import combine, plan, satisfies
-from ._records import Attachment, Buffer, Device, Handle, Key, Ref, Usage
+from ._quota import Quotas
+from ._records import Attachment, Buffer, Device, Handle, Key, Ref
 
 __all__ = ["Mapped", "State"]
 
@@ -70,8 +71,7 @@ class State:
         self.devices: dict[int, Device] = {}
         self.handles: dict[Key, Handle] = {}
         self.names: dict[str, Buffer] = {}
-        self.usage: dict[int, Usage] = {}
-        self.total_bytes = 0
+        self.quotas = Quotas(config)
         self._ids: dict[str, itertools.count[int]] = defaultdict(lambda: itertools.count(1))
         self.observer = Observer()
 
@@ -79,30 +79,13 @@ class State:
         """Ids count per kind (buffer 1, 2, ...; device 1, 2, ...) and are never reused."""
         return next(self._ids[kind])
 
-    def _usage(self, uid: int) -> Usage:
-        return self.usage.setdefault(uid, Usage())
-
     # --- connections and devices ---------------------------------------------------------
 
     def admit(self, uid: int) -> None:
-        """Count a new connection against its uid's limit (before hello: it holds a slot)."""
-        usage = self._usage(uid)
-        if usage.connections >= self.config.max_connections_per_uid:
-            raise BrokerError(
-                errno.ECONNREFUSED,
-                f"uid {uid} already has {usage.connections} connections "
-                f"(max_connections_per_uid={self.config.max_connections_per_uid})",
-            )
-        usage.connections += 1
+        self.quotas.admit(uid)
 
     def leave(self, uid: int) -> None:
-        usage = self._usage(uid)
-        usage.connections -= 1
-        self._forget_idle(uid)
-
-    def _forget_idle(self, uid: int) -> None:
-        if self.usage.get(uid) == Usage():
-            del self.usage[uid]
+        self.quotas.leave(uid)
 
     def add_device(
         self, *, name: str, pid: int, uid: int, gid: int, command: str, constraints: Constraints
@@ -134,29 +117,6 @@ class State:
 
     # --- creating buffers ----------------------------------------------------------------
 
-    def _charge(self, device: Device, size: int) -> None:
-        cfg = self.config
-        if size > cfg.max_buffer_size:
-            raise BrokerError(errno.EINVAL, f"{size} bytes is above max_buffer_size ({cfg.max_buffer_size})")
-        if self.total_bytes + size > cfg.max_memory:
-            raise BrokerError(
-                errno.ENOMEM,
-                f"{size} more bytes would pass the broker's max_memory ({cfg.max_memory})",
-            )
-        usage = self._usage(device.uid)
-        if usage.buffers + 1 > cfg.max_buffers_per_uid:
-            raise BrokerError(
-                errno.EDQUOT,
-                f"uid {device.uid} owns {usage.buffers} buffers "
-                f"(max_buffers_per_uid={cfg.max_buffers_per_uid})",
-            )
-        if usage.bytes + size > cfg.max_bytes_per_uid:
-            raise BrokerError(
-                errno.EDQUOT,
-                f"uid {device.uid} owns {usage.bytes} bytes; {size} more would pass "
-                f"max_bytes_per_uid ({cfg.max_bytes_per_uid})",
-            )
-
     def _check_name_free(self, name: str | None, buffer: Buffer | None = None) -> None:
         if name and self.names.get(name, buffer) is not buffer:
             raise BrokerError(errno.EEXIST, f"the name {name!r} belongs to another buffer")
@@ -164,7 +124,7 @@ class State:
     def _create(
         self, device: Device, size: int, heap: str, name: str | None, backing: Backing | None
     ) -> Buffer:
-        self._charge(device, size)
+        self.quotas.check(device.uid, size)
         self._check_name_free(name)
         buffer = Buffer(
             id=self._id("buffer"),
@@ -176,10 +136,7 @@ class State:
             backing=backing,
         )
         self.buffers[buffer.id] = buffer
-        usage = self._usage(device.uid)
-        usage.buffers += 1
-        usage.bytes += size
-        self.total_bytes += size
+        self.quotas.charge(device.uid, size)
         self._set_name(buffer, name)
         self._add_ref(device, buffer, writable=True)
         return buffer
@@ -202,16 +159,19 @@ class State:
         Quotas are charged but not checked: the buffer already existed within them.
         """
         buffer = Buffer(
-            id=id, size=size, heap=heap, owner=owner, created=created, exporter=exporter,
-            backing=backing, layout=layout if backing is not None else None,
+            id=id,
+            size=size,
+            heap=heap,
+            owner=owner,
+            created=created,
+            exporter=exporter,
+            backing=backing,
+            layout=layout if backing is not None else None,
         )
         self.buffers = dict(sorted({**self.buffers, id: buffer}.items()))
         if id >= self._peek_id("buffer"):
             self._ids["buffer"] = itertools.count(id + 1)
-        usage = self._usage(owner)
-        usage.buffers += 1
-        usage.bytes += size
-        self.total_bytes += size
+        self.quotas.charge(owner, size)
         if name and name not in self.names:
             self._set_name(buffer, name)
         return buffer
@@ -326,11 +286,7 @@ class State:
             return
         del self.buffers[buffer.id]
         self._set_name(buffer, None)
-        usage = self._usage(buffer.owner)
-        usage.buffers -= 1
-        usage.bytes -= buffer.size
-        self.total_bytes -= buffer.size
-        self._forget_idle(buffer.owner)
+        self.quotas.uncharge(buffer.owner, buffer.size)
         if buffer.backing is not None:
             buffer.backing.close()
 
