@@ -18,7 +18,7 @@ import trio
 from .. import protocol as p
 from ..protocol import BrokerError, ProtocolError
 from ._config import Config
-from ._connection import Connection, receive
+from ._connection import Connection, inbox, receive
 from ._fdstore import FdStore, Notifier, restore
 from ._handles import HandleTable
 from ._records import Device
@@ -135,7 +135,7 @@ class Server:
             with trio.move_on_after(cfg.handshake_timeout):
                 try:
                     data, fds, _ = await receive(
-                        sock, bytearray(cfg.max_message_size), cfg.max_fds_per_message
+                        sock, inbox(cfg.max_message_size), cfg.max_fds_per_message
                     )
                 except OSError:
                     return None

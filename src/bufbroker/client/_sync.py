@@ -6,6 +6,7 @@ short-lived scripts depend on that.
 
 from __future__ import annotations
 
+import mmap
 import socket as _socket
 import threading
 from collections.abc import Sequence
@@ -73,9 +74,10 @@ class Device(DeviceBase, _Closing):
         self._sock = sock
         self._lock = threading.Lock()
         self._ancbuf = p.ancillary_space(MAX_REPLY_FDS)
-        # One receive buffer for the device's life: a fresh 256 KiB per reply would cost an
-        # mmap/munmap pair in malloc on every round trip.
-        self._inbox = bytearray(MAX_REPLY)
+        # One receive buffer for the device's life (a fresh 256 KiB per reply would cost an
+        # mmap/munmap pair in malloc on every round trip), of anonymous memory so that only the
+        # pages replies touch are resident.
+        self._inbox = mmap.mmap(-1, MAX_REPLY)
         self._inview = memoryview(self._inbox)
 
     def _exchange(self, id: int, data: bytes, fds: Sequence[int]) -> Any:
