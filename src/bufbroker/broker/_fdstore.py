@@ -35,13 +35,18 @@ from ._heap import Backing, seal_snapshot
 from ._records import Buffer, Handle
 from ._state import Observer, State
 
-__all__ = ["FdStore", "Notifier", "restore"]
+__all__ = ["FdStore", "Notifier", "is_stored", "restore"]
 
 log = logging.getLogger("bufbroker.broker")
 
 _HANDLE = re.compile(r"h\.(\d+)\.(\d+)\.(\d+)\.([rw])\.(\d+)\.(\d+)")
 _MEMFD = re.compile(r"m\.(\d+)")
 _SNAPSHOT = re.compile(r"s\.(\d+)")
+
+
+def is_stored(name: str) -> bool:
+    """Whether an inherited descriptor's name is one of ours from the fd store."""
+    return any(pattern.fullmatch(name) for pattern in (_HANDLE, _MEMFD, _SNAPSHOT))
 
 
 class Notifier(Protocol):

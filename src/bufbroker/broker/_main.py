@@ -18,8 +18,11 @@ import trio
 
 from .. import __version__
 from .._paths import default_socket_path
+from ..protocol import close_all
 from ._config import Config, add_arguments, from_arguments, load_toml
+from ._fdstore import is_stored
 from ._server import Server
+from ._systemd import JournalFormatter, ServiceManager, journal_stream, listen_fds, raise_nofile_limit
 
 __all__ = ["main"]
 
@@ -104,32 +107,100 @@ def _listening(path: str, mode: int) -> Iterator[trio.socket.SocketType]:
                 os.unlink(path)
 
 
-async def _run(config: Config, path: str, mode: int) -> None:
-    server = Server(config, version=__version__)
-    with (
-        _listening(path, mode) as listener,
-        trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals,
-    ):
+@contextlib.contextmanager
+def _activated(fd: int) -> Iterator[trio.socket.SocketType]:
+    """A listening socket the service manager made for us (socket activation); not ours to unlink."""
+    sock = socket.socket(fileno=fd)
+    if sock.family != socket.AF_UNIX or sock.type != socket.SOCK_SEQPACKET:
+        sock.close()
+        raise StartupError("the activation socket must be AF_UNIX SOCK_SEQPACKET (ListenSequentialPacket=)")
+    try:
+        yield trio.socket.from_stdlib_socket(sock)
+    finally:
+        sock.close()
+
+
+def _status(server: Server) -> str:
+    state = server.state
+    return (
+        f"{len(state.buffers)} buffers, {state.quotas.total_bytes} bytes, "
+        f"{len(state.devices)} devices, {len(server.handles)} handles"
+    )
+
+
+async def _tell_manager(manager: ServiceManager, server: Server) -> None:
+    """STATUS= when it changes (at most once a second), WATCHDOG=1 at the period asked for."""
+    period = manager.watchdog_period()
+    last = ""
+    next_status = trio.current_time()
+    while True:
+        now = trio.current_time()
+        if now >= next_status:
+            text = _status(server)
+            if text != last:
+                manager.status(text)
+                last = text
+            next_status = now + 1.0
+        if period is not None:
+            manager.watchdog_ping()
+        await trio.sleep(min(period or 1.0, 1.0))
+
+
+async def _run(
+    config: Config,
+    path: str,
+    mode: int,
+    manager: ServiceManager,
+    inherited: list[tuple[int, str]],
+) -> None:
+    stored = [(fd, name) for fd, name in inherited if is_stored(name)]
+    sockets = [fd for fd, name in inherited if not is_stored(name)]
+    if manager.present:
+        server = Server(config, version=__version__, fdstore=manager, stored=stored)
+    else:
+        log.info("no service manager: buffers are not kept across a restart of the broker")
+        close_all(fd for fd, _ in stored)
+        server = Server(config, version=__version__)
+    close_all(sockets[1:])
+    listening = _activated(sockets[0]) if sockets else _listening(path, mode)
+    with listening as listener, trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
         async with trio.open_nursery() as nursery:
             await nursery.start(server.serve, listener)
-            log.info("bufbrokerd %s listening on %s (pid %d)", __version__, path, os.getpid())
+            where = "the activation socket" if sockets else path
+            log.info("bufbrokerd %s listening on %s (pid %d)", __version__, where, os.getpid())
+            manager.ready(_status(server))
+            nursery.start_soon(_tell_manager, manager, server)
             async for signum in signals:
                 log.info("%s: shutting down", signal.Signals(signum).name)
+                manager.stopping()
                 await server.announce_shutdown()
                 nursery.cancel_scope.cancel()
                 break
 
 
+def _logging(level: str) -> None:
+    handler = logging.StreamHandler(sys.stderr)
+    if journal_stream():
+        handler.setFormatter(JournalFormatter("%(message)s"))
+    else:
+        handler.setFormatter(logging.Formatter("bufbrokerd: %(levelname)s: %(message)s"))
+    logging.basicConfig(level=level.upper(), handlers=[handler])
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
-    logging.basicConfig(
-        level=args.log_level.upper(), stream=sys.stderr, format="bufbrokerd: %(levelname)s: %(message)s"
-    )
+    _logging(args.log_level)
+    manager = ServiceManager()
+    inherited = listen_fds()
     try:
         config_file = args.config or (DEFAULT_CONFIG if DEFAULT_CONFIG.exists() else None)
         config = from_arguments(args, load_toml(config_file) if config_file else None)
-        trio.run(_run, config, args.socket or default_socket_path(), args.socket_mode)
+        limit = raise_nofile_limit()
+        log.debug("descriptor limit raised to %d", limit)
+        trio.run(_run, config, args.socket or default_socket_path(), args.socket_mode, manager, inherited)
     except (StartupError, ValueError, OSError) as e:
         log.error("%s", e)
         return 1
+    finally:
+        manager.close()
     return 0

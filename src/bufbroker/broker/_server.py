@@ -134,9 +134,7 @@ class Server:
         try:
             with trio.move_on_after(cfg.handshake_timeout):
                 try:
-                    data, fds, _ = await receive(
-                        sock, inbox(cfg.max_message_size), cfg.max_fds_per_message
-                    )
+                    data, fds, _ = await receive(sock, inbox(cfg.max_message_size), cfg.max_fds_per_message)
                 except OSError:
                     return None
                 p.close_all(fds)  # hello carries none
