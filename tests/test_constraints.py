@@ -6,10 +6,11 @@ import errno
 import os
 
 import pytest
-from conftest import Broker
 
 import bufbroker
 from bufbroker import Access, Constraints, Direction, Segment
+
+from conftest import Broker
 
 PAGE = 4096
 SIZE = 64 * PAGE

@@ -6,9 +6,9 @@ import json
 import os
 import signal
 
-from conftest import Broker
-
 from bufbroker import Access
+
+from conftest import Broker
 
 
 def test_kill_9_of_a_client_holding_mappings(broker: Broker, peer) -> None:

@@ -10,9 +10,10 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import Broker, start_broker
 
 import bufbroker
+
+from conftest import Broker, start_broker
 
 MAIN = "from bufbroker.broker._main import main; raise SystemExit(main())"
 

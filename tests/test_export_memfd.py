@@ -9,10 +9,11 @@ import os
 import socket
 
 import pytest
-from conftest import Broker
 
 import bufbroker
 from bufbroker import Direction
+
+from conftest import Broker
 
 F_SEAL_FUTURE_WRITE = 0x10
 

@@ -8,6 +8,7 @@ import socket
 
 import msgpack
 import pytest
+
 from conftest import Broker
 
 

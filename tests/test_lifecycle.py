@@ -8,11 +8,12 @@ import os
 import socket
 
 import pytest
-from conftest import Broker
-from peer import pattern
 
 import bufbroker
 from bufbroker import Access, Direction
+
+from conftest import Broker
+from peer import pattern
 
 
 def test_a_writes_b_reads_across_a_plain_socketpair(broker: Broker, peer) -> None:

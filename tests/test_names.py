@@ -8,9 +8,10 @@ import threading
 import time
 
 import pytest
-from conftest import Broker
 
 import bufbroker
+
+from conftest import Broker
 
 NOBODY = 65534
 

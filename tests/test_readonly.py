@@ -8,10 +8,11 @@ import mmap
 import os
 
 import pytest
-from conftest import Broker
 
 import bufbroker
 from bufbroker import Access, Direction
+
+from conftest import Broker
 
 NOBODY = 65534
 
