@@ -128,8 +128,15 @@ class JournalFormatter(logging.Formatter):
 
 
 def raise_nofile_limit() -> int:
-    """Raise the soft RLIMIT_NOFILE to the hard limit (each buffer costs descriptors)."""
+    """Raise the soft RLIMIT_NOFILE to the hard limit (each buffer costs descriptors).
+
+    Returns the soft limit in force afterwards; a sandbox that forbids the change is not fatal.
+    """
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     if soft < hard:
-        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+        except (OSError, ValueError) as e:
+            log.warning("cannot raise the descriptor limit from %d to %d: %s", soft, hard, e)
+            return soft
     return hard
