@@ -37,7 +37,8 @@ def _command(pid: int) -> str:
             argv = f.read(4096).rstrip(b"\0").split(b"\0")
     except OSError:
         return "?"
-    return " ".join(a.decode(errors="replace") for a in argv)[:200]
+    # One line, whatever the arguments held (a `python -c` script spans many).
+    return " ".join(" ".join(a.decode(errors="replace").split()) for a in argv)[:200]
 
 
 class Server:
