@@ -12,7 +12,6 @@ import contextlib
 import errno
 import itertools
 import os
-from collections.abc import Sequence
 from typing import Any
 
 from .. import protocol as p
@@ -27,7 +26,11 @@ __all__ = [
     "CpuAccessBase",
     "DeviceBase",
     "MappingBase",
+    "Pager",
     "Session",
+    "maybe_one_fd",
+    "take_one_fd",
+    "undo_for",
 ]
 
 MAX_REPLY = 256 << 10  # above any SOCK_SEQPACKET packet the kernel lets the broker send
@@ -49,8 +52,8 @@ class Session:
         id = next(self._ids)
         return id, p.encode(p.Request(id=id, op=p.OP_NAMES[type(args)], args=args))
 
-    def hello(self) -> tuple[int, bytes]:
-        return self.request(p.Hello(version=p.PROTOCOL_VERSION, name=self.name, constraints=self.constraints))
+    def hello_args(self) -> p.Hello:
+        return p.Hello(version=p.PROTOCOL_VERSION, name=self.name, constraints=self.constraints)
 
     def welcome(self, result: dict[str, Any]) -> None:
         self.device_id = result["device"]
@@ -92,6 +95,28 @@ def take_one_fd(fds: list[int]) -> int:
     return fds[0]
 
 
+def maybe_one_fd(fds: list[int]) -> int | None:
+    """The handle a buffer reply may carry (allocate and open do, import does not)."""
+    return take_one_fd(fds) if fds else None
+
+
+class Pager:
+    """Reads a paged listing (``buffers``, ``devices``): ask, take, ask again while ``more``."""
+
+    def __init__(self, op: type[p.Buffers] | type[p.Devices], key: str) -> None:
+        self._op = op
+        self._key = key
+        self.entries: list[dict[str, Any]] = []
+
+    def request(self) -> p.OpArgs:
+        return self._op(after=self.entries[-1]["id"] if self.entries else 0)
+
+    def take(self, page: dict[str, Any]) -> bool:
+        """Adds a page; True while there are more to ask for."""
+        self.entries.extend(page[self._key])
+        return bool(page["more"])
+
+
 class DeviceBase:
     def __init__(self, session: Session) -> None:
         self._session = session
@@ -120,6 +145,17 @@ class DeviceBase:
         memory = MappedMemory(fds, segments_from_wire(result["segments"]), result["size"], result["writable"])
         self._memory.add(memory)
         return memory
+
+    def _unmap_memory(self, memory: MappedMemory) -> bool:
+        """Unmap locally; True if the broker must be told (it was mapped and we are connected).
+
+        Raises BrokerError(EBUSY), changing nothing, while views of the memory are alive.
+        """
+        if memory.closed:
+            return False
+        memory.close()
+        self._memory.discard(memory)
+        return not self.closed
 
     def _forget_local(self) -> None:
         """Drop local resources at close; the broker drops its side when the connection ends."""
@@ -218,7 +254,7 @@ class CpuAccessBase:
         return self._memory.memory
 
 
-def undo_for(args: p.OpArgs, result: Any, fds: Sequence[int]) -> p.OpArgs | None:
+def undo_for(args: p.OpArgs, result: Any) -> p.OpArgs | None:
     """The request that takes back what ``args`` did, for a reply nobody waits for any more.
 
     A trio task cancelled while its request is in flight must not leak the broker-side state

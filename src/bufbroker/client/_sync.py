@@ -10,7 +10,6 @@ import mmap
 import socket as _socket
 import threading
 from collections.abc import Sequence
-from types import TracebackType
 from typing import Any, Self
 
 from .. import protocol as p
@@ -24,7 +23,9 @@ from ._core import (
     CpuAccessBase,
     DeviceBase,
     MappingBase,
+    Pager,
     Session,
+    maybe_one_fd,
     take_one_fd,
 )
 
@@ -35,9 +36,7 @@ class _Closing:
     def __enter__(self) -> Self:
         return self
 
-    def __exit__(
-        self, t: type[BaseException] | None, e: BaseException | None, tb: TracebackType | None
-    ) -> None:
+    def __exit__(self, *exc: Any) -> None:
         self.close()
 
     def close(self) -> None:
@@ -58,8 +57,8 @@ def connect(name: str, *, constraints: Constraints | None = None, socket: str | 
         raise
     device = Device(sock, Session(name, constraints))
     try:
-        id, data = device._session.hello()
-        device._session.welcome(device._exchange(id, data, ()))
+        result, _ = device._call(device._session.hello_args())
+        device._session.welcome(result)
     except BaseException:
         device.close()
         raise
@@ -78,42 +77,36 @@ class Device(DeviceBase, _Closing):
         # mmap/munmap pair in malloc on every round trip), of anonymous memory so that only the
         # pages replies touch are resident.
         self._inbox = mmap.mmap(-1, MAX_REPLY)
-        self._inview = memoryview(self._inbox)
 
-    def _exchange(self, id: int, data: bytes, fds: Sequence[int]) -> Any:
-        self._sock.sendmsg([data], p.ancillary(fds))
-        while True:
-            try:
-                n, ancdata, flags, _ = self._sock.recvmsg_into([self._inbox], self._ancbuf, p.RECV_FLAGS)
-            except OSError as e:
-                raise self._session.lost(e) from None
-            got = p.fds_from_ancillary(ancdata, flags, MAX_REPLY_FDS)
-            message = self._session.receive(self._inview[:n], got)
-            if message is None:
-                raise self._session.lost()
-            if isinstance(message, p.Reply | p.Error) and message.id in (id, None):
-                result, fds_back = self._session.outcome(message)
-                return result if not fds_back else (result, fds_back)
-            p.close_all(got)
+    def _receive(self) -> p.Message:
+        try:
+            n, ancdata, flags, _ = self._sock.recvmsg_into([self._inbox], self._ancbuf, p.RECV_FLAGS)
+        except OSError as e:
+            raise self._session.lost(e) from None
+        fds = p.fds_from_ancillary(ancdata, flags, MAX_REPLY_FDS)
+        message = self._session.receive(memoryview(self._inbox)[:n], fds)
+        if message is None:
+            raise self._session.lost()
+        return message
 
-    def _call(self, args: p.OpArgs, fds: Sequence[int] = ()) -> Any:
-        """One request and its result; (result, fds) when the reply carries descriptors."""
+    def _call(self, args: p.OpArgs, fds: Sequence[int] = ()) -> tuple[Any, list[int]]:
+        """One request: its result and the descriptors its reply carried (the caller's now)."""
         self._check_open()
         with self._lock:
             id, data = self._session.request(args)
             try:
-                return self._exchange(id, data, fds)
+                self._sock.sendmsg([data], p.ancillary(fds))
             except OSError as e:
-                if isinstance(e, p.BrokerError):
-                    raise
                 raise self._session.lost(e) from None
+            while True:
+                message = self._receive()
+                if isinstance(message, p.Reply | p.Error) and message.id in (id, None):
+                    return self._session.outcome(message)
+                p.close_all(message.fds)
 
     def _buffer(self, args: p.OpArgs, fds: Sequence[int] = ()) -> Buffer:
-        answer = self._call(args, fds)
-        if isinstance(answer, tuple):
-            result, got = answer
-            return Buffer(self, result, take_one_fd(got))
-        return Buffer(self, answer, None)
+        result, got = self._call(args, fds)
+        return Buffer(self, result, maybe_one_fd(got))
 
     def ping(self) -> None:
         """A request that does nothing: measures a round trip, proves the broker is alive."""
@@ -135,23 +128,21 @@ class Device(DeviceBase, _Closing):
         """A buffer over this process's own sealed memfd, without a copy (udmabuf)."""
         return self._buffer(p.ExportMemfd(name=name), [memfd])
 
-    def _pages(self, args: type[p.Buffers] | type[p.Devices], key: str) -> list[dict[str, Any]]:
-        entries: list[dict[str, Any]] = []
-        while True:
-            page = self._call(args(after=entries[-1]["id"] if entries else 0))
-            entries.extend(page[key])
-            if not page["more"]:
-                return entries
+    def _listing(self, pager: Pager) -> list[dict[str, Any]]:
+        while pager.take(self._call(pager.request())[0]):
+            pass
+        return pager.entries
 
     def buffers(self) -> list[dict[str, Any]]:
         """Every buffer this uid may see (root: all), as docs/PROTOCOL.md describes."""
-        return self._pages(p.Buffers, "buffers")
+        return self._listing(Pager(p.Buffers, "buffers"))
 
     def devices(self) -> list[dict[str, Any]]:
-        return self._pages(p.Devices, "devices")
+        """Every device (connection) this uid may see (root: all)."""
+        return self._listing(Pager(p.Devices, "devices"))
 
     def stats(self) -> dict[str, Any]:
-        result: dict[str, Any] = self._call(p.Stats())
+        result: dict[str, Any] = self._call(p.Stats())[0]
         return result
 
     def fileno(self) -> int:
@@ -169,8 +160,7 @@ class Buffer(BufferBase, _Closing):
 
     def share(self, *, readonly: bool = False) -> int:
         """A new handle fd for this buffer, owned by the caller; read-only if asked."""
-        _, fds = self._device._call(p.Share(buffer=self.id, readonly=readonly))
-        return take_one_fd(fds)
+        return take_one_fd(self._device._call(p.Share(buffer=self.id, readonly=readonly))[1])
 
     def set_name(self, name: str | None) -> None:
         """Name (or, with None, unname) the buffer: at most 31 bytes of UTF-8."""
@@ -178,8 +168,8 @@ class Buffer(BufferBase, _Closing):
         self.name = name or None
 
     def attach(self) -> Attachment:
-        """Link this device to the buffer, with its constraints (EINVAL/EBUSY if they cannot be met)."""
-        result = self._device._call(p.Attach(buffer=self.id))
+        """Link this device to the buffer with its constraints (EINVAL/EBUSY if they cannot be met)."""
+        result, _ = self._device._call(p.Attach(buffer=self.id))
         return Attachment(self, result["attachment"])
 
     def cpu_access(self, access: Access = Access.RW) -> CpuAccess:
@@ -197,6 +187,7 @@ class Attachment(AttachmentBase, _Closing):
     buffer: Buffer
 
     def map(self, direction: Direction = Direction.BIDIRECTIONAL) -> Mapping:
+        """Map for ``direction``: the scatter list, and the memory (read-only for TO_DEVICE)."""
         device = self.buffer._device
         result, fds = device._call(p.Map(attachment=self.id, direction=direction))
         return Mapping(self, direction, device._map_memory(result, fds))
@@ -216,12 +207,8 @@ class Mapping(MappingBase, _Closing):
 
     def unmap(self) -> None:
         """Unmap (EBUSY, changing nothing, while views of ``memory`` are still alive)."""
-        if self._memory.closed:
-            return
         device = self.attachment.buffer._device
-        self._memory.close()
-        device._memory.discard(self._memory)
-        if not device.closed:
+        if device._unmap_memory(self._memory):
             device._call(p.Unmap(attachment=self.attachment.id))
 
     def close(self) -> None:
@@ -239,18 +226,12 @@ class CpuAccess(CpuAccessBase):
 
     def end(self) -> None:
         """End the access (EBUSY, changing nothing, while views of the memory are alive)."""
-        if self._memory is None or self._memory.closed:
-            return
         device = self.buffer._device
-        self._memory.close()
-        device._memory.discard(self._memory)
-        if not device.closed:
+        if self._memory is not None and device._unmap_memory(self._memory):
             device._call(p.CpuEnd(buffer=self.buffer.id, access=self.access))
 
     def __enter__(self) -> memoryview:
         return self.begin()
 
-    def __exit__(
-        self, t: type[BaseException] | None, e: BaseException | None, tb: TracebackType | None
-    ) -> None:
+    def __exit__(self, *exc: Any) -> None:
         self.end()

@@ -5,7 +5,16 @@ docs/PROTOCOL.md is the description for implementers in other languages.
 """
 
 from ._errors import BrokerError, BrokerUnavailable, ProtocolError, errno_code
-from ._fds import RECV_FLAGS, FdOverflow, ancillary, ancillary_space, close_all, fds_from_ancillary
+from ._fds import (
+    HANDLE_MARK,
+    RECV_FLAGS,
+    FdOverflow,
+    ancillary,
+    ancillary_space,
+    close_all,
+    fds_from_ancillary,
+    one_handle,
+)
 from ._messages import (
     PROTOCOL_VERSION,
     Error,
@@ -46,6 +55,7 @@ from ._ops import (
 from ._types import PAGE_SIZE, Access, Constraints, Direction, Segment, page_round
 
 __all__ = [
+    "HANDLE_MARK",
     "MAX_NAME_BYTES",
     "OPS",
     "OP_NAMES",
@@ -92,6 +102,7 @@ __all__ = [
     "encode",
     "errno_code",
     "fds_from_ancillary",
+    "one_handle",
     "page_round",
     "parse_args",
     "peek_request_id",

@@ -15,7 +15,16 @@ from collections.abc import Iterable, Sequence
 
 from ._errors import BrokerError
 
-__all__ = ["RECV_FLAGS", "FdOverflow", "ancillary", "ancillary_space", "close_all", "fds_from_ancillary"]
+__all__ = [
+    "HANDLE_MARK",
+    "RECV_FLAGS",
+    "FdOverflow",
+    "ancillary",
+    "ancillary_space",
+    "close_all",
+    "fds_from_ancillary",
+    "one_handle",
+]
 
 RECV_FLAGS = socket.MSG_CMSG_CLOEXEC
 _INT = array.array("i").itemsize
@@ -45,6 +54,18 @@ def close_all(fds: Iterable[int]) -> None:
             os.close(fd)
         except OSError:
             pass
+
+
+HANDLE_MARK = b"H"
+"""The byte sent with a handle by send_handle: stream sockets cannot carry fds without data."""
+
+
+def one_handle(fds: list[int]) -> int:
+    """The handle among descriptors received with HANDLE_MARK; extras are closed."""
+    if not fds:
+        raise BrokerError(errno.EBADF, "the message carried no handle (did the peer close?)")
+    close_all(fds[1:])
+    return fds[0]
 
 
 def fds_from_ancillary(ancdata: AncData, msg_flags: int, max_fds: int) -> list[int]:

@@ -1,0 +1,17 @@
+"""The trio client: ``open_device`` and the same objects as the blocking client, async.
+
+Importing this module imports trio; ``bufbroker`` and ``bufbroker.client`` do not.
+"""
+
+from ._trio import Attachment, Buffer, CpuAccess, Device, Mapping, open_device, recv_handle, send_handle
+
+__all__ = [
+    "Attachment",
+    "Buffer",
+    "CpuAccess",
+    "Device",
+    "Mapping",
+    "open_device",
+    "recv_handle",
+    "send_handle",
+]
