@@ -68,7 +68,7 @@ async def receive(
     ``data`` is a view of ``inbox``, valid until the next receive into it.
     """
     n, ancdata, flags, _ = await sock.recvmsg_into([inbox], p.ancillary_space(max_fds), p.RECV_FLAGS)
-    fds = p.fds_from_ancillary(ancdata, flags, max_fds)
+    fds = p.fds_from_ancillary(ancdata, flags, max_fds) if ancdata or flags else []
     return memoryview(inbox)[:n], fds, bool(flags & socket.MSG_TRUNC)
 
 
@@ -90,15 +90,22 @@ class Connection:
         without them it would cost a checkpoint per request. A failed send marks the peer gone.
         """
         try:
+            data = p.encode(message)
             if self._waiting:
                 async with self._send_lock:
-                    await self.sock.sendmsg([p.encode(message)], p.ancillary(owned))
+                    await self._send_packet(data, owned)
             else:
-                await self.sock.sendmsg([p.encode(message)], p.ancillary(owned))
+                await self._send_packet(data, owned)
         except OSError:
             self.gone = True
         finally:
             p.close_all(owned)
+
+    async def _send_packet(self, data: bytes, fds: Sequence[int]) -> None:
+        if fds:
+            await self.sock.sendmsg([data], p.ancillary(fds))
+        else:
+            await self.sock.send(data)  # most replies carry no descriptor: skip building ancdata
 
     async def run(self) -> None:
         cfg = self.state.config

@@ -95,7 +95,10 @@ class Device(DeviceBase, _Closing):
         with self._lock:
             id, data = self._session.request(args)
             try:
-                self._sock.sendmsg([data], p.ancillary(fds))
+                if fds:
+                    self._sock.sendmsg([data], p.ancillary(fds))
+                else:
+                    self._sock.send(data)
             except OSError as e:
                 raise self._session.lost(e) from None
             while True:

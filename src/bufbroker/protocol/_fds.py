@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import array
 import errno
+import functools
 import os
 import socket
 from collections.abc import Iterable, Sequence
@@ -36,6 +37,7 @@ class FdOverflow(BrokerError):
     """A packet carried more descriptors than the receiver had room for (MSG_CTRUNC)."""
 
 
+@functools.cache
 def ancillary_space(max_fds: int) -> int:
     """The ``ancbufsize`` for ``recvmsg`` that holds at most ``max_fds`` descriptors."""
     return socket.CMSG_SPACE(max_fds * _INT)

@@ -142,18 +142,19 @@ class OpArgs:
     """Base of every op's argument record."""
 
     __slots__ = ()
+    _names: tuple[str, ...] = ()  # set per class by @op: the field names, looked up once
 
     def to_wire(self) -> dict[str, Any]:
         out: dict[str, Any] = {}
-        for f in dataclasses.fields(self):  # type: ignore[arg-type]
-            value = getattr(self, f.name)
+        for name in self._names:
+            value = getattr(self, name)
             if value is None:
                 continue
             if isinstance(value, Direction | Access):
                 value = value.value
             elif isinstance(value, Constraints):
                 value = value.to_wire()
-            out[f.name] = value
+            out[name] = value
         return out
 
 
@@ -175,6 +176,7 @@ def op(name: str, *, fds: int = 0) -> Callable[[_A], _A]:
             for f in dataclasses.fields(record)
         )
         OPS[name] = OpSpec(name, cls, fds, fields)
+        cls._names = tuple(key for key, _, _ in fields)
         OP_NAMES[cls] = name
         return cls
 

@@ -1,0 +1,139 @@
+"""Child processes for the benchmarks: ``python -m benchmarks._workers ROLE ARGS``.
+
+- ``consumer CTL_FD BROKER_SOCKET``: the receiving side of the hand-off cases;
+- ``trio-server PATH``: the floor of this stack, a bare trio SOCK_SEQPACKET request/response
+  server speaking the broker's message shape (msgpack ``[0, id, op, args]`` → ``[1, id, {}]``);
+- ``echo FD``: the floor of Python, a blocking socketpair ping-pong;
+- ``load KIND SOCKET SECONDS START``: a client doing round trips for a while, printing its count.
+"""
+
+from __future__ import annotations
+
+import mmap
+import os
+import socket
+import sys
+import time
+from multiprocessing import resource_tracker, shared_memory
+
+import msgpack
+
+PAGE = mmap.PAGESIZE
+
+
+def _read_ends(view: memoryview | mmap.mmap, size: int) -> None:
+    """Read the first and the last page, as a consumer checking a frame would."""
+    bytes(view[:PAGE])
+    bytes(view[size - PAGE : size])
+
+
+def consumer(ctl_fd: str, broker_socket: str) -> None:
+    import bufbroker
+    from bufbroker import Direction
+
+    ctl = socket.socket(fileno=int(ctl_fd))
+    pipe = bytearray(1 << 20)
+    with bufbroker.connect("bench-consumer", socket=broker_socket) as dev:
+        while True:
+            data, ancdata, _, _ = ctl.recvmsg(4096, socket.CMSG_SPACE(4 * 4))
+            if not data:
+                return
+            case, size, name = msgpack.unpackb(data)
+            fds = [
+                int.from_bytes(d[i : i + 4], sys.byteorder)
+                for _, _, d in ancdata
+                for i in range(0, len(d), 4)
+            ]
+            if case == "bufbroker":
+                buf = dev.import_handle(fds[0])
+                os.close(fds[0])
+                att = buf.attach()
+                m = att.map(Direction.TO_DEVICE)
+                _read_ends(m.memory, size)
+                done = time.perf_counter_ns()
+                m.unmap()
+                att.detach()
+                buf.close()
+            elif case == "memfd":
+                view = mmap.mmap(fds[0], size, prot=mmap.PROT_READ)
+                os.close(fds[0])
+                _read_ends(view, size)
+                done = time.perf_counter_ns()
+                view.close()
+            elif case == "shared_memory":
+                shm = shared_memory.SharedMemory(name)
+                resource_tracker.unregister(shm._name, "shared_memory")  # type: ignore[attr-defined]
+                _read_ends(shm.buf, size)
+                done = time.perf_counter_ns()
+                shm.close()
+            elif case == "pipe":
+                with os.fdopen(fds[0], "rb", buffering=0) as r:
+                    left = size
+                    while left:
+                        n = r.readinto(memoryview(pipe)[: min(left, len(pipe))])
+                        if not n:
+                            raise EOFError
+                        left -= n
+                done = time.perf_counter_ns()
+            ctl.send(msgpack.packb(done))
+
+
+def trio_server(path: str) -> None:
+    import trio
+
+    async def serve_one(sock: trio.socket.SocketType) -> None:
+        with sock:
+            while True:
+                data = await sock.recv(65536)
+                if not data:
+                    return
+                _, id, _, _ = msgpack.unpackb(data)
+                await sock.send(msgpack.packb([1, id, {}]))
+
+    async def main() -> None:
+        listener = trio.socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        await listener.bind(path)
+        listener.listen(256)
+        async with trio.open_nursery() as nursery:
+            while True:
+                sock, _ = await listener.accept()
+                nursery.start_soon(serve_one, sock)
+
+    trio.run(main)
+
+
+def echo(fd: str) -> None:
+    sock = socket.socket(fileno=int(fd))
+    while data := sock.recv(4096):
+        sock.send(data)
+
+
+def bare_round_trip(sock: socket.socket, id: int) -> None:
+    sock.send(msgpack.packb([0, id, "ping", {}]))
+    msgpack.unpackb(sock.recv(65536))
+
+
+def load(kind: str, path: str, seconds: str, start: str) -> None:
+    """Round trips from ``start`` (a perf_counter timestamp) for ``seconds``; prints the count."""
+    import bufbroker
+
+    if kind == "broker":
+        dev = bufbroker.connect("load", socket=path)
+        op = dev.ping
+    else:
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        sock.connect(path)
+        op = lambda: bare_round_trip(sock, 1)  # noqa: E731
+    while time.perf_counter() < float(start):
+        time.sleep(0.001)
+    end = float(start) + float(seconds)
+    count = 0
+    while time.perf_counter() < end:
+        op()
+        count += 1
+    print(count, flush=True)
+
+
+if __name__ == "__main__":
+    role, *args = sys.argv[1:]
+    {"consumer": consumer, "trio-server": trio_server, "echo": echo, "load": load}[role](*args)
