@@ -38,6 +38,9 @@ def consumer(ctl_fd: str, broker_socket: str) -> None:
             data, ancdata, _, _ = ctl.recvmsg(4096, socket.CMSG_SPACE(4 * 4))
             if not data:
                 return
+            if data == b"ready?":  # wakes us up before a timed hand-off, for every case alike
+                ctl.send(b"ready")
+                continue
             case, size, name = msgpack.unpackb(data)
             fds = [
                 int.from_bytes(d[i : i + 4], sys.byteorder)
@@ -75,6 +78,8 @@ def consumer(ctl_fd: str, broker_socket: str) -> None:
                             raise EOFError
                         left -= n
                 done = time.perf_counter_ns()
+            # The reply goes after the cleanup above: freeing a GiB takes a while, and it must
+            # not overlap the next case's timing.
             ctl.send(msgpack.packb(done))
 
 

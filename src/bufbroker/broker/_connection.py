@@ -32,6 +32,7 @@ __all__ = ["Connection", "FdBag", "inbox", "receive"]
 
 log = logging.getLogger("bufbroker.broker")
 
+FAIRNESS = 16  # requests served without yielding to other tasks, at most
 PAGE = 128  # entries per page of buffers/devices: stays far below one packet
 
 
@@ -61,13 +62,21 @@ def inbox(size: int) -> mmap.mmap:
 
 
 async def receive(
-    sock: trio.socket.SocketType, inbox: mmap.mmap, max_fds: int
+    sock: trio.socket.SocketType, inbox: mmap.mmap, max_fds: int, raw: socket.socket | None = None
 ) -> tuple[memoryview, list[int], bool]:
     """One packet into ``inbox``: (data, fds, truncated). FdOverflow comes with its fds closed.
 
-    ``data`` is a view of ``inbox``, valid until the next receive into it.
+    ``data`` is a view of ``inbox``, valid until the next receive into it. With ``raw`` (the
+    same socket, non-blocking) a packet already waiting is taken without going through trio's
+    scheduler, which yields even when the system call succeeds at once.
     """
-    n, ancdata, flags, _ = await sock.recvmsg_into([inbox], p.ancillary_space(max_fds), p.RECV_FLAGS)
+    space = p.ancillary_space(max_fds)
+    try:
+        if raw is None:
+            raise BlockingIOError
+        n, ancdata, flags, _ = raw.recvmsg_into([inbox], space, p.RECV_FLAGS)
+    except BlockingIOError:
+        n, ancdata, flags, _ = await sock.recvmsg_into([inbox], space, p.RECV_FLAGS)
     fds = p.fds_from_ancillary(ancdata, flags, max_fds) if ancdata or flags else []
     return memoryview(inbox)[:n], fds, bool(flags & socket.MSG_TRUNC)
 
@@ -82,6 +91,10 @@ class Connection:
         self.gone = False  # a send failed: the peer went away
         self._waiting = 0  # open-with-timeout tasks, which send concurrently with the loop
         self._send_lock = trio.Lock()
+        # The same socket as a plain non-blocking stdlib object, for sends and receives that
+        # complete at once (most do); trio's own calls are used whenever one would block.
+        self._raw = socket.socket(fileno=sock.fileno())
+        self._raw.setblocking(False)
 
     async def send(self, message: p.Message, owned: Sequence[int] = ()) -> None:
         """Send ``message`` with the descriptors ``owned``, which are closed afterwards.
@@ -102,18 +115,42 @@ class Connection:
             p.close_all(owned)
 
     async def _send_packet(self, data: bytes, fds: Sequence[int]) -> None:
+        if self._raw.fileno() < 0:
+            raise BrokenPipeError("the connection is finished")
+        try:
+            if fds:
+                self._raw.sendmsg([data], p.ancillary(fds))
+            else:
+                self._raw.send(data)
+            return
+        except BlockingIOError:  # the peer's queue is full: wait for room the trio way
+            pass
         if fds:
             await self.sock.sendmsg([data], p.ancillary(fds))
         else:
-            await self.sock.send(data)  # most replies carry no descriptor: skip building ancdata
+            await self.sock.send(data)
 
     async def run(self) -> None:
         cfg = self.state.config
         buffer = inbox(cfg.max_message_size)
+        try:
+            await self._serve(buffer)
+        finally:
+            self.gone = True
+            self._raw.detach()  # the descriptor is trio's socket's to close
+
+    async def _serve(self, buffer: mmap.mmap) -> None:
+        cfg = self.state.config
+        served = 0
         async with trio.open_nursery() as nursery:
             while not self.gone:
+                served += 1
+                if served % FAIRNESS == 0:
+                    await trio.lowlevel.checkpoint()  # let others run, and cancellation in
                 try:
-                    data, fds, truncated = await receive(self.sock, buffer, cfg.max_fds_per_message)
+                    data, fds, truncated = await receive(
+                        self.sock, buffer, cfg.max_fds_per_message, self._raw
+                    )
                 except p.FdOverflow as e:
                     await self.send(p.Error.from_exception(None, e))
                     continue

@@ -50,7 +50,7 @@ class Session:
 
     def request(self, args: p.OpArgs) -> tuple[int, bytes]:
         id = next(self._ids)
-        return id, p.encode(p.Request(id=id, op=p.OP_NAMES[type(args)], args=args))
+        return id, p.encode_request(id, args)
 
     def hello_args(self) -> p.Hello:
         return p.Hello(version=p.PROTOCOL_VERSION, name=self.name, constraints=self.constraints)

@@ -25,6 +25,7 @@ from ._messages import (
     RequestError,
     decode,
     encode,
+    encode_request,
     peek_request_id,
 )
 from ._ops import (
@@ -100,6 +101,7 @@ __all__ = [
     "close_all",
     "decode",
     "encode",
+    "encode_request",
     "errno_code",
     "fds_from_ancillary",
     "one_handle",

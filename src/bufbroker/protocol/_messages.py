@@ -26,7 +26,7 @@ from typing import Any
 import msgpack
 
 from ._errors import BrokerError, ProtocolError, errno_code, errno_from_code
-from ._ops import OpArgs, parse_args
+from ._ops import OP_NAMES, OpArgs, parse_args
 
 __all__ = [
     "PROTOCOL_VERSION",
@@ -38,6 +38,7 @@ __all__ = [
     "RequestError",
     "decode",
     "encode",
+    "encode_request",
     "peek_request_id",
 ]
 
@@ -111,6 +112,11 @@ def encode(message: Message) -> bytes:
         case Event(name=name, args=args):
             body = [EVENT, name, args]
     return msgpack.packb(body, use_bin_type=True)  # type: ignore[no-any-return]
+
+
+def encode_request(id: int, args: OpArgs) -> bytes:
+    """``encode(Request(...))`` without building the Request: the client's per-call path."""
+    return msgpack.packb([REQUEST, id, OP_NAMES[type(args)], args.to_wire()], use_bin_type=True)  # type: ignore[no-any-return]
 
 
 def _unpack(data: bytes | memoryview, max_items: int) -> Any:
