@@ -34,8 +34,8 @@ def _aggregate(kind: str, path: str, clients: int, seconds: float) -> float:
 
 def run(settings: Settings) -> list[Row]:
     rows: list[Row] = []
-    seconds = 0.5 if settings.quick else 3.0
-    counts = (1, 4) if settings.quick else (1, 16, 64)
+    seconds = 0.3 if settings.quick else 3.0
+    counts = (1, 2) if settings.quick else (1, 16, 64)
     with tempfile.TemporaryDirectory(prefix="bufbroker-bench-") as directory:
         bare_path = str(Path(directory) / "bare.sock")
         with broker() as b, spawn("trio-server", bare_path) as server:

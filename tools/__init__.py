@@ -1,0 +1,1 @@
+"""Long-running reliability drivers (fuzz, chaos, load); tests/reliability runs them briefly."""

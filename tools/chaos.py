@@ -1,0 +1,176 @@
+"""Chaos: workers run random sequences of real operations and are killed with SIGKILL at random
+points; afterwards nothing of theirs is left in the broker, and a buffer they all shared with a
+survivor is intact, byte for byte.
+
+    python -m tools.chaos --kills 100 [--workers 4] [--seed N]
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import random
+import signal
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import bufbroker
+from bufbroker import Access, Direction
+
+from ._common import Target, own_broker
+
+
+@dataclass
+class Report:
+    kills: int = 0
+    worker_ops: int = 0
+    leftovers: int = 0
+    survivor_intact: bool = False
+    broker_fds: tuple[int, int] = (0, 0)
+    broker_rss_kib: tuple[int, int] = (0, 0)
+    usage_after: dict[str, int] | None = None
+    seconds: float = 0.0
+
+
+def worker(path: str, fd: str, seed: str) -> None:
+    """Random real operations until killed; the shared buffer arrives read-only on ``fd``."""
+    rng = random.Random(int(seed))
+    handle = bufbroker.recv_handle(socket.socket(fileno=int(fd)))
+    dev = bufbroker.connect(f"chaos-{os.getpid()}", socket=path)
+    shared = dev.import_handle(handle)
+    mine: list[bufbroker.Buffer] = []
+    open_things: list[object] = []
+    ops = 0
+    while True:
+        ops += 1
+        if ops % 50 == 0:
+            print(ops, flush=True)
+        action = rng.randrange(7)
+        try:
+            if action == 0 or not mine:
+                mine.append(dev.allocate(rng.choice([4096, 65536, 1 << 20])))
+            elif action == 1:
+                att = rng.choice([*mine, shared]).attach()
+                open_things.append(att.map(Direction.TO_DEVICE))
+                open_things.append(att)
+            elif action == 2:
+                access = rng.choice(mine).cpu_access(Access.WRITE)
+                access.begin()[:4] = b"junk"
+                open_things.append(access)
+            elif action == 3:
+                with shared.cpu_access(Access.READ) as mem:
+                    bytes(mem[:16])
+            elif action == 4:
+                fd2 = rng.choice(mine).share(readonly=rng.random() < 0.5)
+                open_things.append(fd2)
+            elif action == 5 and len(mine) > 3:
+                b = mine.pop(0)
+                b.close()
+            elif action == 6:
+                dev.ping()
+        except bufbroker.BrokerError:
+            pass  # EBUSY and friends: the sequence is random; the broker's answer is what counts
+
+
+def run(target: Target, *, kills: int, workers: int = 3, seed: int = 1) -> Report:
+    rng = random.Random(seed)
+    report = Report()
+    started = time.monotonic()
+    with bufbroker.connect("survivor", socket=target.socket) as dev:
+        shared = dev.allocate(1 << 20, name="survivor")
+        with shared.cpu_access(Access.WRITE) as mem:
+            mem[:] = rng.randbytes(1 << 20)
+            digest = hashlib.sha256(mem).hexdigest()
+        fds0, rss0 = target.fds(), target.rss_kib()
+        usage0 = dev.stats()["usage"]
+        running: list[subprocess.Popen[str]] = []
+
+        def start() -> subprocess.Popen[str]:
+            ours, theirs = socket.socketpair()
+            proc = subprocess.Popen(
+                [
+                    sys.executable,
+                    "-m",
+                    "tools.chaos",
+                    "--worker",
+                    target.socket,
+                    str(theirs.fileno()),
+                    str(rng.randrange(1 << 30)),
+                ],
+                pass_fds=[theirs.fileno()],
+                stdout=subprocess.PIPE,
+                text=True,
+                cwd=Path(__file__).parent.parent,
+            )
+            theirs.close()
+            handle = shared.share(readonly=True)
+            bufbroker.send_handle(ours, handle)
+            os.close(handle)
+            ours.close()
+            return proc
+
+        running = [start() for _ in range(workers)]
+        try:
+            while report.kills < kills:
+                victim = running.pop(rng.randrange(len(running)))
+                assert victim.stdout is not None
+                for _ in range(rng.randrange(1, 4)):  # let it get somewhere first
+                    line = victim.stdout.readline()
+                    if not line:
+                        break
+                    report.worker_ops = max(report.worker_ops, int(line))
+                time.sleep(rng.random() * 0.02)
+                os.kill(victim.pid, signal.SIGKILL)
+                victim.wait()
+                victim.stdout.close()
+                report.kills += 1
+                running.append(start())
+        finally:
+            for proc in running:
+                proc.kill()
+                proc.wait()
+                if proc.stdout:
+                    proc.stdout.close()
+        deadline = time.monotonic() + 15
+        while time.monotonic() < deadline:
+            leftovers = [d for d in dev.devices() if str(d["name"]).startswith("chaos-")]
+            buffers = [b for b in dev.buffers() if b["id"] != shared.id]
+            if not leftovers and not buffers:
+                break
+            time.sleep(0.05)
+        report.leftovers = len(leftovers) + len(buffers)
+        [entry] = [b for b in dev.buffers() if b["id"] == shared.id]
+        report.leftovers += len(entry["attachments"]) + len(entry["cpu_access"]) + entry["handles"] - 1
+        with shared.cpu_access(Access.READ) as mem:
+            report.survivor_intact = hashlib.sha256(mem).hexdigest() == digest
+        report.usage_after = dev.stats()["usage"]
+        report.leftovers += int(report.usage_after != usage0)
+        report.broker_fds = (fds0, target.settle(fds0))
+        report.broker_rss_kib = (rss0, target.rss_kib())
+    report.seconds = time.monotonic() - started
+    return report
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(prog="python -m tools.chaos")
+    parser.add_argument("--kills", type=int, default=100)
+    parser.add_argument("--workers", type=int, default=4)
+    parser.add_argument("--seed", type=int, default=1)
+    parser.add_argument("--worker", nargs=3, metavar=("SOCKET", "FD", "SEED"), help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.worker:
+        worker(*args.worker)
+        return
+    with own_broker() as target:
+        report = run(target, kills=args.kills, workers=args.workers, seed=args.seed)
+    print(json.dumps(asdict(report), indent=2))
+
+
+if __name__ == "__main__":
+    main()

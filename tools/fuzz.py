@@ -1,0 +1,266 @@
+"""A live fuzzer: clients send random and mutated frames with descriptors of every kind while a
+well-behaved client keeps doing real work; afterwards the broker's descriptors and memory are
+back where they started.
+
+    python -m tools.fuzz --frames 1000000 [--clients 8] [--seed N]
+"""
+
+from __future__ import annotations
+
+import argparse
+import fcntl
+import json
+import os
+import random
+import select
+import socket
+import threading
+import time
+from dataclasses import asdict, dataclass, field
+
+import msgpack
+
+import bufbroker
+from bufbroker import Access, Direction, protocol
+
+from ._common import Target, own_broker
+
+OPS = [*sorted(protocol.OPS), "", "nonsense", "hello"]
+VALUES: list[object] = [
+    0,
+    1,
+    -1,
+    2**63,
+    2**64 - 1,
+    4096,
+    1 << 40,
+    "",
+    "x" * 40,
+    "to_device",
+    "read",
+    None,
+    True,
+    1.5,
+    float("nan"),
+    [],
+    {},
+    {"max_segments": 0},
+    b"\x00" * 8,
+]
+KEYS = [
+    "size",
+    "name",
+    "heap",
+    "buffer",
+    "attachment",
+    "direction",
+    "access",
+    "readonly",
+    "timeout",
+    "after",
+    "version",
+    "constraints",
+    "bogus",
+]
+
+
+@dataclass
+class Report:
+    frames: int = 0
+    replies: int = 0
+    disconnects: int = 0
+    fds_sent: int = 0
+    good_ops: int = 0
+    good_errors: list[str] = field(default_factory=list)
+    broker_fds: tuple[int, int] = (0, 0)
+    broker_rss_kib: tuple[int, int] = (0, 0)
+    seconds: float = 0.0
+
+
+def _random_fds(rng: random.Random, pool: list[int], lock: threading.Lock) -> list[int]:
+    """Fresh descriptors of every kind (the caller closes them), plus copies of live handles.
+
+    ``pool`` belongs to the good client's thread, which closes its entries: copy them under
+    ``lock``, or a number closed and reused in between would be duplicated by mistake.
+    """
+    made: list[int] = []
+    for _ in range(rng.choice([0, 0, 1, 1, 2, 3, 17, 40])):
+        kind = rng.randrange(8)
+        if kind == 0:
+            r, w = os.pipe()
+            made += [r, w]
+        elif kind == 1:
+            a, b = socket.socketpair(socket.AF_UNIX, rng.choice([socket.SOCK_STREAM, socket.SOCK_SEQPACKET]))
+            made += [a.detach(), b.detach()]
+        elif kind == 2:
+            made.append(os.open(__file__, os.O_RDONLY))
+        elif kind == 3:
+            made.append(os.open("/dev/null", os.O_RDWR))
+        elif kind in (4, 5):
+            fd = os.memfd_create("fuzz", os.MFD_ALLOW_SEALING)
+            os.ftruncate(fd, rng.choice([0, 4096, 4097, 65536]))
+            if kind == 5:
+                fcntl.fcntl(
+                    fd, fcntl.F_ADD_SEALS, rng.choice([fcntl.F_SEAL_SHRINK, fcntl.F_SEAL_WRITE, 0x10 | 1])
+                )
+            made.append(fd)
+        else:
+            with lock:
+                if pool:
+                    made.append(os.dup(rng.choice(pool)))  # a live handle
+    return made
+
+
+def _frame(rng: random.Random, valid: bytes) -> bytes:
+    choice = rng.randrange(6)
+    if choice == 0:
+        return rng.randbytes(rng.randrange(0, 64))
+    if choice == 1:  # a mutated valid request
+        data = bytearray(valid)
+        for _ in range(rng.randrange(1, 4)):
+            data[rng.randrange(len(data))] = rng.randrange(256)
+        return bytes(data[: rng.randrange(1, len(data) + 1)])
+    args = {rng.choice(KEYS): rng.choice(VALUES) for _ in range(rng.randrange(0, 4))}
+    if choice == 2:
+        return msgpack.packb(
+            [rng.choice([0, 0, 0, 1, 2, 3, 7]), rng.choice([0, 1, 99, -1, "x"]), rng.choice(OPS), args]
+        )
+    if choice == 3:
+        return msgpack.packb([0, rng.randrange(1 << 20), rng.choice(OPS), args])
+    if choice == 4:
+        return msgpack.packb(rng.choice(VALUES))
+    return msgpack.packb([0, 1, "ping", {"pad": "x" * rng.choice([10, 70_000, 300_000])}])[:212_000]
+
+
+def _drain(sock: socket.socket, report: Report, lock: threading.Lock, wait: float) -> bool:
+    """Read every answer waiting (for up to ``wait`` s for the first); True if the broker hung up."""
+    ready, _, _ = select.select([sock], [], [], wait)
+    while ready:
+        try:
+            data, ancdata, _, _ = sock.recvmsg(1 << 18, socket.CMSG_SPACE(64))
+        except BlockingIOError:
+            return False
+        except OSError:
+            return True
+        protocol.close_all(protocol.fds_from_ancillary(ancdata, 0, 16))
+        if not data:
+            return True
+        with lock:
+            report.replies += 1
+    return False
+
+
+def _fuzz_client(
+    target: Target, frames: int, seed: int, pool: list[int], report: Report, lock: threading.Lock
+) -> None:
+    rng = random.Random(seed)
+    valid = msgpack.packb([0, 5, "map", {"attachment": 1, "direction": "to_device"}])
+    sock: socket.socket | None = None
+    for _ in range(frames):
+        if sock is None:
+            sock = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+            sock.connect(target.socket)
+            sock.setblocking(False)
+            if rng.random() < 0.9:
+                sock.send(msgpack.packb([0, 0, "hello", {"version": 1, "name": "fuzz"}]))
+        fds = _random_fds(rng, pool, lock)
+        frame = _frame(rng, valid)
+        sent = gone = False
+        try:
+            while not sent and not gone:
+                try:
+                    sock.sendmsg([frame], protocol.ancillary(fds))
+                    sent = True
+                except BlockingIOError:  # the broker pushes back: read its answers, then retry
+                    gone = _drain(sock, report, lock, wait=0.05)
+                except OSError:
+                    gone = True  # too large for a packet, or the broker hung up
+        finally:
+            protocol.close_all(fds)
+        if not gone:
+            gone = _drain(sock, report, lock, wait=0)
+        with lock:
+            report.frames += 1
+            report.fds_sent += len(fds) * sent
+            report.disconnects += gone
+        if gone:
+            sock.close()
+            sock = None
+    if sock is not None:
+        sock.close()
+
+
+def _good_client(
+    target: Target, stop: threading.Event, report: Report, pool: list[int], lock: threading.Lock
+) -> None:
+    """Real work that must never fail while the fuzzers run."""
+    try:
+        with (
+            bufbroker.connect("good", socket=target.socket) as dev,
+            bufbroker.connect("good-peer", socket=target.socket) as peer,
+        ):
+            n = 0
+            while not stop.is_set():
+                buf = dev.allocate(8192, name=f"good-{n}")
+                with buf.cpu_access(Access.WRITE) as mem:
+                    mem[:8] = n.to_bytes(8, "little")
+                handle = buf.share()
+                with lock:
+                    pool.append(os.dup(handle))
+                    if len(pool) > 8:
+                        os.close(pool.pop(0))
+                theirs = peer.import_handle(handle)
+                os.close(handle)
+                with theirs.attach() as att, att.map(Direction.TO_DEVICE) as m:
+                    if int.from_bytes(m.memory[:8], "little") != n:
+                        raise AssertionError("the good client read back the wrong bytes")
+                theirs.close()
+                buf.close()
+                n += 1
+                with lock:
+                    report.good_ops += 1
+    except Exception as e:  # reported, not raised: the caller asserts on it
+        report.good_errors.append(repr(e))
+
+
+def run(target: Target, *, frames: int, clients: int = 4, seed: int = 1) -> Report:
+    report = Report()
+    lock = threading.Lock()
+    pool: list[int] = []
+    fds0, rss0 = target.fds(), target.rss_kib()
+    stop = threading.Event()
+    started = time.monotonic()
+    good = threading.Thread(target=_good_client, args=(target, stop, report, pool, lock))
+    good.start()
+    fuzzers = [
+        threading.Thread(
+            target=_fuzz_client, args=(target, frames // clients, seed * 1000 + i, pool, report, lock)
+        )
+        for i in range(clients)
+    ]
+    for t in fuzzers:
+        t.start()
+    for t in fuzzers:
+        t.join()
+    stop.set()
+    good.join()
+    protocol.close_all(pool)
+    report.seconds = time.monotonic() - started
+    report.broker_fds = (fds0, target.settle(fds0))
+    report.broker_rss_kib = (rss0, target.rss_kib())
+    return report
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(prog="python -m tools.fuzz")
+    parser.add_argument("--frames", type=int, default=1_000_000)
+    parser.add_argument("--clients", type=int, default=8)
+    parser.add_argument("--seed", type=int, default=1)
+    args = parser.parse_args()
+    with own_broker() as target:
+        report = run(target, frames=args.frames, clients=args.clients, seed=args.seed)
+    print(json.dumps(asdict(report), indent=2))
+
+
+if __name__ == "__main__":
+    main()
