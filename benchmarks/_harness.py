@@ -118,12 +118,7 @@ def broker(*flags: str) -> Iterator[Broker]:
             _wait_for_socket(path, proc)
             yield Broker(path, proc)
         finally:
-            proc.terminate()
-            try:
-                proc.wait(10)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
+            _stop(proc)
 
 
 def _wait_for_socket(path: str, proc: subprocess.Popen[bytes]) -> None:
@@ -152,13 +147,18 @@ def spawn(role: str, *args: str, pass_fds: Sequence[int] = ()) -> Iterator[subpr
     try:
         yield proc
     finally:
-        if proc.poll() is None:
-            proc.terminate()
-            try:
-                proc.wait(10)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
+        _stop(proc)
+
+
+def _stop(proc: subprocess.Popen[bytes]) -> None:
+    """SIGTERM, then SIGKILL if it lingers: always by pid, never by name."""
+    if proc.poll() is None:
+        proc.terminate()
+        try:
+            proc.wait(10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
 
 
 def render(rows: Sequence[Row], as_json: bool) -> str:

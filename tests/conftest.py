@@ -125,6 +125,14 @@ def broker(broker_factory: Callable[..., Broker]) -> Broker:
     return broker_factory()
 
 
+@pytest.fixture
+def other_uid() -> int:
+    """A uid that is not ours, for peers that must be another user (they drop to it)."""
+    if os.geteuid() != 0:
+        pytest.skip("acting as another user needs root (CI runs as root)")
+    return 65534
+
+
 @dataclass
 class Peer:
     """A separate Python process running one of peer.py's roles; talks JSON lines."""

@@ -13,8 +13,6 @@ import bufbroker
 
 from conftest import Broker
 
-NOBODY = 65534
-
 
 def test_names_and_renames(broker: Broker) -> None:
     with broker.connect() as dev:
@@ -69,9 +67,9 @@ def test_open_waits_for_the_name_to_appear(broker: Broker) -> None:
         assert e.value.errno == errno.ENOENT
 
 
-def test_another_uid_cannot_open_by_name(broker: Broker, peer) -> None:
+def test_another_uid_cannot_open_by_name(broker: Broker, peer, other_uid: int) -> None:
     with broker.connect() as dev:
         dev.allocate(4096, name="private")
-        stranger = peer("open_as", broker.socket, NOBODY, "private")
+        stranger = peer("open_as", broker.socket, other_uid, "private")
         assert json.loads(stranger.line()) == {"opened": False, "errno": errno.EACCES}
         stranger.finish()

@@ -14,8 +14,6 @@ from bufbroker import Access, Direction
 
 from conftest import Broker
 
-NOBODY = 65534
-
 
 def _readonly_import(broker: Broker, dev: bufbroker.Device) -> tuple[bufbroker.Buffer, bufbroker.Buffer]:
     buf = dev.allocate(4096)
@@ -58,7 +56,7 @@ def _backing_fd(dev: bufbroker.Device, buf: bufbroker.Buffer, direction: Directi
     return fds[0]
 
 
-def test_the_kernel_refuses_a_writable_mmap_of_readonly_backing(broker: Broker, peer) -> None:
+def test_the_kernel_refuses_a_writable_mmap_of_readonly_backing(broker: Broker, peer, other_uid: int) -> None:
     with broker.connect("owner") as dev:
         _, ro = _readonly_import(broker, dev)
         fd = _backing_fd(ro._device, ro, Direction.TO_DEVICE)
@@ -70,7 +68,7 @@ def test_the_kernel_refuses_a_writable_mmap_of_readonly_backing(broker: Broker, 
                 os.write(fd, b"x")
             # Same uid can reopen (documented: no boundary within a uid)...
             # ...but a process of another uid cannot upgrade it through /proc/self/fd.
-            stranger = peer("reopen_as", fd, NOBODY, pass_fds=(fd,))
+            stranger = peer("reopen_as", fd, other_uid, pass_fds=(fd,))
             assert json.loads(stranger.line()) == {"reopened": False, "errno": errno.EACCES}
             stranger.finish()
         finally:

@@ -70,7 +70,7 @@ def test_a_flooder_that_never_reads_is_held_back_and_others_are_served(broker: B
     flooder.close()
 
 
-def test_connection_limit_refuses_one_uid_not_another(broker_factory, peer) -> None:  # type: ignore[no-untyped-def]
+def test_connection_limit_refuses_one_uid_not_another(broker_factory, peer, other_uid: int) -> None:  # type: ignore[no-untyped-def]
     broker = broker_factory("--max-connections-per-uid", "3")
     mine = [broker.connect(f"mine{i}") for i in range(3)]
     try:
@@ -80,7 +80,7 @@ def test_connection_limit_refuses_one_uid_not_another(broker_factory, peer) -> N
         error = msgpack.unpackb(refused.recv(4096))
         assert error[0] == 2 and error[2]["code"] == "ECONNREFUSED"
         refused.close()
-        stranger = peer("open_as", broker.socket, 65534, "missing")  # another uid: still welcome
+        stranger = peer("open_as", broker.socket, other_uid, "missing")  # another uid: still welcome
         assert stranger.line() == '{"opened": false, "errno": 2}'
         stranger.finish()
     finally:
