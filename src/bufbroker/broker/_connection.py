@@ -315,5 +315,5 @@ class Connection:
         except OSError as e:
             undo()
             raise BrokerError(e.errno or errno.EMFILE, f"cannot hand out the backing: {e.strerror}") from None
-        segments = [[s.fd, s.offset, s.length] for s in mapped.layout]
+        segments = [s.to_wire() for s in mapped.layout]
         return {"segments": segments, "size": mapped.backing.size, "writable": mapped.writable}, fds

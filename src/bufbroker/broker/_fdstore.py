@@ -117,7 +117,7 @@ def _describe(b: Buffer) -> dict[str, Any]:
         "owner": b.owner,
         "exporter": list(b.exporter),
         "created": b.created,
-        "layout": None if b.layout is None else [[s.fd, s.offset, s.length] for s in b.layout],
+        "layout": None if b.layout is None else [s.to_wire() for s in b.layout],
     }
 
 
@@ -172,7 +172,7 @@ def restore(stored: list[tuple[int, str]], state: State, handles: HandleTable, n
             exporter=tuple(info.get("exporter", (0, "?", 0))),
             created=info.get("created", state.clock()),
             backing=None if entry.memfd is None else Backing(entry.memfd, size),
-            layout=None if layout is None else [Segment(o, n, f) for f, o, n in layout],
+            layout=None if layout is None else [Segment.from_wire(raw) for raw in layout],
         )
         for fd, key, readonly, _, _ in entry.handles:
             handles.adopt(fd, key)

@@ -32,7 +32,7 @@ def _buffer(state: State, buffer: Buffer) -> dict[str, Any]:
         "owner": buffer.owner,
         "created": buffer.created,
         "handles": len(buffer.handles),
-        "layout": None if buffer.layout is None else [[s.fd, s.offset, s.length] for s in buffer.layout],
+        "layout": None if buffer.layout is None else [s.to_wire() for s in buffer.layout],
         "importers": [
             {"device": d.id, "name": d.name, "pid": d.pid, "count": d.refs[buffer.id].count}
             for d in buffer.holders.values()

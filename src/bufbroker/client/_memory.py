@@ -18,7 +18,7 @@ __all__ = ["MappedMemory", "segments_from_wire"]
 
 
 def segments_from_wire(raw: Any) -> list[Segment]:
-    return [Segment(int(offset), int(length), int(fd)) for fd, offset, length in raw]
+    return [Segment.from_wire(entry) for entry in raw]
 
 
 class MappedMemory:

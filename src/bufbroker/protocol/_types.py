@@ -83,3 +83,12 @@ class Segment:
     offset: int
     length: int
     fd: int = 0
+
+    def to_wire(self) -> list[int]:
+        """``[fd_index, offset, length]``, as layouts travel (docs/PROTOCOL.md)."""
+        return [self.fd, self.offset, self.length]
+
+    @classmethod
+    def from_wire(cls, raw: list[int]) -> Segment:
+        fd, offset, length = raw
+        return cls(int(offset), int(length), int(fd))
