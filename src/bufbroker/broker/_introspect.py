@@ -72,6 +72,7 @@ def _device(device: Device) -> dict[str, Any]:
         "connected": device.connected,
         "constraints": device.constraints.to_wire(),
         "buffers": list(device.refs),
+        "bytes": sum(ref.buffer.size for ref in device.refs.values()),
         "attachments": len(device.attachments),
         "mappings": sum(a.map_count for a in device.attachments.values()),
     }
