@@ -14,9 +14,7 @@ begun is EBUSY, as releasing one still attached is.
 from __future__ import annotations
 
 import errno
-import itertools
 import time
-from collections import defaultdict
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -72,12 +70,14 @@ class State:
         self.handles: dict[Key, Handle] = {}
         self.names: dict[str, Buffer] = {}
         self.quotas = Quotas(config)
-        self._ids: dict[str, itertools.count[int]] = defaultdict(lambda: itertools.count(1))
+        self._next_ids: dict[str, int] = {}
         self.observer = Observer()
 
     def _id(self, kind: str) -> int:
         """Ids count per kind (buffer 1, 2, ...; device 1, 2, ...) and are never reused."""
-        return next(self._ids[kind])
+        id = self._next_ids.get(kind, 1)
+        self._next_ids[kind] = id + 1
+        return id
 
     # --- connections and devices ---------------------------------------------------------
 
@@ -169,17 +169,11 @@ class State:
             layout=layout if backing is not None else None,
         )
         self.buffers = dict(sorted({**self.buffers, id: buffer}.items()))
-        if id >= self._peek_id("buffer"):
-            self._ids["buffer"] = itertools.count(id + 1)
+        self._next_ids["buffer"] = max(self._next_ids.get("buffer", 1), id + 1)
         self.quotas.charge(owner, size)
         if name and name not in self.names:
             self._set_name(buffer, name)
         return buffer
-
-    def _peek_id(self, kind: str) -> int:
-        upcoming = next(self._ids[kind])
-        self._ids[kind] = itertools.count(upcoming)
-        return upcoming
 
     def allocate(self, device: Device, size: int, *, name: str | None, heap: str) -> Buffer:
         """``dma_heap_buffer_alloc``: a buffer with no backing yet (it comes at first map)."""

@@ -10,9 +10,9 @@ created in the broker is undone (``_core.undo_for``).
 from __future__ import annotations
 
 import mmap
-import socket
 from collections.abc import AsyncIterator, Awaitable, Callable, Generator, Sequence
 from contextlib import asynccontextmanager
+from socket import AF_UNIX, SOCK_CLOEXEC, SOCK_SEQPACKET  # `socket` is a parameter name here
 from typing import Any, Generic, TypeVar
 
 import trio
@@ -94,7 +94,7 @@ async def open_device(
 ) -> AsyncIterator[Device]:
     """``async with open_device("camera") as dev``: this process (task tree) as a device."""
     path = socket or default_socket_path()
-    sock = trio.socket.socket(_AF_UNIX, _SEQPACKET)
+    sock = trio.socket.socket(AF_UNIX, SOCK_SEQPACKET | SOCK_CLOEXEC)
     try:
         await sock.connect(path)
     except (FileNotFoundError, ConnectionRefusedError) as e:
@@ -115,10 +115,6 @@ async def open_device(
                 nursery.cancel_scope.cancel()
     finally:
         device._close_now()
-
-
-_AF_UNIX = socket.AF_UNIX
-_SEQPACKET = socket.SOCK_SEQPACKET | socket.SOCK_CLOEXEC
 
 
 class Device(DeviceBase):
