@@ -87,7 +87,13 @@ def _claim(path: str) -> None:
 def _listening(path: str, mode: int) -> Iterator[trio.socket.SocketType]:
     """A bound, listening socket at ``path``, removed again on the way out if still ours."""
     _claim(path)
-    os.makedirs(os.path.dirname(path) or ".", mode=0o755, exist_ok=True)
+    directory = os.path.dirname(path) or "."
+    try:
+        os.makedirs(directory, mode=0o755, exist_ok=True)
+    except OSError as e:
+        raise StartupError(
+            f"cannot create {directory}: {e.strerror}; choose a socket with --socket PATH or $BUFBROKER_SOCKET"
+        ) from None
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET | socket.SOCK_CLOEXEC)
     ours = -1
     try:
