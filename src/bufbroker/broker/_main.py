@@ -92,7 +92,8 @@ def _listening(path: str, mode: int) -> Iterator[trio.socket.SocketType]:
         os.makedirs(directory, mode=0o755, exist_ok=True)
     except OSError as e:
         raise StartupError(
-            f"cannot create {directory}: {e.strerror}; choose a socket with --socket PATH or $BUFBROKER_SOCKET"
+            f"cannot create {directory}: {e.strerror}; "
+            "choose a socket with --socket PATH or $BUFBROKER_SOCKET"
         ) from None
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET | socket.SOCK_CLOEXEC)
     ours = -1
