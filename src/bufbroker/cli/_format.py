@@ -1,56 +1,80 @@
-"""Rendering for people: IEC sizes, ages, aligned tables (bold headers only on a terminal)."""
+"""Text for people: IEC sizes, short ages, aligned tables.
+
+Only what a terminal reader needs; scripts read ``--json`` instead, where sizes are integer
+bytes and ages seconds. Styling is one bold header line, and only when stdout is a terminal and
+``NO_COLOR`` (https://no-color.org) is unset, so piped output is always plain text.
+"""
 
 from __future__ import annotations
 
 import os
 import sys
-from collections.abc import Sequence
-from typing import Any
+from collections.abc import Collection, Sequence
 
-__all__ = ["age", "iec", "table"]
+__all__ = ["age", "iec", "styled", "table"]
 
-_UNITS = ("B", "KiB", "MiB", "GiB", "TiB", "PiB")
+_UNITS = ("KiB", "MiB", "GiB", "TiB", "PiB", "EiB")
 
 
-def iec(size: float) -> str:
-    """``4096`` → ``4.0 KiB``; bytes below 1 KiB stay exact."""
+def iec(size: int) -> str:
+    """``4096`` → ``4.0 KiB``, ``64 << 20`` → ``64.0 MiB``; under 1 KiB the exact ``N B``.
+
+    One decimal, as ``ls -lh`` and ``free -h`` print; buffers are page multiples, so the B form
+    only shows for the odd total.
+    """
     if size < 1024:
-        return f"{int(size)} B"
-    for unit in _UNITS[1:]:
-        size /= 1024
-        if size < 1024 or unit == _UNITS[-1]:
-            return f"{size:.1f} {unit}"
+        return f"{size} B"
+    value = float(size)
+    for unit in _UNITS:
+        value /= 1024
+        # Round first: 1023.96 KiB would print as "1024.0 KiB" rather than move up a unit.
+        if round(value, 1) < 1024 or unit == _UNITS[-1]:
+            return f"{value:.1f} {unit}"
     raise AssertionError("unreachable")
 
 
 def age(seconds: float) -> str:
-    """The largest whole unit, as ps and systemctl print ages: 5s, 3m, 2h, 4d."""
+    """The largest whole unit, as ps and systemctl print ages: ``5s``, ``3m``, ``2h``, ``4d``."""
+    seconds = max(0.0, seconds)  # a clock stepped back must not print "-1s"
     for unit, length in (("d", 86400), ("h", 3600), ("m", 60)):
         if seconds >= length:
             return f"{int(seconds // length)}{unit}"
     return f"{int(seconds)}s"
 
 
-def _styled() -> bool:
-    return sys.stdout.isatty() and "NO_COLOR" not in os.environ
+def styled() -> bool:
+    """Whether escape sequences may be written: a terminal, and the user did not opt out."""
+    return sys.stdout.isatty() and not os.environ.get("NO_COLOR")
 
 
-def table(columns: Sequence[str], rows: Sequence[Sequence[Any]], *, legend: bool = True) -> str:
-    """Aligned columns; numbers to the right. ``legend=False`` drops the header, for scripts."""
-    cells = [[str(c) for c in row] for row in rows]
-    numeric = [
-        all(isinstance(row[i], int | float) for row in rows) and bool(rows) for i in range(len(columns))
+def table(
+    columns: Sequence[str],
+    rows: Sequence[Sequence[object]],
+    *,
+    legend: bool = True,
+    right: Collection[str] = (),
+) -> str:
+    """Columns two spaces apart; numbers and the columns named in ``right`` flush right.
+
+    ``legend=False`` drops the header line (``--no-legend``, as systemctl has), so that
+    ``bufbroker ls --no-legend | while read id name ...`` sees data rows only. Cells are never
+    truncated here: a renderer that wants a narrow column cuts it itself.
+    """
+    cells = [["-" if c is None else str(c) for c in row] for row in rows]
+    flush_right = [
+        name in right or (bool(rows) and all(isinstance(row[i], int | float) for row in rows))
+        for i, name in enumerate(columns)
     ]
     widths = [
-        max([len(columns[i]) if legend else 0] + [len(r[i]) for r in cells]) for i in range(len(columns))
+        max([len(name) if legend else 0, *(len(r[i]) for r in cells)]) for i, name in enumerate(columns)
     ]
 
     def line(values: Sequence[str]) -> str:
-        parts = [v.rjust(widths[i]) if numeric[i] else v.ljust(widths[i]) for i, v in enumerate(values)]
-        return "  ".join(parts).rstrip()
+        padded = [v.rjust(widths[i]) if flush_right[i] else v.ljust(widths[i]) for i, v in enumerate(values)]
+        return "  ".join(padded).rstrip()
 
     out = [line(r) for r in cells]
     if legend:
         header = line(columns)
-        out.insert(0, f"\x1b[1m{header}\x1b[0m" if _styled() else header)
+        out.insert(0, f"\x1b[1m{header}\x1b[0m" if styled() else header)
     return "\n".join(out)

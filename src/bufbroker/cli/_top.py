@@ -1,62 +1,87 @@
-"""``bufbroker top``: the buffers table, redrawn in place until Ctrl-C (like pw-top)."""
+"""``bufbroker top``: the ``ls`` table and a summary line, redrawn in place until Ctrl-C.
+
+Like pw-top and top: on a terminal it draws on the alternate screen, homing the cursor and
+overwriting each line (then clearing what the previous frame left below) instead of clearing the
+screen first, which would flicker; rows beyond the terminal's height are cut. When stdout is not
+a terminal it prints frames one after another, as ``top -b`` does, so ``--iterations 1`` in a
+pipe is a snapshot. Plain ANSI escapes: curses would cost start-up time and a terminfo lookup
+for three sequences every terminal since the VT100 understands.
+"""
 
 from __future__ import annotations
 
+import shutil
 import sys
 import time
-from typing import Any
+from collections.abc import Callable
 
-from ._format import iec, table
-from ._views import BUFFER_COLUMNS, buffer_rows, owner_name
+from ._commands import BufferRow, Source, list_buffers
+from ._format import iec
+from ._render import render_buffers
 
-__all__ = ["SORT_KEYS", "top"]
+__all__ = ["SORT_KEYS", "frame", "top"]
 
-SORT_KEYS = {"size": "size", "age": "age", "id": "id", "handles": "handles", "mapped": "mapped"}
-_HOME_AND_CLEAR = "\x1b[H\x1b[2J"
+# Largest first for quantities, oldest first for age, creation order for id; ties by id.
+_ORDER: dict[str, Callable[[BufferRow], tuple[float, int]]] = {
+    "size": lambda r: (-r["size"], r["id"]),
+    "age": lambda r: (-r["age"], r["id"]),
+    "id": lambda r: (0, r["id"]),
+    "handles": lambda r: (-r["handles"], r["id"]),
+    "mapped": lambda r: (-r["mapped"], r["id"]),
+}
+SORT_KEYS = tuple(_ORDER)
+
+_ENTER = "\x1b[?1049h\x1b[?25l"  # alternate screen, cursor hidden
+_LEAVE = "\x1b[?25h\x1b[?1049l"
+_HOME = "\x1b[H"
+_CLEAR_LINE = "\x1b[K"
+_CLEAR_BELOW = "\x1b[J"
 
 
-def _frame(device: Any, sort: str, legend: bool) -> str:
-    stats = device.stats()
-    rows = buffer_rows(device.buffers())
-    rows.sort(key=lambda r: r[SORT_KEYS[sort]], reverse=sort != "id")
+def frame(source: Source, *, sort: str, legend: bool = True) -> str:
+    """One screenful: a summary of the broker, then its buffers in ``sort`` order."""
+    stats = source.stats()
+    rows = sorted(list_buffers(source), key=_ORDER[sort])
     head = (
-        f"bufbroker {stats['version']} pid {stats['pid']}: {stats['buffers']} buffers, "
+        f"bufbroker {stats['version']} (pid {stats['pid']}): {stats['buffers']} buffers, "
         f"{iec(stats['bytes'])} ({iec(stats['backed_bytes'])} allocated), {stats['devices']} devices, "
-        f"{stats['mappings']} mappings   sorted by {sort}"
+        f"{stats['attachments']} attachments, {stats['mappings']} mappings; sorted by {sort}"
     )
-    body = table(BUFFER_COLUMNS, [_cells(r) for r in rows], legend=legend)
-    return f"{head}\n\n{body}\n"
+    return f"{head}\n\n{render_buffers(rows, legend=legend)}\n"
 
 
-def _cells(r: dict[str, Any]) -> list[Any]:
-    from ._format import age
-
-    exporter = f"{r['exporter']['name']}/{r['exporter']['pid']}"
-    return [
-        r["id"],
-        r["name"] or "-",
-        iec(r["size"]),
-        r["heap"],
-        exporter,
-        r["handles"],
-        r["attached"],
-        r["mapped"],
-        owner_name(r["owner"]),
-        age(r["age"]),
-    ]
+def _draw(text: str) -> None:
+    lines = text.splitlines()[: max(1, shutil.get_terminal_size().lines - 1)]
+    sys.stdout.write(_HOME + "".join(line + _CLEAR_LINE + "\n" for line in lines) + _CLEAR_BELOW)
+    sys.stdout.flush()
 
 
-def top(device: Any, *, sort: str, interval: float, iterations: int | None, legend: bool) -> int:
-    live = sys.stdout.isatty()
+def top(source: Source, *, sort: str, interval: float, iterations: int | None, legend: bool = True) -> int:
+    """Redraw every ``interval`` seconds, ``iterations`` times or until Ctrl-C; exit status 0.
+
+    Ctrl-C is how one leaves top, not an error: it ends the loop quietly, wherever it lands
+    (asleep, or mid-request; the caller then closes the connection, which the broker sees as an
+    ordinary disconnect). The terminal is restored on every way out, errors included.
+    """
+    live = sys.stdout.isatty()  # NO_COLOR is about colour; moving the cursor is still wanted
+    if live:
+        sys.stdout.write(_ENTER)
     shown = 0
     try:
         while iterations is None or shown < iterations:
-            frame = _frame(device, sort, legend)
-            sys.stdout.write((_HOME_AND_CLEAR if live else "") + frame)
-            sys.stdout.flush()
+            text = frame(source, sort=sort, legend=legend)
+            if live:
+                _draw(text)
+            else:
+                sys.stdout.write(("\n" if shown else "") + text)
+                sys.stdout.flush()
             shown += 1
             if iterations is None or shown < iterations:
                 time.sleep(interval)
     except KeyboardInterrupt:
         pass
+    finally:
+        if live:
+            sys.stdout.write(_LEAVE)
+            sys.stdout.flush()
     return 0

@@ -1,0 +1,171 @@
+"""What each command shows, computed from the broker's answers: data here, text in ``_render``.
+
+Every function takes a ``Source`` (a connected ``bufbroker.Device``, or a fixture in the tests)
+and returns plain data: lists of dicts for listings, a dict for one thing. That data is exactly
+what ``--json`` prints, and its keys are the lower-case names of the table's columns, so the
+JSON schema (docs/CLI.md, stable) is written down once, in the TypedDicts below. Sizes are
+integer bytes and ages seconds; turning them into ``64.0 MiB`` and ``3m`` is the renderer's job.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any, Protocol, TypedDict
+
+__all__ = [
+    "BufferRow",
+    "DeviceRow",
+    "NoSuchBuffer",
+    "Source",
+    "buffer_row",
+    "device_rows",
+    "list_buffers",
+    "list_devices",
+    "show_buffer",
+]
+
+
+class Source(Protocol):
+    """What the commands need from a connection: the broker's three inspection ops."""
+
+    def buffers(self) -> list[dict[str, Any]]: ...
+
+    def devices(self) -> list[dict[str, Any]]: ...
+
+    def stats(self) -> dict[str, Any]: ...
+
+
+class NoSuchBuffer(LookupError):
+    """``show ID`` for an id the broker does not list (freed, or not visible to this uid)."""
+
+
+class Exporter(TypedDict):
+    device: int
+    name: str
+    pid: int
+
+
+class BufferRow(TypedDict):
+    """One ``ls`` row: ID NAME SIZE HEAP EXPORTER HANDLES ATTACHED MAPPED OWNER AGE."""
+
+    id: int
+    name: str | None
+    size: int
+    heap: str
+    exporter: Exporter
+    handles: int
+    attached: int  # attachments, mapped or not
+    mapped: int  # the attachments' map counts, summed
+    owner: int  # uid; the table prints the user name
+    age: float
+
+
+class DeviceRow(TypedDict):
+    """One ``devices`` row: PID UID NAME COMMAND BUFFERS BYTES PSS ATTACHMENTS MAPPINGS."""
+
+    pid: int
+    uid: int
+    name: str
+    command: str
+    buffers: int
+    bytes: int
+    pss: int
+    attachments: int
+    mappings: int
+
+
+def buffer_row(entry: dict[str, Any], now: float) -> BufferRow:
+    exporter = entry["exporter"]
+    return {
+        "id": entry["id"],
+        "name": entry["name"],
+        "size": entry["size"],
+        "heap": entry["heap"],
+        "exporter": {"device": exporter["device"], "name": exporter["name"], "pid": exporter["pid"]},
+        "handles": entry["handles"],
+        "attached": len(entry["attachments"]),
+        "mapped": sum(a["map_count"] for a in entry["attachments"]),
+        "owner": entry["owner"],
+        "age": max(0.0, now - entry["created"]),
+    }
+
+
+def list_buffers(source: Source, now: float | None = None) -> list[BufferRow]:
+    """``ls``: one row per buffer, in id order."""
+    now = time.time() if now is None else now
+    return [buffer_row(b, now) for b in source.buffers()]
+
+
+def show_buffer(source: Source, buffer_id: int, now: float | None = None) -> dict[str, Any]:
+    """``show ID``: the ``ls`` row plus everything the broker knows about the buffer.
+
+    Added to the row: ``created`` (Unix time), ``layout`` (None until the first map or cpu
+    access allocates backing; else ``[{"fd", "offset", "length"}]``, fd being the index of the
+    backing memfd), and the broker's ``importers``, ``attachments`` and ``cpu_access`` lists.
+    """
+    now = time.time() if now is None else now
+    for entry in source.buffers():
+        if entry["id"] == buffer_id:
+            break
+    else:
+        raise NoSuchBuffer(f"no buffer {buffer_id} (freed, or not visible to this user)")
+    layout = entry["layout"]
+    return {
+        **buffer_row(entry, now),
+        "created": entry["created"],
+        "layout": None
+        if layout is None
+        else [{"fd": fd, "offset": offset, "length": length} for fd, offset, length in layout],
+        "importers": entry["importers"],
+        "attachments": entry["attachments"],
+        "cpu_access": entry["cpu_access"],
+    }
+
+
+def device_rows(devices: list[dict[str, Any]], buffers: list[dict[str, Any]]) -> list[DeviceRow]:
+    """One row per device, with BYTES counted per process and PSS shared out between processes.
+
+    A process may be several devices (one per connection), and memory is a process's, not a
+    connection's: a buffer two devices of one process hold is that process's memory once. So
+    each buffer counts toward BYTES of the first of its process's devices listed, and summing
+    BYTES over one pid's rows gives the process's buffer memory. PSS divides each buffer's size
+    by the number of distinct processes holding it (floored to whole bytes), as smaps does for
+    shared pages, so PSS summed over every row is the memory all devices hold together.
+    A buffer missing from ``buffers`` (freed between the two requests, or not visible to this
+    uid) counts in BUFFERS but adds no bytes.
+    """
+    size = {b["id"]: b["size"] for b in buffers}
+    holders: dict[int, set[int]] = {}  # buffer id -> pids holding it
+    for d in devices:
+        for buffer_id in d["buffers"]:
+            holders.setdefault(buffer_id, set()).add(d["pid"])
+    counted: dict[int, set[int]] = {}  # pid -> buffers already counted for that process
+    rows: list[DeviceRow] = []
+    for d in devices:
+        seen = counted.setdefault(d["pid"], set())
+        mine = [i for i in dict.fromkeys(d["buffers"]) if i in size and i not in seen]
+        seen.update(mine)
+        rows.append(
+            {
+                "pid": d["pid"],
+                "uid": d["uid"],
+                "name": d["name"],
+                "command": d["command"],
+                "buffers": len(set(d["buffers"])),
+                "bytes": sum(size[i] for i in mine),
+                "pss": sum(size[i] // len(holders[i]) for i in mine),
+                "attachments": d["attachments"],
+                "mappings": d["mappings"],
+            }
+        )
+    return rows
+
+
+def list_devices(source: Source, *, exclude: int | None = None) -> list[DeviceRow]:
+    """``devices``: one row per device (client connection), in id order.
+
+    ``exclude`` is a device id left out: the command's own connection, which exists only to
+    ask and would otherwise appear in every listing (``stats`` still counts it).
+    """
+    devices = [d for d in source.devices() if d["id"] != exclude]
+    return device_rows(devices, source.buffers())
