@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import sys
 from importlib.resources import files
@@ -79,3 +80,11 @@ def test_a_permission_error_says_how_to_get_past_it(
         "bufbroker: /etc/systemd/system/bufbroker.service: Permission denied"
         " (run it as root, or add --user)\n"
     )
+
+
+def test_json_lists_the_paths_written(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["install-units", "--user", "--dest", str(tmp_path), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out) == [
+        str(tmp_path / "bufbroker.service"),
+        str(tmp_path / "bufbroker.socket"),
+    ]
