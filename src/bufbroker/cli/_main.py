@@ -149,8 +149,6 @@ def _inspect(args: argparse.Namespace, source: Device) -> str | None:
         case "top":
             from ._top import top
 
-            if args.json:
-                raise _Fail("top is for people; for scripts, `bufbroker ls --json` in a loop")
             top(source, sort=args.sort, interval=args.interval, iterations=args.iterations, legend=legend)
             return None
     raise AssertionError(f"unhandled command {args.command}")
@@ -187,8 +185,11 @@ def _run(args: argparse.Namespace) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """The ``bufbroker`` command; returns the exit status (0, or 1 with one line on stderr)."""
-    args = _parser().parse_args(argv)
+    """The ``bufbroker`` command; returns the exit status (docs/CLI.md lists them)."""
+    parser = _parser()
+    args = parser.parse_args(argv)
+    if args.command == "top" and args.json:  # a usage error, found before any connection
+        parser.error("top has no --json; for scripts, `bufbroker ls --json` in a loop")
     try:
         _run(args)
     except BrokenPipeError:
