@@ -2,14 +2,26 @@
 
 Same names, as coroutines and async context managers. One reader task per device (in a
 nursery the ``open_device`` context owns) matches replies to requests by id, so any number of
-tasks may use one device at once, their requests pipelined. A task cancelled while waiting
-leaves the connection usable: when its reply comes, its descriptors are closed and whatever it
-created in the broker is undone (``_core.undo_for``).
+tasks may use one device at once, their requests pipelined.
+
+Theory of cancellation. trio sends a packet whole or not at all, so a request is either unsent
+(nothing to do) or sent. A task cancelled after sending leaves its id in ``_abandoned``; when
+the reply comes, the reader closes its descriptors and sends, without waiting, the request
+that takes back what the abandoned one created (``_core.undo_for``: release, detach, unmap,
+cpu end). Requests that give something back (the same four, when an object closes) are the
+reverse: if the task is cancelled before they are sent, they are sent anyway, so the broker
+ends up holding what the local objects say. Requests the reader sends are written before it
+reads the next reply, and the broker answers in order (except ``open`` with a timeout), so
+once any later round trip completes the broker has applied them: ``await dev.ping()``
+settles the state.
 """
 
 from __future__ import annotations
 
+import errno
 import mmap
+import os
+from collections import deque
 from collections.abc import AsyncIterator, Awaitable, Callable, Generator, Sequence
 from contextlib import asynccontextmanager
 from socket import AF_UNIX, SOCK_CLOEXEC, SOCK_SEQPACKET  # `socket` is a parameter name here
@@ -61,7 +73,12 @@ class _AsyncClosing:
 
 
 class _Opening(Generic[T]):
-    """``await op(...)`` or ``async with op(...) as x``: the result, closed on exit if entered."""
+    """``await op(...)`` or ``async with op(...) as x``: the result, closed on exit if entered.
+
+    The same two spellings as ``trio.open_file`` (awaited) and ``trio.open_nursery``
+    (entered); ``async with await op(...)`` works too, since the result is itself an async
+    context manager.
+    """
 
     def __init__(self, start: Callable[[], Awaitable[T]]) -> None:
         self._start = start
@@ -80,10 +97,9 @@ class _Opening(Generic[T]):
 
 
 class _Waiter:
-    __slots__ = ("args", "done", "message")
+    __slots__ = ("done", "message")
 
-    def __init__(self, args: p.OpArgs) -> None:
-        self.args = args
+    def __init__(self) -> None:
         self.done = trio.Event()
         self.message: p.Reply | p.Error | None = None
 
@@ -92,7 +108,13 @@ class _Waiter:
 async def open_device(
     name: str, *, constraints: Constraints | None = None, socket: str | None = None
 ) -> AsyncIterator[Device]:
-    """``async with open_device("camera") as dev``: this process (task tree) as a device."""
+    """``async with open_device("camera") as dev``: this program as a device named ``name``.
+
+    Connects to the broker at ``socket`` (see ``bufbroker.connect``), registers with
+    ``constraints``, and runs the task that receives replies until the block ends; on exit the
+    connection closes and the broker releases whatever the device still held. Raises
+    ``BrokerUnavailable`` if no broker listens there.
+    """
     path = socket or default_socket_path()
     sock = trio.socket.socket(AF_UNIX, SOCK_SEQPACKET | SOCK_CLOEXEC)
     try:
@@ -103,53 +125,78 @@ async def open_device(
     except BaseException:
         sock.close()
         raise
-    device = Device(sock, Session(name, constraints))
+    # What the block raises is raised again outside the nursery, so that callers catch it as
+    # itself rather than wrapped in an ExceptionGroup. The reader does not raise: it turns
+    # every failure into the error the waiting tasks get.
+    error: BaseException | None = None
     try:
         async with trio.open_nursery() as nursery:
+            device = Device(sock, Session(name, constraints), nursery)
             nursery.start_soon(device._read)
-            result, _ = await device._call(device._session.hello_args())
-            device._session.welcome(result)
             try:
+                result, _ = await device._call(device._session.hello_args())
+                device._session.welcome(result)
                 yield device
+            except BaseException as e:
+                error = e
             finally:
+                device._close_now()
                 nursery.cancel_scope.cancel()
     finally:
-        device._close_now()
+        sock.close()
+    if error is not None:
+        raise error
 
 
 class Device(DeviceBase):
-    """This process as a device, for trio programs; see the blocking ``Device`` for each method."""
+    """This process as a device, for trio programs; made by ``open_device``."""
 
-    def __init__(self, sock: trio.socket.SocketType, session: Session) -> None:
+    def __init__(self, sock: trio.socket.SocketType, session: Session, nursery: trio.Nursery) -> None:
         super().__init__(session)
         self._sock = sock
+        self._nursery = nursery
+        self._reading = trio.CancelScope()  # the reader's own: cancelling it spares the block
         self._send_lock = trio.Lock()
         self._waiting: dict[int, _Waiter] = {}
-        self._abandoned: dict[int, p.OpArgs | None] = {}  # reply owed to a cancelled task
+        self._abandoned: dict[int, p.OpArgs | None] = {}  # replies nobody waits for; None: drop
+        self._backlog: deque[bytes] = deque()  # unawaited requests waiting for room to send
         self._lost: BrokerError | None = None
+        self._gone = trio.Event()  # set with _lost
+
+    # --- the connection: the only part that differs from the blocking client
 
     async def _read(self) -> None:
-        """The one task that receives: hands each reply to its waiter, cleans up after others."""
+        """The one task that receives: hands each reply to its waiter, undoes abandoned ones."""
         inbox = mmap.mmap(-1, MAX_REPLY)
         ancbuf = p.ancillary_space(MAX_REPLY_FDS)
+        reset: OSError | None = None
         try:
-            while True:
-                try:
-                    n, ancdata, flags, _ = await self._sock.recvmsg_into([inbox], ancbuf, p.RECV_FLAGS)
-                    fds = p.fds_from_ancillary(ancdata, flags, MAX_REPLY_FDS)
-                    message = self._session.receive(memoryview(inbox)[:n], fds)
-                except OSError as e:
-                    self._fail(e if isinstance(e, BrokerError) else self._session.lost(e))
-                    return
-                if message is None:
-                    self._fail(self._session.lost())
-                    return
-                if isinstance(message, p.Reply | p.Error):
-                    await self._deliver(message)
+            with self._reading:
+                while True:
+                    try:
+                        n, ancdata, flags, _ = await self._sock.recvmsg_into([inbox], ancbuf, p.RECV_FLAGS)
+                        fds = p.fds_from_ancillary(ancdata, flags, MAX_REPLY_FDS)
+                        message = self._session.receive(memoryview(inbox)[:n], fds)
+                    except trio.ClosedResourceError:
+                        return  # closed by this device: _close_now has failed the waiters
+                    except ConnectionResetError as e:
+                        # The broker hung up with requests of ours unread. The kernel reports
+                        # that once, before the packets the broker had sent, which may say why
+                        # (an error with no id, e.g. a connection limit): read on to the end.
+                        reset = e
+                        continue
+                    except OSError as e:
+                        self._fail(e if isinstance(e, BrokerError) else self._session.lost(e))
+                        return
+                    if message is None:
+                        self._fail(self._session.lost(reset))
+                        return
+                    if isinstance(message, p.Reply | p.Error):
+                        self._deliver(message)
         finally:
             inbox.close()
 
-    async def _deliver(self, message: p.Reply | p.Error) -> None:
+    def _deliver(self, message: p.Reply | p.Error) -> None:
         waiter = self._waiting.pop(message.id, None) if message.id is not None else None
         if waiter is not None:
             waiter.message = message
@@ -161,72 +208,145 @@ class Device(DeviceBase):
         elif message.id in self._abandoned:
             args = self._abandoned.pop(message.id)
             if args is not None and isinstance(message, p.Reply):
-                undo = undo_for(args, message.result)
-                if undo is not None:
-                    await self._send(undo, (), abandoned=True)
+                self._undo(args, message.result)
+
+    def _undo(self, args: p.OpArgs, result: Any) -> None:
+        undo = undo_for(args, result)
+        if undo is not None:
+            self._send_unawaited(undo)
+
+    def _send_unawaited(self, args: p.OpArgs) -> None:
+        """Send ``args`` now, from synchronous code, and drop its reply when it comes.
+
+        Written straight to the socket (a SEQPACKET write is one whole packet, so it cannot
+        interleave with a send another task has under way); only if the socket is full does a
+        task in the device's nursery send it, and later ones queue behind it, in order. Never
+        waits, so the reader cannot block on a full socket while the broker blocks on ours.
+        """
+        if self.closed or self._lost is not None:
+            return  # the broker drops everything the connection held
+        id, data = self._session.request(args)
+        self._abandoned[id] = None
+        if not self._backlog:
+            try:
+                os.write(self._sock.fileno(), data)
+                return
+            except BlockingIOError:
+                self._nursery.start_soon(self._flush)
+            except OSError:
+                return  # the connection is ending; the reader reports it
+        self._backlog.append(data)
+
+    async def _flush(self) -> None:
+        try:
+            while self._backlog:
+                async with self._send_lock:
+                    await self._sock.send(self._backlog[0])
+                self._backlog.popleft()
+        except (OSError, trio.ClosedResourceError):
+            self._backlog.clear()  # the connection is ending
 
     def _fail(self, error: BrokerError) -> None:
-        self._lost = error
+        """Wake every waiting task with ``error``; later calls raise it too."""
+        if self._lost is None:
+            self._lost = error
+            self._gone.set()
         for waiter in self._waiting.values():
             waiter.done.set()
+        self._waiting.clear()
+        self._abandoned.clear()
 
-    async def _send(self, args: p.OpArgs, fds: Sequence[int], *, abandoned: bool = False) -> int:
-        id, data = self._session.request(args)
-        if abandoned:
-            self._abandoned[id] = None  # nobody waits for the undo's own reply
-        async with self._send_lock:
-            await self._sock.sendmsg([data], p.ancillary(fds))
-        return id
+    async def _call(
+        self, args: p.OpArgs, fds: Sequence[int] = (), *, settle: bool = False
+    ) -> tuple[Any, list[int]]:
+        """One request: its result and the descriptors its reply carried (the caller's now).
 
-    async def _call(self, args: p.OpArgs, fds: Sequence[int] = ()) -> tuple[Any, list[int]]:
-        """One request: its result and the descriptors its reply carried (the caller's now)."""
+        With ``settle`` (a request that gives something back), a cancelled task's request is
+        sent all the same.
+        """
         self._check_open()
         if self._lost is not None:
             raise self._lost
-        waiter = _Waiter(args)
+        waiter = _Waiter()
         id, data = self._session.request(args)
         self._waiting[id] = waiter
         try:
             async with self._send_lock:
                 await self._sock.sendmsg([data], p.ancillary(fds))
-        except BaseException as e:  # not sent (trio sends whole or not at all)
+        except trio.Cancelled:  # not sent
             del self._waiting[id]
-            if isinstance(e, OSError) and not isinstance(e, BrokerError):
-                raise self._session.lost(e) from None
+            if settle:
+                self._send_unawaited(args)
+            raise
+        except (OSError, trio.ClosedResourceError) as e:
+            self._waiting.pop(id, None)
+            self._check_open()  # closed by another task while this one waited to send
+            if isinstance(e, BrokenPipeError | ConnectionResetError):
+                # The broker hung up, maybe having said why (a connection limit): the reader
+                # reaches that word, or the end of file, at once.
+                await self._gone.wait()
+            raise self._lost or self._session.lost(e if isinstance(e, OSError) else None) from None
+        except BaseException:
+            del self._waiting[id]
             raise
         try:
             await waiter.done.wait()
         except BaseException:
             if self._waiting.pop(id, None) is not None:
-                self._abandoned[id] = args  # its reply will be undone when it comes
+                self._abandoned[id] = args  # undone when its reply comes
             elif waiter.message is not None:  # it came just now: undo it here
                 p.close_all(waiter.message.fds)
-                if isinstance(waiter.message, p.Reply) and (undo := undo_for(args, waiter.message.result)):
-                    with trio.CancelScope(shield=True):
-                        await self._send(undo, (), abandoned=True)
+                if isinstance(waiter.message, p.Reply):
+                    self._undo(args, waiter.message.result)
             raise
         if waiter.message is None:
+            self._check_open()
             assert self._lost is not None
             raise self._lost
         return self._session.outcome(waiter.message)
+
+    async def _settle(self, args: p.OpArgs, done: Callable[[], None]) -> None:
+        """A request that gives something back; ``done`` updates the local object once it is
+        sent, even if the task is cancelled while waiting (the broker will have applied it).
+        """
+        try:
+            await self._call(args, settle=True)
+        except trio.Cancelled:
+            done()
+            raise
+        done()
+
+    def _close_now(self) -> None:
+        if not self.closed:
+            self._forget_local()
+            self._fail(BrokerError(errno.EBADF, "the device is closed"))
+            self._reading.cancel()  # before the close, which would wake it with an error
+            self._sock.close()
+
+    # --- the same methods as the blocking Device, in the same order
 
     async def _buffer(self, args: p.OpArgs, fds: Sequence[int] = ()) -> Buffer:
         result, got = await self._call(args, fds)
         return Buffer(self, result, maybe_one_fd(got))
 
     async def ping(self) -> None:
+        """A request that does nothing: a round trip (and every earlier undo applied)."""
         await self._call(p.Ping())
 
     async def allocate(self, size: int, *, name: str | None = None, heap: str = "memfd") -> Buffer:
+        """A new buffer of ``size`` bytes (rounded up to pages); its memory comes at first map."""
         return await self._buffer(p.Allocate(size=size, name=name, heap=heap))
 
     async def import_handle(self, fd: int) -> Buffer:
+        """The buffer behind handle ``fd``; the caller keeps (and should close) ``fd``."""
         return await self._buffer(p.Import(), [fd])
 
     async def open(self, name: str, *, timeout: float | None = None) -> Buffer:
+        """The buffer named ``name`` (same uid, or root); waits up to ``timeout`` s for it."""
         return await self._buffer(p.Open(name=name, timeout=timeout))
 
     async def export_memfd(self, memfd: int, *, name: str | None = None) -> Buffer:
+        """A buffer over this process's own sealed memfd, without a copy (udmabuf)."""
         return await self._buffer(p.ExportMemfd(name=name), [memfd])
 
     async def _listing(self, pager: Pager) -> list[dict[str, Any]]:
@@ -235,22 +355,19 @@ class Device(DeviceBase):
         return pager.entries
 
     async def buffers(self) -> list[dict[str, Any]]:
+        """Every buffer this uid may see (root: all), as docs/PROTOCOL.md describes."""
         return await self._listing(Pager(p.Buffers, "buffers"))
 
     async def devices(self) -> list[dict[str, Any]]:
+        """Every device (connection) this uid may see (root: all)."""
         return await self._listing(Pager(p.Devices, "devices"))
 
     async def stats(self) -> dict[str, Any]:
         result: dict[str, Any] = (await self._call(p.Stats()))[0]
         return result
 
-    def _close_now(self) -> None:
-        if not self.closed:
-            self._forget_local()
-            self._sock.close()
-
     async def aclose(self) -> None:
-        """Disconnect (``open_device``'s exit does it too)."""
+        """Disconnect now (``open_device``'s exit does it too); waiting tasks get EBADF."""
         self._close_now()
         await trio.lowlevel.checkpoint()
 
@@ -259,9 +376,11 @@ class Buffer(BufferBase, _AsyncClosing):
     _device: Device
 
     async def share(self, *, readonly: bool = False) -> int:
+        """A new handle fd for this buffer, owned by the caller; read-only if asked."""
         return take_one_fd((await self._device._call(p.Share(buffer=self.id, readonly=readonly)))[1])
 
     async def set_name(self, name: str | None) -> None:
+        """Name (or, with None, unname) the buffer: at most 31 bytes of UTF-8."""
         await self._device._call(p.SetName(buffer=self.id, name=name))
         self.name = name or None
 
@@ -275,13 +394,15 @@ class Buffer(BufferBase, _AsyncClosing):
         return _Opening(start)
 
     def cpu_access(self, access: Access = Access.RW) -> CpuAccess:
-        """``async with buf.cpu_access(Access.WRITE) as memory:``."""
+        """``async with buf.cpu_access(Access.WRITE) as memory:`` (DMA_BUF_IOCTL_SYNC)."""
         return CpuAccess(self, access)
 
     async def close(self) -> None:
+        """Release this device's hold (EBUSY while attached) and close its own handle."""
         if not self.closed and not self._device.closed:
-            await self._device._call(p.Release(buffer=self.id))
-        self._released()
+            await self._device._settle(p.Release(buffer=self.id), self._released)
+        else:
+            self._released()
 
 
 class Attachment(AttachmentBase, _AsyncClosing):
@@ -298,8 +419,13 @@ class Attachment(AttachmentBase, _AsyncClosing):
         return _Opening(start)
 
     async def detach(self) -> None:
+        """Unlink the device (EBUSY while mapped)."""
         if not self.detached and not self.buffer._device.closed:
-            await self.buffer._device._call(p.Detach(attachment=self.id))
+            await self.buffer._device._settle(p.Detach(attachment=self.id), self._detached)
+        else:
+            self._detached()
+
+    def _detached(self) -> None:
         self.detached = True
 
     async def close(self) -> None:
@@ -310,9 +436,10 @@ class Mapping(MappingBase, _AsyncClosing):
     attachment: Attachment
 
     async def unmap(self) -> None:
+        """Unmap (EBUSY, changing nothing, while views of ``memory`` are still alive)."""
         device = self.attachment.buffer._device
         if device._unmap_memory(self._memory):
-            await device._call(p.Unmap(attachment=self.attachment.id))
+            await device._call(p.Unmap(attachment=self.attachment.id), settle=True)
 
     async def close(self) -> None:
         await self.unmap()
@@ -328,9 +455,10 @@ class CpuAccess(CpuAccessBase):
         return self._memory.memory
 
     async def end(self) -> None:
+        """End the access (EBUSY, changing nothing, while views of the memory are alive)."""
         device = self.buffer._device
         if self._memory is not None and device._unmap_memory(self._memory):
-            await device._call(p.CpuEnd(buffer=self.buffer.id, access=self.access))
+            await device._call(p.CpuEnd(buffer=self.buffer.id, access=self.access), settle=True)
 
     async def __aenter__(self) -> memoryview:
         return await self.begin()
