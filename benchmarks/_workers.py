@@ -14,6 +14,7 @@ import os
 import socket
 import sys
 import time
+from collections.abc import Callable
 from multiprocessing import resource_tracker, shared_memory
 
 import msgpack
@@ -66,6 +67,7 @@ def consumer(ctl_fd: str, broker_socket: str) -> None:
             elif case == "shared_memory":
                 shm = shared_memory.SharedMemory(name)
                 resource_tracker.unregister(shm._name, "shared_memory")  # type: ignore[attr-defined]
+                assert shm.buf is not None
                 _read_ends(shm.buf, size)
                 done = time.perf_counter_ns()
                 shm.close()
@@ -122,6 +124,7 @@ def load(kind: str, path: str, seconds: str, start: str) -> None:
     """Round trips from ``start`` (a perf_counter timestamp) for ``seconds``; prints the count."""
     import bufbroker
 
+    op: Callable[[], object]
     if kind == "broker":
         dev = bufbroker.connect("load", socket=path)
         op = dev.ping
@@ -141,4 +144,10 @@ def load(kind: str, path: str, seconds: str, start: str) -> None:
 
 if __name__ == "__main__":
     role, *args = sys.argv[1:]
-    {"consumer": consumer, "trio-server": trio_server, "echo": echo, "load": load}[role](*args)
+    roles: dict[str, Callable[..., None]] = {
+        "consumer": consumer,
+        "trio-server": trio_server,
+        "echo": echo,
+        "load": load,
+    }
+    roles[role](*args)

@@ -52,7 +52,7 @@ def run(settings: Settings) -> list[Row]:
                 return start
 
             def finish(start: int) -> float:
-                done = msgpack.unpackb(ours.recv(64))
+                done: int = msgpack.unpackb(ours.recv(64))
                 return (done - start) / 1000
 
             def via_broker(size: int) -> Callable[[], float]:
@@ -84,6 +84,7 @@ def run(settings: Settings) -> list[Row]:
             def via_shared_memory(size: int) -> Callable[[], float]:
                 def once() -> float:
                     shm = shared_memory.SharedMemory(create=True, size=size)
+                    assert shm.buf is not None
                     _fill(shm.buf, size)
                     start = hand("shared_memory", size, name=shm.name)
                     elapsed = finish(start)

@@ -41,7 +41,7 @@ def run(settings: Settings) -> list[Row]:
             spawn("echo", str(theirs.fileno()), pass_fds=[theirs.fileno()]),
         ):
             theirs.close()
-            _wait_for_socket(bare_path, server)  # type: ignore[arg-type]
+            _wait_for_socket(bare_path, server)
             bare = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
             bare.connect(bare_path)
             with bufbroker.connect("bench", socket=b.socket) as dev:

@@ -39,7 +39,7 @@ def run(settings: Settings) -> list[Row]:
     with tempfile.TemporaryDirectory(prefix="bufbroker-bench-") as directory:
         bare_path = str(Path(directory) / "bare.sock")
         with broker() as b, spawn("trio-server", bare_path) as server:
-            _wait_for_socket(bare_path, server)  # type: ignore[arg-type]
+            _wait_for_socket(bare_path, server)
             for clients in counts:
                 # interleaved: bare, broker, bare, broker; the median of each pair of runs
                 ours: list[float] = []

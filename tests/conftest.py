@@ -16,6 +16,7 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import pytest
 from hypothesis import settings
@@ -209,7 +210,7 @@ class RawClient:
 
         self.send(msgpack.packb([0, id, op, args]), fds)
 
-    def recv(self) -> object:
+    def recv(self) -> Any:
         """The next message as a plain list, or None at end of file."""
         import msgpack
 

@@ -5,13 +5,14 @@ from __future__ import annotations
 import json
 import os
 import signal
+from collections.abc import Callable
 
 from bufbroker import Access
 
-from conftest import Broker
+from conftest import Broker, Peer
 
 
-def test_kill_9_of_a_client_holding_mappings(broker: Broker, peer) -> None:
+def test_kill_9_of_a_client_holding_mappings(broker: Broker, peer: Callable[..., Peer]) -> None:
     holder = peer("hold", broker.socket, "victim")
     held = json.loads(holder.line())
     with broker.connect("survivor") as dev:

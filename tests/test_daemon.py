@@ -7,13 +7,14 @@ import signal
 import socket
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 
 import bufbroker
 
-from conftest import Broker, start_broker
+from conftest import Broker, RawClient, start_broker
 
 MAIN = "from bufbroker.broker._main import main; raise SystemExit(main())"
 
@@ -61,7 +62,7 @@ def test_does_not_touch_a_file_that_is_not_a_socket(tmp_path: Path) -> None:
     assert path.read_text() == "precious"
 
 
-def test_limit_flags_reach_the_broker(broker_factory) -> None:
+def test_limit_flags_reach_the_broker(broker_factory: Callable[..., Broker]) -> None:
     b = broker_factory("--max-buffers-per-uid", "7", "--max-buffer-size", "1M", "--handshake-timeout", "2.5")
     with b.connect() as dev:
         limits = dev.stats()["limits"]
@@ -83,7 +84,7 @@ def test_importing_the_client_does_not_import_trio() -> None:
     subprocess.run([sys.executable, "-c", code], check=True, timeout=30)
 
 
-def test_devices_hear_of_a_shutdown(broker: Broker, raw) -> None:
+def test_devices_hear_of_a_shutdown(broker: Broker, raw: Callable[[Broker], RawClient]) -> None:
     c = raw(broker)
     c.hello()
     broker.proc.send_signal(signal.SIGTERM)

@@ -7,6 +7,7 @@ import fcntl
 import mmap
 import os
 import socket
+from collections.abc import Callable
 
 import pytest
 
@@ -58,7 +59,7 @@ def test_a_sealed_memfd_is_aliased_not_copied(broker: Broker) -> None:
         (lambda: _memfd(size=0), errno.EINVAL),
     ],
 )
-def test_udmabuf_rules(broker: Broker, make, expected: int) -> None:
+def test_udmabuf_rules(broker: Broker, make: Callable[[], int], expected: int) -> None:
     fd = make()
     try:
         with broker.connect() as dev:

@@ -5,15 +5,18 @@ from __future__ import annotations
 import errno
 import os
 import socket
+from collections.abc import Callable, Iterator
 
 import msgpack
 import pytest
 
-from conftest import Broker
+import bufbroker
+
+from conftest import Broker, RawClient
 
 
 @pytest.fixture
-def bystander(broker: Broker):  # type: ignore[no-untyped-def]
+def bystander(broker: Broker) -> Iterator[bufbroker.Device]:
     """A well-behaved client that must see nothing of what the others do."""
     with broker.connect("bystander") as dev:
         buf = dev.allocate(4096, name="bystander")
@@ -38,7 +41,7 @@ def bystander(broker: Broker):  # type: ignore[no-untyped-def]
     ],
 )
 def test_malformed_packets_close_the_connection_with_eproto(
-    broker: Broker, raw, bystander, packet: bytes
+    broker: Broker, raw: Callable[[Broker], RawClient], bystander: bufbroker.Device, packet: bytes
 ) -> None:
     c = raw(broker)
     c.hello()
@@ -49,7 +52,9 @@ def test_malformed_packets_close_the_connection_with_eproto(
     assert c.recv() is None
 
 
-def test_first_message_must_be_hello(broker: Broker, raw, bystander) -> None:
+def test_first_message_must_be_hello(
+    broker: Broker, raw: Callable[[Broker], RawClient], bystander: bufbroker.Device
+) -> None:
     c = raw(broker)
     c.request(1, "ping", {})
     reply = c.recv()
@@ -79,7 +84,12 @@ def test_first_message_must_be_hello(broker: Broker, raw, bystander) -> None:
     ],
 )
 def test_bad_requests_get_their_errno_and_the_connection_stays(
-    broker: Broker, raw, bystander, op, args, expected
+    broker: Broker,
+    raw: Callable[[Broker], RawClient],
+    bystander: bufbroker.Device,
+    op: str,
+    args: dict[str, object],
+    expected: int,
 ) -> None:
     c = raw(broker)
     c.hello()
@@ -106,7 +116,9 @@ def _fds_of_every_kind() -> list[int]:
     ]
 
 
-def test_every_received_fd_is_closed(broker: Broker, raw, bystander) -> None:
+def test_every_received_fd_is_closed(
+    broker: Broker, raw: Callable[[Broker], RawClient], bystander: bufbroker.Device
+) -> None:
     c = raw(broker)
     c.hello()
     before = broker.fd_count()
@@ -128,7 +140,7 @@ def test_every_received_fd_is_closed(broker: Broker, raw, bystander) -> None:
     broker.wait_for(lambda: broker.fd_count() == before)
 
 
-def test_a_dead_handle_does_not_import(broker: Broker, raw) -> None:
+def test_a_dead_handle_does_not_import(broker: Broker, raw: Callable[[Broker], RawClient]) -> None:
     with broker.connect() as dev:
         buf = dev.allocate(4096)
         handle = buf.share()

@@ -6,17 +6,18 @@ import errno
 import json
 import os
 import socket
+from collections.abc import Callable
 
 import pytest
 
 import bufbroker
 from bufbroker import Access, Direction
 
-from conftest import Broker
+from conftest import Broker, Peer
 from peer import pattern
 
 
-def test_a_writes_b_reads_across_a_plain_socketpair(broker: Broker, peer) -> None:
+def test_a_writes_b_reads_across_a_plain_socketpair(broker: Broker, peer: Callable[..., Peer]) -> None:
     a, b = socket.socketpair()
     size = 3 * 4096 + 100
     producer = peer("produce", broker.socket, a.fileno(), size, pass_fds=(a.fileno(),))
@@ -31,7 +32,9 @@ def test_a_writes_b_reads_across_a_plain_socketpair(broker: Broker, peer) -> Non
     assert seen["readonly"] is True  # TO_DEVICE maps read-only
 
 
-def test_handle_outlives_its_sender_and_buffer_dies_with_last_holder(broker: Broker, peer) -> None:
+def test_handle_outlives_its_sender_and_buffer_dies_with_last_holder(
+    broker: Broker, peer: Callable[..., Peer]
+) -> None:
     a, b = socket.socketpair()
     producer = peer("produce", broker.socket, a.fileno(), 8192, pass_fds=(a.fileno(),))
     a.close()

@@ -5,19 +5,23 @@ from __future__ import annotations
 import errno
 import os
 import time
+from collections.abc import Callable
 
 import pytest
 
 import bufbroker
 
+from conftest import Broker, RawClient
 
-def _errno(call) -> int:  # type: ignore[no-untyped-def]
+
+def _errno(call: Callable[[], object]) -> int:
     with pytest.raises(bufbroker.BrokerError) as e:
         call()
-    return e.value.errno  # type: ignore[return-value]
+    assert e.value.errno is not None
+    return e.value.errno
 
 
-def test_buffers_per_uid(broker_factory) -> None:
+def test_buffers_per_uid(broker_factory: Callable[..., Broker]) -> None:
     b = broker_factory("--max-buffers-per-uid", "2")
     with b.connect() as dev:
         first, _ = dev.allocate(4096), dev.allocate(4096)
@@ -28,7 +32,7 @@ def test_buffers_per_uid(broker_factory) -> None:
         dev.allocate(4096)
 
 
-def test_bytes_per_uid_buffer_size_and_memory(broker_factory) -> None:
+def test_bytes_per_uid_buffer_size_and_memory(broker_factory: Callable[..., Broker]) -> None:
     b = broker_factory("--max-bytes-per-uid", "64K", "--max-buffer-size", "32K", "--max-memory", "1M")
     with b.connect() as dev:
         assert _errno(lambda: dev.allocate(32 * 1024 + 1)) == errno.EINVAL
@@ -44,7 +48,7 @@ def test_bytes_per_uid_buffer_size_and_memory(broker_factory) -> None:
         assert dev.stats()["bytes"] == 64 * 1024
 
 
-def test_connections_per_uid(broker_factory) -> None:
+def test_connections_per_uid(broker_factory: Callable[..., Broker]) -> None:
     b = broker_factory("--max-connections-per-uid", "2")
     one, two = b.connect("one"), b.connect("two")
     assert _errno(lambda: b.connect("three")) == errno.ECONNREFUSED
@@ -55,7 +59,9 @@ def test_connections_per_uid(broker_factory) -> None:
     one.close()
 
 
-def test_pending_requests_per_connection(broker_factory, raw) -> None:
+def test_pending_requests_per_connection(
+    broker_factory: Callable[..., Broker], raw: Callable[[Broker], RawClient]
+) -> None:
     b = broker_factory("--max-pending-requests", "2")
     c = raw(b)
     c.hello()
@@ -74,7 +80,7 @@ def test_pending_requests_per_connection(broker_factory, raw) -> None:
     assert c.recv()[:2] == [1, 4]
 
 
-def test_message_size(broker_factory, raw) -> None:
+def test_message_size(broker_factory: Callable[..., Broker], raw: Callable[[Broker], RawClient]) -> None:
     b = broker_factory("--max-message-size", "1024")
     c = raw(b)
     c.hello()
@@ -86,7 +92,9 @@ def test_message_size(broker_factory, raw) -> None:
 
 
 @pytest.mark.parametrize("extra", [0, 1, 2, 17])
-def test_fds_per_message_exactly_and_over(broker_factory, raw, extra: int) -> None:
+def test_fds_per_message_exactly_and_over(
+    broker_factory: Callable[..., Broker], raw: Callable[[Broker], RawClient], extra: int
+) -> None:
     limit = 4
     b = broker_factory("--max-fds-per-message", str(limit))
     c = raw(b)
@@ -110,7 +118,7 @@ def test_fds_per_message_exactly_and_over(broker_factory, raw, extra: int) -> No
         other.ping()
 
 
-def test_handshake_timeout(broker_factory, raw) -> None:
+def test_handshake_timeout(broker_factory: Callable[..., Broker], raw: Callable[[Broker], RawClient]) -> None:
     b = broker_factory("--handshake-timeout", "0.3")
     c = raw(b)
     started = time.monotonic()

@@ -6,12 +6,13 @@ import errno
 import json
 import threading
 import time
+from collections.abc import Callable
 
 import pytest
 
 import bufbroker
 
-from conftest import Broker
+from conftest import Broker, Peer
 
 
 def test_names_and_renames(broker: Broker) -> None:
@@ -67,7 +68,7 @@ def test_open_waits_for_the_name_to_appear(broker: Broker) -> None:
         assert e.value.errno == errno.ENOENT
 
 
-def test_another_uid_cannot_open_by_name(broker: Broker, peer, other_uid: int) -> None:
+def test_another_uid_cannot_open_by_name(broker: Broker, peer: Callable[..., Peer], other_uid: int) -> None:
     with broker.connect() as dev:
         dev.allocate(4096, name="private")
         stranger = peer("open_as", broker.socket, other_uid, "private")

@@ -6,13 +6,14 @@ import errno
 import json
 import mmap
 import os
+from collections.abc import Callable
 
 import pytest
 
 import bufbroker
 from bufbroker import Access, Direction
 
-from conftest import Broker
+from conftest import Broker, Peer
 
 
 def _readonly_import(broker: Broker, dev: bufbroker.Device) -> tuple[bufbroker.Buffer, bufbroker.Buffer]:
@@ -56,7 +57,9 @@ def _backing_fd(dev: bufbroker.Device, buf: bufbroker.Buffer, direction: Directi
     return fds[0]
 
 
-def test_the_kernel_refuses_a_writable_mmap_of_readonly_backing(broker: Broker, peer, other_uid: int) -> None:
+def test_the_kernel_refuses_a_writable_mmap_of_readonly_backing(
+    broker: Broker, peer: Callable[..., Peer], other_uid: int
+) -> None:
     with broker.connect("owner") as dev:
         _, ro = _readonly_import(broker, dev)
         fd = _backing_fd(ro._device, ro, Direction.TO_DEVICE)

@@ -111,6 +111,11 @@ def _random_fds(rng: random.Random, pool: list[int], lock: threading.Lock) -> li
     return made
 
 
+def _packb(value: object) -> bytes:
+    packed: bytes = msgpack.packb(value)
+    return packed
+
+
 def _frame(rng: random.Random, valid: bytes) -> bytes:
     choice = rng.randrange(6)
     if choice == 0:
@@ -122,14 +127,14 @@ def _frame(rng: random.Random, valid: bytes) -> bytes:
         return bytes(data[: rng.randrange(1, len(data) + 1)])
     args = {rng.choice(KEYS): rng.choice(VALUES) for _ in range(rng.randrange(0, 4))}
     if choice == 2:
-        return msgpack.packb(
+        return _packb(
             [rng.choice([0, 0, 0, 1, 2, 3, 7]), rng.choice([0, 1, 99, -1, "x"]), rng.choice(OPS), args]
         )
     if choice == 3:
-        return msgpack.packb([0, rng.randrange(1 << 20), rng.choice(OPS), args])
+        return _packb([0, rng.randrange(1 << 20), rng.choice(OPS), args])
     if choice == 4:
-        return msgpack.packb(rng.choice(VALUES))
-    return msgpack.packb([0, 1, "ping", {"pad": "x" * rng.choice([10, 70_000, 300_000])}])[:212_000]
+        return _packb(rng.choice(VALUES))
+    return _packb([0, 1, "ping", {"pad": "x" * rng.choice([10, 70_000, 300_000])}])[:212_000]
 
 
 def _drain(sock: socket.socket, report: Report, lock: threading.Lock, wait: float) -> bool:

@@ -7,13 +7,18 @@ protocol's own error with an errno, and the books always balance.
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
+from typing import TypeVar
 
 from hypothesis import settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, rule
 
 from bufbroker.broker import Config, State
+from bufbroker.broker._records import Device
 from bufbroker.protocol import PAGE_SIZE, Access, BrokerError, Constraints, Direction
+
+T = TypeVar("T")
 
 ids = st.integers(0, 12)
 sizes = st.sampled_from([1, PAGE_SIZE, 3 * PAGE_SIZE, 64 * PAGE_SIZE])
@@ -36,18 +41,18 @@ class Model(RuleBasedStateMachine):
         self.keys = 0
         self.closed_fds: set[int] = set()
 
-    def _device(self, c: Constraints):  # type: ignore[no-untyped-def]
+    def _device(self, c: Constraints) -> Device:
         uid = len(getattr(self, "devices", [])) % 2
         return self.state.add_device(name="d", pid=1, uid=uid, gid=uid, command="t", constraints=c)
 
-    def _try(self, op, *args):  # type: ignore[no-untyped-def]
+    def _try(self, op: Callable[..., T], *args: object) -> T | None:
         try:
             return op(*args)
         except BrokerError as e:
             assert e.errno, e
             return None
 
-    def _dev(self, i: int):  # type: ignore[no-untyped-def]
+    def _dev(self, i: int) -> Device:
         return self.devices[i % len(self.devices)]
 
     @rule(c=constraints)
