@@ -34,6 +34,9 @@ log = logging.getLogger("bufbroker.broker")
 
 FAIRNESS = 16  # requests served without yielding to other tasks, at most
 PAGE = 128  # entries per page of buffers/devices: stays far below one packet
+# Ops whose answer depends on which buffers are still alive (quotas, names, listings): before
+# them, handles the peer closed before sending are counted as closed, as the kernel would.
+_SETTLE_FIRST = frozenset({p.Allocate, p.ExportMemfd, p.Open, p.SetName, p.Buffers, p.Devices, p.Stats})
 
 
 class FdBag:
@@ -78,7 +81,7 @@ async def receive(
     except BlockingIOError:
         n, ancdata, flags, _ = await sock.recvmsg_into([inbox], space, p.RECV_FLAGS)
     fds = p.fds_from_ancillary(ancdata, flags, max_fds) if ancdata or flags else []
-    return memoryview(inbox)[:n], fds, bool(flags & socket.MSG_TRUNC)
+    return memoryview(inbox)[:n], fds, bool(flags & p.MSG_TRUNC)
 
 
 class Connection:
@@ -89,7 +92,6 @@ class Connection:
         self.device = device
         self.pending = 0
         self.gone = False  # a send failed: the peer went away
-        self._waiting = 0  # open-with-timeout tasks, which send concurrently with the loop
         self._send_lock = trio.Lock()
         # The same socket as a plain non-blocking stdlib object, for sends and receives that
         # complete at once (most do); trio's own calls are used whenever one would block.
@@ -97,38 +99,33 @@ class Connection:
         self._raw.setblocking(False)
 
     async def send(self, message: p.Message, owned: Sequence[int] = ()) -> None:
-        """Send ``message`` with the descriptors ``owned``, which are closed afterwards.
+        """Send ``message`` with the descriptors ``owned``, which are closed afterwards."""
+        await self._send(p.encode(message), owned)
 
-        A SEQPACKET send is atomic, so the lock is only needed while other tasks may send too;
-        without them it would cost a checkpoint per request. A failed send marks the peer gone.
+    async def _send(self, data: bytes, owned: Sequence[int]) -> None:
+        """Send one packet; ``owned`` is closed afterwards. A failed send marks the peer gone.
+
+        Tried non-blocking first, which needs no lock: a SEQPACKET send is one whole packet
+        or nothing. Only a send that would block waits, the trio way, under the lock (trio
+        lets one task at a time wait to send on a socket).
         """
         try:
-            data = p.encode(message)
-            if self._waiting:
+            try:
+                if owned:
+                    self._raw.sendmsg([data], p.ancillary(owned))
+                else:
+                    self._raw.send(data)
+            except BlockingIOError:  # the peer's queue is full: wait for room
                 async with self._send_lock:
-                    await self._send_packet(data, owned)
-            else:
-                await self._send_packet(data, owned)
-        except OSError:
+                    if owned:
+                        await self.sock.sendmsg([data], p.ancillary(owned))
+                    else:
+                        await self.sock.send(data)
+        except (OSError, trio.ClosedResourceError):
             self.gone = True
         finally:
-            p.close_all(owned)
-
-    async def _send_packet(self, data: bytes, fds: Sequence[int]) -> None:
-        if self._raw.fileno() < 0:
-            raise BrokenPipeError("the connection is finished")
-        try:
-            if fds:
-                self._raw.sendmsg([data], p.ancillary(fds))
-            else:
-                self._raw.send(data)
-            return
-        except BlockingIOError:  # the peer's queue is full: wait for room the trio way
-            pass
-        if fds:
-            await self.sock.sendmsg([data], p.ancillary(fds))
-        else:
-            await self.sock.send(data)
+            if owned:
+                p.close_all(owned)
 
     async def run(self) -> None:
         cfg = self.state.config
@@ -141,6 +138,7 @@ class Connection:
 
     async def _serve(self, buffer: mmap.mmap) -> None:
         cfg = self.state.config
+        raw, max_fds = self._raw, cfg.max_fds_per_message
         served = 0
         async with trio.open_nursery() as nursery:
             while not self.gone:
@@ -148,9 +146,7 @@ class Connection:
                 if served % FAIRNESS == 0:
                     await trio.lowlevel.checkpoint()  # let others run, and cancellation in
                 try:
-                    data, fds, truncated = await receive(
-                        self.sock, buffer, cfg.max_fds_per_message, self._raw
-                    )
+                    data, fds, truncated = await receive(self.sock, buffer, max_fds, raw)
                 except p.FdOverflow as e:
                     await self.send(p.Error.from_exception(None, e))
                     continue
@@ -168,7 +164,7 @@ class Connection:
                             ),
                         )
                     message = p.decode(data, fds, max_items=cfg.max_message_size)
-                    if not isinstance(message, p.Request):
+                    if type(message) is not p.Request:
                         raise ProtocolError("clients send requests only")
                     if self.pending >= cfg.max_pending_requests:
                         raise RequestError(
@@ -177,17 +173,12 @@ class Connection:
                                 errno.EAGAIN, f"max_pending_requests ({cfg.max_pending_requests}) in flight"
                             ),
                         )
-                    if isinstance(message.args, p.Open) and message.args.timeout:
+                    if type(message.args) is p.Open and message.args.timeout:
                         self.pending += 1
-                        self._waiting += 1
                         nursery.start_soon(self._waiting_open, message, bag)
                         bag = FdBag(())
                         continue
-                    self.pending += 1
-                    try:
-                        await self._answer(message, bag)
-                    finally:
-                        self.pending -= 1
+                    await self._send(*self._answer(message, bag))
                 except RequestError as e:
                     await self.send(p.Error.from_exception(e.id, e))
                 except ProtocolError as e:
@@ -198,17 +189,21 @@ class Connection:
                     bag.close()
             nursery.cancel_scope.cancel()
 
-    async def _answer(self, request: p.Request, bag: FdBag) -> None:
+    def _answer(self, request: p.Request, bag: FdBag) -> tuple[bytes, Sequence[int]]:
+        """The packet that answers ``request``, and the descriptors to send with it."""
         try:
             result, owned = self._handle(request, bag)
         except OSError as e:  # BrokerError, or a syscall on the peer's descriptor that failed
             error = e if isinstance(e, BrokerError) else BrokerError(e.errno or errno.EIO, str(e))
-            await self.send(p.Error.from_exception(request.id, error))
+            return p.encode(p.Error.from_exception(request.id, error)), ()
         except Exception:
             log.exception("%s failed for %s", request.op, self.device.label)
-            await self.send(p.Error(id=request.id, errno=errno.EIO, message="internal broker error"))
-        else:
-            await self.send(p.Reply(id=request.id, result=result), owned)
+            return p.encode(p.Error(id=request.id, errno=errno.EIO, message="internal broker error")), ()
+        try:
+            return p.encode_reply(request.id, result), owned
+        except BaseException:
+            p.close_all(owned)
+            raise
 
     async def _waiting_open(self, request: p.Request, bag: FdBag) -> None:
         """``open`` that waits for the name to appear, like Plasma's get with a timeout."""
@@ -217,10 +212,10 @@ class Connection:
             with trio.move_on_after(request.args.timeout or 0):
                 while request.args.name not in self.state.names:
                     await self.server.names_changed.park()
-            await self._answer(p.Request(id=request.id, op="open", args=p.Open(name=request.args.name)), bag)
+            answer = p.Request(id=request.id, op="open", args=p.Open(name=request.args.name))
+            await self._send(*self._answer(answer, bag))
         finally:
             self.pending -= 1
-            self._waiting -= 1
             bag.close()
 
     # --- the ops -------------------------------------------------------------------------
@@ -228,6 +223,8 @@ class Connection:
     def _handle(self, request: p.Request, bag: FdBag) -> tuple[Any, list[int]]:
         """Apply one request to the state; returns (result, descriptors to send and close)."""
         state, dev = self.state, self.device
+        if type(request.args) in _SETTLE_FIRST:
+            self.server.handles.settle()
         match request.args:
             case p.Ping():
                 return {}, []

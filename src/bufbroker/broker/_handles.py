@@ -8,6 +8,10 @@ Thousands of handles are watched through one epoll instance that trio waits on a
 readable descriptor, instead of a task parked on each handle (a parked task costs ~2.8 KB).
 Anything a holder writes into its handle is read and thrown away, descriptors included, so a
 handle sent into itself cannot keep itself alive.
+
+The kernel frees a dma-buf as its last fd is closed; here the news arrives a little later, when
+the watcher runs. ``settle`` takes what the kernel has already reported, so that a request sent
+after a close (an allocate at the quota, an open of a name just let go, a listing) sees it.
 """
 
 from __future__ import annotations
@@ -25,6 +29,7 @@ __all__ = ["HandleTable", "handle_key"]
 
 _CLOSED = select.EPOLLHUP | select.EPOLLRDHUP | select.EPOLLERR
 _DRAIN_PACKETS = 64  # per wake-up, so one chatty holder cannot starve the others
+_SETTLE_ROUNDS = 64  # of 256 events: a bound, in case holders write without end
 
 
 def handle_key(fd: int) -> Key:
@@ -33,7 +38,9 @@ def handle_key(fd: int) -> Key:
 
 
 class HandleTable:
-    def __init__(self) -> None:
+    def __init__(self, closed: Callable[[Key], None]) -> None:
+        """``closed(key)`` is called for each handle whose last copy was closed."""
+        self._closed = closed
         self._epoll = select.epoll()
         self._ends: dict[int, tuple[socket.socket, Key]] = {}  # by broker-end fd
         self._by_key: dict[Key, int] = {}
@@ -69,15 +76,21 @@ class HandleTable:
         """The broker's end of handle ``key`` (for the fd store), if it is still open."""
         return self._by_key.get(key)
 
-    async def watch(self, closed: Callable[[Key], None]) -> None:
-        """Run forever, calling ``closed(key)`` for each handle whose last copy was closed."""
+    async def watch(self) -> None:
+        """Run forever, reporting handles as their last copies are closed."""
         while True:
             await trio.lowlevel.wait_readable(self._epoll.fileno())
-            for fd, events in self._epoll.poll(0, 256):
+            self.settle()
+
+    def settle(self) -> None:
+        """Report every handle the kernel has already seen closed; never waits."""
+        for _ in range(_SETTLE_ROUNDS):
+            events = self._epoll.poll(0, 256)
+            for fd, flags in events:
                 end, key = self._ends[fd]
-                if events & _CLOSED:
+                if flags & _CLOSED:
                     self._forget(fd)
-                    closed(key)
+                    self._closed(key)
                     continue
                 for _ in range(_DRAIN_PACKETS):
                     try:
@@ -85,6 +98,8 @@ class HandleTable:
                             break
                     except OSError:
                         break
+            if len(events) < 256:
+                return
 
     def _forget(self, fd: int) -> None:
         end, key = self._ends.pop(fd)

@@ -51,7 +51,7 @@ class Server:
         stored: list[tuple[int, str]] | None = None,
     ) -> None:
         self.state = State(config)
-        self.handles = HandleTable()
+        self.handles = HandleTable(self.state.handle_closed)
         self._fdstore: FdStore | None = None
         if fdstore is not None:
             generation = restore(stored or [], self.state, self.handles, fdstore)
@@ -71,7 +71,7 @@ class Server:
     ) -> None:
         try:
             async with trio.open_nursery() as nursery:
-                nursery.start_soon(self.handles.watch, self.state.handle_closed)
+                nursery.start_soon(self.handles.watch)
                 if self._fdstore is not None:
                     nursery.start_soon(self._fdstore.run)
                 task_status.started()

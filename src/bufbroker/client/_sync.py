@@ -31,6 +31,8 @@ from ._core import (
 
 __all__ = ["Attachment", "Buffer", "CpuAccess", "Device", "Mapping", "connect"]
 
+_ANSWERS = (p.Reply, p.Error)
+
 
 class _Closing:
     def __enter__(self) -> Self:
@@ -78,15 +80,24 @@ class Device(DeviceBase, _Closing):
         # pages replies touch are resident.
         self._inbox = mmap.mmap(-1, MAX_REPLY)
 
-    def _receive(self) -> p.Message:
-        try:
-            n, ancdata, flags, _ = self._sock.recvmsg_into([self._inbox], self._ancbuf, p.RECV_FLAGS)
-        except OSError as e:
-            raise self._session.lost(e) from None
-        fds = p.fds_from_ancillary(ancdata, flags, MAX_REPLY_FDS)
+    def _receive(self, reset: OSError | None = None) -> p.Message:
+        while True:
+            try:
+                n, ancdata, flags, _ = self._sock.recvmsg_into([self._inbox], self._ancbuf, p.RECV_FLAGS)
+                break
+            except ConnectionResetError as e:
+                # The broker hung up with requests of ours unread. The kernel reports that
+                # once, before the packets the broker had sent, which may say why (an error
+                # with no id, e.g. a connection limit): read on to the end.
+                if reset is not None:
+                    raise self._session.lost(e) from None
+                reset = e
+            except OSError as e:
+                raise self._session.lost(e) from None
+        fds = p.fds_from_ancillary(ancdata, flags, MAX_REPLY_FDS) if ancdata or flags else []
         message = self._session.receive(memoryview(self._inbox)[:n], fds)
         if message is None:
-            raise self._session.lost()
+            raise self._session.lost(reset)
         return message
 
     def _call(self, args: p.OpArgs, fds: Sequence[int] = ()) -> tuple[Any, list[int]]:
@@ -94,16 +105,19 @@ class Device(DeviceBase, _Closing):
         self._check_open()
         with self._lock:
             id, data = self._session.request(args)
+            reset: OSError | None = None
             try:
                 if fds:
                     self._sock.sendmsg([data], p.ancillary(fds))
                 else:
                     self._sock.send(data)
+            except (BrokenPipeError, ConnectionResetError) as e:
+                reset = e  # the broker hung up; what it sent before may say why
             except OSError as e:
                 raise self._session.lost(e) from None
             while True:
-                message = self._receive()
-                if isinstance(message, p.Reply | p.Error) and message.id in (id, None):
+                message = self._receive(reset)
+                if isinstance(message, _ANSWERS) and message.id in (id, None):
                     return self._session.outcome(message)
                 p.close_all(message.fds)
 

@@ -12,8 +12,8 @@ cpu end). Requests that give something back (the same four, when an object close
 reverse: if the task is cancelled before they are sent, they are sent anyway, so the broker
 ends up holding what the local objects say. Requests the reader sends are written before it
 reads the next reply, and the broker answers in order (except ``open`` with a timeout), so
-once any later round trip completes the broker has applied them: ``await dev.ping()``
-settles the state.
+once a round trip sent after them completes, the broker has applied them: ``await
+dev.ping()`` does as many as that takes, and so settles the state.
 """
 
 from __future__ import annotations
@@ -160,6 +160,7 @@ class Device(DeviceBase):
         self._waiting: dict[int, _Waiter] = {}
         self._abandoned: dict[int, p.OpArgs | None] = {}  # replies nobody waits for; None: drop
         self._backlog: deque[bytes] = deque()  # unawaited requests waiting for room to send
+        self._unawaited_sent = 0  # unawaited requests written to the socket so far
         self._lost: BrokerError | None = None
         self._gone = trio.Event()  # set with _lost
 
@@ -230,6 +231,7 @@ class Device(DeviceBase):
         if not self._backlog:
             try:
                 os.write(self._sock.fileno(), data)
+                self._unawaited_sent += 1
                 return
             except BlockingIOError:
                 self._nursery.start_soon(self._flush)
@@ -243,6 +245,7 @@ class Device(DeviceBase):
                 async with self._send_lock:
                     await self._sock.send(self._backlog[0])
                 self._backlog.popleft()
+                self._unawaited_sent += 1
         except (OSError, trio.ClosedResourceError):
             self._backlog.clear()  # the connection is ending
 
@@ -330,8 +333,16 @@ class Device(DeviceBase):
         return Buffer(self, result, maybe_one_fd(got))
 
     async def ping(self) -> None:
-        """A request that does nothing: a round trip (and every earlier undo applied)."""
-        await self._call(p.Ping())
+        """A round trip; when it returns, the broker has applied every undo sent before.
+
+        An undo goes out when its abandoned reply arrives, which may be while this ping is
+        waiting, after the ping itself was sent: then one more round trip settles it.
+        """
+        while True:
+            sent = self._unawaited_sent
+            await self._call(p.Ping())
+            if self._unawaited_sent == sent and not self._backlog:
+                return
 
     async def allocate(self, size: int, *, name: str | None = None, heap: str = "memfd") -> Buffer:
         """A new buffer of ``size`` bytes (rounded up to pages); its memory comes at first map."""

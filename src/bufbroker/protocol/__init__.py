@@ -7,6 +7,7 @@ docs/PROTOCOL.md is the description for implementers in other languages.
 from ._errors import BrokerError, BrokerUnavailable, ProtocolError, errno_code
 from ._fds import (
     HANDLE_MARK,
+    MSG_TRUNC,
     RECV_FLAGS,
     FdOverflow,
     ancillary,
@@ -25,6 +26,7 @@ from ._messages import (
     RequestError,
     decode,
     encode,
+    encode_reply,
     encode_request,
     peek_request_id,
 )
@@ -58,6 +60,7 @@ from ._types import PAGE_SIZE, Access, Constraints, Direction, Segment, page_rou
 __all__ = [
     "HANDLE_MARK",
     "MAX_NAME_BYTES",
+    "MSG_TRUNC",
     "OPS",
     "OP_NAMES",
     "PAGE_SIZE",
@@ -101,6 +104,7 @@ __all__ = [
     "close_all",
     "decode",
     "encode",
+    "encode_reply",
     "encode_request",
     "errno_code",
     "fds_from_ancillary",

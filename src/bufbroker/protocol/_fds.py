@@ -18,6 +18,7 @@ from ._errors import BrokerError
 
 __all__ = [
     "HANDLE_MARK",
+    "MSG_TRUNC",
     "RECV_FLAGS",
     "FdOverflow",
     "ancillary",
@@ -27,7 +28,13 @@ __all__ = [
     "one_handle",
 ]
 
-RECV_FLAGS = socket.MSG_CMSG_CLOEXEC
+# Plain ints: socket's constants are IntFlag members, and every ``&`` on one goes through the
+# enum machinery, a couple of microseconds on the per-packet path.
+RECV_FLAGS = int(socket.MSG_CMSG_CLOEXEC)
+MSG_TRUNC = int(socket.MSG_TRUNC)
+_CTRUNC = int(socket.MSG_CTRUNC)
+_SOL_SOCKET = int(socket.SOL_SOCKET)
+_SCM_RIGHTS = int(socket.SCM_RIGHTS)
 _INT = array.array("i").itemsize
 
 AncData = list[tuple[int, int, bytes]]
@@ -47,7 +54,7 @@ def ancillary(fds: Sequence[int]) -> AncData:
     """The ancillary data that sends ``fds`` with a packet (none if empty)."""
     if not fds:
         return []
-    return [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds).tobytes())]
+    return [(_SOL_SOCKET, _SCM_RIGHTS, array.array("i", fds).tobytes())]
 
 
 def close_all(fds: Iterable[int]) -> None:
@@ -78,10 +85,10 @@ def fds_from_ancillary(ancdata: AncData, msg_flags: int, max_fds: int) -> list[i
     """
     fds: list[int] = []
     for level, kind, data in ancdata:
-        if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
+        if level == _SOL_SOCKET and kind == _SCM_RIGHTS:
             whole = len(data) - len(data) % _INT
             fds.extend(array.array("i", data[:whole]))
-    if msg_flags & socket.MSG_CTRUNC:
+    if msg_flags & _CTRUNC:
         close_all(fds)
         raise FdOverflow(errno.ETOOMANYREFS, f"a message may carry at most {max_fds} descriptors")
     return fds
