@@ -81,14 +81,16 @@ def fds_from_ancillary(ancdata: AncData, msg_flags: int, max_fds: int) -> list[i
     """Every descriptor the kernel installed for one ``recvmsg``.
 
     On MSG_CTRUNC the kernel has already dropped what did not fit; the ones that did fit are
-    closed here and ``FdOverflow`` is raised, so a truncated message never half-applies.
+    closed here and ``FdOverflow`` is raised, so a truncated message never half-applies. The
+    kernel rounds the control buffer up to 8 bytes, so with an odd ``max_fds`` one more may
+    fit than was allowed: that is an overflow too.
     """
     fds: list[int] = []
     for level, kind, data in ancdata:
         if level == _SOL_SOCKET and kind == _SCM_RIGHTS:
             whole = len(data) - len(data) % _INT
             fds.extend(array.array("i", data[:whole]))
-    if msg_flags & _CTRUNC:
+    if msg_flags & _CTRUNC or len(fds) > max_fds:
         close_all(fds)
         raise FdOverflow(errno.ETOOMANYREFS, f"a message may carry at most {max_fds} descriptors")
     return fds
