@@ -55,6 +55,7 @@ class Config:
     max_bytes_per_uid: int = _size(
         _physical_memory() // 4, "bytes of buffers one uid may own (EDQUOT beyond)"
     )
+    max_attachments_per_device: int = _count(1024, "attachments one device may hold at once (EDQUOT beyond)")
     max_buffer_size: int = _size(4 << 30, "largest single buffer (EINVAL beyond)")
     max_memory: int = _size(_physical_memory() // 2, "bytes of all buffers together (ENOMEM beyond)")
     handshake_timeout: float = _count(30.0, "seconds a new connection has to send hello")

@@ -21,7 +21,7 @@ from .. import protocol as p
 from ..protocol import BrokerError, ProtocolError, RequestError
 from ._handles import handle_key
 from ._heap import adopt_memfd
-from ._introspect import buffer_entries, device_entries, stats
+from ._introspect import buffer_page, device_page, stats
 from ._records import Buffer, Device
 from ._state import Mapped
 
@@ -33,7 +33,6 @@ __all__ = ["Connection", "FdBag", "inbox", "receive"]
 log = logging.getLogger("bufbroker.broker")
 
 FAIRNESS = 16  # requests served without yielding to other tasks, at most
-PAGE = 128  # entries per page of buffers/devices: stays far below one packet
 # Ops whose answer depends on which buffers are still alive (quotas, names, listings): before
 # them, handles the peer closed before sending are counted as closed, as the kernel would.
 _SETTLE_FIRST = frozenset({p.Allocate, p.ExportMemfd, p.Open, p.SetName, p.Buffers, p.Devices, p.Stats})
@@ -274,11 +273,11 @@ class Connection:
                 state.cpu_end(dev, buffer_id, access)
                 return {}, []
             case p.Buffers(after=after):
-                entries = buffer_entries(state, dev.uid, after, PAGE)
-                return {"buffers": entries, "more": len(entries) == PAGE}, []
+                entries, more = buffer_page(state, dev.uid, after)
+                return {"buffers": entries, "more": more}, []
             case p.Devices(after=after):
-                entries = device_entries(state, dev.uid, after, PAGE)
-                return {"devices": entries, "more": len(entries) == PAGE}, []
+                entries, more = device_page(state, dev.uid, after)
+                return {"devices": entries, "more": more}, []
             case p.Stats():
                 return stats(state, dev.uid, self.server.version, self.server.connections), []
         raise BrokerError(errno.ENOTTY, f"{request.op} cannot be used after hello")

@@ -2,18 +2,27 @@
 
 A non-root caller sees the buffers its uid owns or holds and its uid's devices; root sees all,
 as /sys/kernel/debug/dma_buf/bufinfo is for root only.
+
+Listings come in pages that fit one packet whatever the state: at most PAGE entries and
+PAGE_BYTES of them. An entry too big for a page on its own (a buffer attached by thousands of
+devices) has its longest lists cut short and says so with ``"truncated": true``.
 """
 
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator
+from collections.abc import Iterable
 from typing import Any
 
+from .. import protocol as p
 from ._records import Buffer, Device
 from ._state import State
 
-__all__ = ["buffer_entries", "device_entries", "stats"]
+__all__ = ["PAGE", "PAGE_BYTES", "buffer_page", "device_page", "stats"]
+
+PAGE = 128  # entries per page at most
+PAGE_BYTES = 96 << 10  # per page at most: well below the largest packet the kernel sends (SO_SNDBUF)
+_LISTS = ("attachments", "importers", "cpu_access", "buffers")  # what may be cut short
 
 
 def _visible_buffer(buffer: Buffer, viewer: int) -> bool:
@@ -78,22 +87,40 @@ def _device(device: Device) -> dict[str, Any]:
     }
 
 
-def _page(ids: Iterator[tuple[int, Any]], after: int, limit: int) -> Iterator[Any]:
-    for n, value in enumerate(v for k, v in ids if k > after):
-        if n == limit:
-            return
-        yield value
+def buffer_page(state: State, viewer: int, after: int) -> tuple[list[dict[str, Any]], bool]:
+    """The visible buffers with ids above ``after``, in id order: (one page, more to come)."""
+    visible = (b for i, b in state.buffers.items() if i > after and _visible_buffer(b, viewer))
+    return _fill(_buffer(state, b) for b in visible)
 
 
-def buffer_entries(state: State, viewer: int, after: int, limit: int) -> list[dict[str, Any]]:
-    """Up to ``limit`` visible buffers with ids above ``after``, in id order."""
-    visible = ((i, b) for i, b in state.buffers.items() if _visible_buffer(b, viewer))
-    return [_buffer(state, b) for b in _page(visible, after, limit)]
+def device_page(state: State, viewer: int, after: int) -> tuple[list[dict[str, Any]], bool]:
+    visible = (d for i, d in state.devices.items() if i > after and viewer in (0, d.uid))
+    return _fill(_device(d) for d in visible)
 
 
-def device_entries(state: State, viewer: int, after: int, limit: int) -> list[dict[str, Any]]:
-    visible = ((i, d) for i, d in state.devices.items() if viewer in (0, d.uid))
-    return [_device(d) for d in _page(visible, after, limit)]
+def _fill(entries: Iterable[dict[str, Any]]) -> tuple[list[dict[str, Any]], bool]:
+    page: list[dict[str, Any]] = []
+    used = 0
+    for entry in entries:
+        size = p.packed_size(entry)
+        if size > PAGE_BYTES:
+            entry, size = _shrink(entry)
+        if len(page) == PAGE or (page and used + size > PAGE_BYTES):
+            return page, True
+        page.append(entry)
+        used += size
+    return page, False
+
+
+def _shrink(entry: dict[str, Any]) -> tuple[dict[str, Any], int]:
+    """``entry`` with its longest lists halved until it fits a page, marked truncated."""
+    entry = {**entry, "truncated": True}
+    size = p.packed_size(entry)
+    while size > PAGE_BYTES:
+        longest = max((k for k in _LISTS if isinstance(entry.get(k), list)), key=lambda k: len(entry[k]))
+        entry[longest] = entry[longest][: len(entry[longest]) // 2]
+        size = p.packed_size(entry)
+    return entry, size
 
 
 def stats(state: State, viewer: int, version: str, connections: int) -> dict[str, Any]:

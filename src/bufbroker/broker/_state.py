@@ -288,6 +288,9 @@ class State:
 
     def attach(self, device: Device, buffer_id: int) -> Attachment:
         buffer = self._ref(device, buffer_id).buffer
+        limit = self.config.max_attachments_per_device
+        if len(device.attachments) >= limit:
+            raise BrokerError(errno.EDQUOT, f"max_attachments_per_device ({limit}) reached")
         self._check_fits(buffer, device)
         att = Attachment(id=self._id("attachment"), device=device, buffer=buffer)
         buffer.attachments[att.id] = att

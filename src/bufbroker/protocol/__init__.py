@@ -28,6 +28,7 @@ from ._messages import (
     encode,
     encode_reply,
     encode_request,
+    packed_size,
     peek_request_id,
 )
 from ._ops import (
@@ -109,6 +110,7 @@ __all__ = [
     "errno_code",
     "fds_from_ancillary",
     "one_handle",
+    "packed_size",
     "page_round",
     "parse_args",
     "peek_request_id",

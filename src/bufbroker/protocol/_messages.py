@@ -41,6 +41,7 @@ __all__ = [
     "encode",
     "encode_reply",
     "encode_request",
+    "packed_size",
     "peek_request_id",
 ]
 
@@ -116,6 +117,11 @@ def _pack(body: list[Any]) -> bytes:
     except AttributeError:
         packer = _local.packer = msgpack.Packer(use_bin_type=True)
     return packer.pack(body)  # type: ignore[no-any-return]
+
+
+def packed_size(value: Any) -> int:
+    """How many bytes ``value`` takes inside a message (to fill a listing page to a budget)."""
+    return len(_pack(value))
 
 
 def encode(message: Message) -> bytes:
