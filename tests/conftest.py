@@ -65,15 +65,21 @@ class Broker:
             time.sleep(0.005)
 
 
-def start_broker(directory: Path, *flags: str) -> Broker:
+def start_broker(directory: Path, *flags: str, user: int | None = None) -> Broker:
+    """bufbrokerd on ``directory``/bufbroker.sock, as ``user`` if given (we must be root).
+
+    The interpreter may live where only root can read (a home directory), so the broker is
+    started as root and drops to ``user`` once its modules are loaded, as the peers do.
+    """
     path = str(directory / "bufbroker.sock")
+    drop = "" if user is None else f"import os; os.setgroups([]); os.setgid({user}); os.setuid({user}); "
     log = directory / "bufbrokerd.log"
     with log.open("wb") as out:
         proc = subprocess.Popen(
             [
                 sys.executable,
                 "-c",
-                "from bufbroker.broker._main import main; raise SystemExit(main())",
+                f"from bufbroker.broker._main import main; {drop}raise SystemExit(main())",
                 "--socket",
                 path,
                 "--log-level",

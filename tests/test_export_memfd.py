@@ -6,15 +6,18 @@ import errno
 import fcntl
 import mmap
 import os
+import shutil
 import socket
+import tempfile
 from collections.abc import Callable
+from pathlib import Path
 
 import pytest
 
 import bufbroker
 from bufbroker import Direction
 
-from conftest import Broker
+from conftest import Broker, RawClient, start_broker
 
 F_SEAL_FUTURE_WRITE = 0x10
 
@@ -81,3 +84,30 @@ def test_a_memfd_without_allow_sealing_is_rejected(broker: Broker) -> None:
         assert e.value.errno == errno.EINVAL
     finally:
         os.close(fd)
+
+
+def test_a_broker_that_is_not_root_refuses_a_memfd_others_may_write(
+    other_uid: int, raw: Callable[[Broker], RawClient]
+) -> None:
+    """It cannot make the memfd 0400, so a read-only importer could reopen it for writing."""
+    directory = Path(tempfile.mkdtemp(prefix="bufbroker-test-"))
+    directory.chmod(0o777)
+    b = start_broker(directory, user=other_uid)
+    fd = _memfd()
+    try:
+        os.fchmod(fd, 0o666)
+        c = raw(b)
+        c.hello()
+        c.request(1, "export_memfd", {}, (fd,))
+        reply = c.recv()
+        assert reply[:2] == [2, 1] and reply[2]["errno"] == errno.EACCES
+        with b.connect("exporter") as dev:  # the client takes the write bits off for us
+            buf = dev.export_memfd(fd)
+            assert os.fstat(fd).st_mode & 0o777 == 0o644
+            with buf.attach() as att, att.map(Direction.BIDIRECTIONAL) as m:
+                m.memory[:2] = b"ok"
+            buf.close()
+    finally:
+        os.close(fd)
+        b.stop()
+        shutil.rmtree(directory, ignore_errors=True)

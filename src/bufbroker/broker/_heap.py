@@ -85,9 +85,17 @@ def adopt_memfd(fd: int) -> Backing:
         raise BrokerError(errno.EINVAL, f"the memfd's size must be a non-zero multiple of {PAGE_SIZE}")
     if not seals & fcntl.F_SEAL_SEAL:
         fcntl.fcntl(fd, fcntl.F_ADD_SEALS, fcntl.F_SEAL_GROW)
-    # Only the owner (or root) may chmod; where we cannot, other uids keep the creator's mode.
+    # Read-only handles must stay read-only for other uids, who could otherwise reopen the
+    # memfd for writing through /proc/self/fd. Only its owner (or root) may chmod it; where
+    # the broker cannot, a memfd that group or others may write is refused.
     with contextlib.suppress(PermissionError):
         os.fchmod(fd, 0o400)
+    if os.fstat(fd).st_mode & 0o022:
+        raise BrokerError(
+            errno.EACCES,
+            "group or others may write the memfd, and the broker cannot change its mode: "
+            "take their write permission off first (fchmod 0600)",
+        )
     return Backing(fd, size)
 
 

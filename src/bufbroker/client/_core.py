@@ -88,6 +88,20 @@ class Session:
         return BrokerError(errno.ECONNRESET, f"the broker closed the connection{reason}")
 
 
+def exportable(memfd: int) -> None:
+    """Take group and other write permission off ``memfd`` before it is exported.
+
+    A process of another uid that gets a read-only descriptor of the buffer could otherwise
+    reopen it for writing through /proc/self/fd. The broker makes the memfd mode 0400 where it
+    may (as root); a broker that is not root refuses a memfd that others may write (EACCES).
+    The owner's own access is unchanged. If this process does not own it, the broker decides.
+    """
+    mode = os.fstat(memfd).st_mode & 0o7777
+    if mode & 0o022:
+        with contextlib.suppress(PermissionError):
+            os.fchmod(memfd, mode & ~0o022)
+
+
 def take_one_fd(fds: list[int]) -> int:
     if not fds:
         raise p.ProtocolError("the broker's reply lacks its descriptor")

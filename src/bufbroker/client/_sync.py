@@ -25,6 +25,7 @@ from ._core import (
     MappingBase,
     Pager,
     Session,
+    exportable,
     maybe_one_fd,
     take_one_fd,
 )
@@ -142,7 +143,11 @@ class Device(DeviceBase, _Closing):
         return self._buffer(p.Open(name=name, timeout=timeout))
 
     def export_memfd(self, memfd: int, *, name: str | None = None) -> Buffer:
-        """A buffer over this process's own sealed memfd, without a copy (udmabuf)."""
+        """A buffer over this process's own sealed memfd, without a copy (udmabuf).
+
+        Takes group and other write permission off the memfd's mode (see docs/CLIENT.md).
+        """
+        exportable(memfd)
         return self._buffer(p.ExportMemfd(name=name), [memfd])
 
     def _listing(self, pager: Pager) -> list[dict[str, Any]]:

@@ -42,6 +42,7 @@ from ._core import (
     MappingBase,
     Pager,
     Session,
+    exportable,
     maybe_one_fd,
     take_one_fd,
     undo_for,
@@ -357,7 +358,11 @@ class Device(DeviceBase):
         return await self._buffer(p.Open(name=name, timeout=timeout))
 
     async def export_memfd(self, memfd: int, *, name: str | None = None) -> Buffer:
-        """A buffer over this process's own sealed memfd, without a copy (udmabuf)."""
+        """A buffer over this process's own sealed memfd, without a copy (udmabuf).
+
+        Takes group and other write permission off the memfd's mode (see docs/CLIENT.md).
+        """
+        exportable(memfd)
         return await self._buffer(p.ExportMemfd(name=name), [memfd])
 
     async def _listing(self, pager: Pager) -> list[dict[str, Any]]:
