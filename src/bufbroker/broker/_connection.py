@@ -53,6 +53,9 @@ class FdBag:
         self.fds.clear()
 
 
+_NO_FDS = FdBag(())  # shared by the packets that carry none (most): nothing to take or close
+
+
 def inbox(size: int) -> mmap.mmap:
     """A receive buffer for one connection.
 
@@ -153,7 +156,7 @@ class Connection:
                     break  # ECONNRESET and the like: the peer is gone
                 if not data and not fds:
                     break  # end of file
-                bag = FdBag(fds)
+                bag = FdBag(fds) if fds else _NO_FDS
                 try:
                     if truncated:
                         raise RequestError(
@@ -175,7 +178,7 @@ class Connection:
                     if type(message.args) is p.Open and message.args.timeout:
                         self.pending += 1
                         nursery.start_soon(self._waiting_open, message, bag)
-                        bag = FdBag(())
+                        bag = _NO_FDS
                         continue
                     await self._send(*self._answer(message, bag))
                 except RequestError as e:

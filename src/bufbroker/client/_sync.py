@@ -81,10 +81,21 @@ class Device(DeviceBase, _Closing):
         # pages replies touch are resident.
         self._inbox = mmap.mmap(-1, MAX_REPLY)
 
-    def _receive(self, reset: OSError | None = None) -> p.Message:
+    def _receive(self, reset: OSError | None = None, *, with_fds: bool = True) -> p.Message:
+        """The next packet, decoded.
+
+        Without ``with_fds`` (a reply that carries none; events and errors never do) a plain
+        receive does, a little cheaper; descriptors sent all the same would be closed by the
+        kernel, having nowhere to go.
+        """
+        ancdata: list[tuple[int, int, bytes]] = []
+        flags = 0
         while True:
             try:
-                n, ancdata, flags, _ = self._sock.recvmsg_into([self._inbox], self._ancbuf, p.RECV_FLAGS)
+                if with_fds:
+                    n, ancdata, flags, _ = self._sock.recvmsg_into([self._inbox], self._ancbuf, p.RECV_FLAGS)
+                else:
+                    n = self._sock.recv_into(self._inbox)
                 break
             except ConnectionResetError as e:
                 # The broker hung up with requests of ours unread. The kernel reports that
@@ -117,7 +128,7 @@ class Device(DeviceBase, _Closing):
             except OSError as e:
                 raise self._session.lost(e) from None
             while True:
-                message = self._receive(reset)
+                message = self._receive(reset, with_fds=args.reply_fds)
                 if isinstance(message, _ANSWERS) and message.id in (id, None):
                     return self._session.outcome(message)
                 p.close_all(message.fds)

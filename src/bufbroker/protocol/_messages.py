@@ -50,7 +50,7 @@ PROTOCOL_VERSION = 1
 REQUEST, REPLY, ERROR, EVENT = 0, 1, 2, 3
 
 
-@dataclass(slots=True, kw_only=True)
+@dataclass(slots=True)
 class Request:
     id: int
     op: str
@@ -58,14 +58,14 @@ class Request:
     fds: Sequence[int] = ()
 
 
-@dataclass(slots=True, kw_only=True)
+@dataclass(slots=True)
 class Reply:
     id: int
     result: Any = field(default_factory=dict)
     fds: Sequence[int] = ()
 
 
-@dataclass(slots=True, kw_only=True)
+@dataclass(slots=True)
 class Error:
     id: int | None
     errno: int
@@ -83,7 +83,7 @@ class Error:
         return BrokerError(self.errno, self.message)
 
 
-@dataclass(slots=True, kw_only=True)
+@dataclass(slots=True)
 class Event:
     name: str
     args: dict[str, Any] = field(default_factory=dict)
@@ -188,9 +188,9 @@ def decode(data: bytes | memoryview, fds: Sequence[int] = (), *, max_items: int 
                 parsed = parse_args(op, args, len(fds))
             except BrokerError as e:
                 raise RequestError(id, e) from None
-            return Request(id=id, op=op, args=parsed, fds=fds)
+            return Request(id, op, parsed, fds)
     elif kind == REPLY and len(body) == 3 and _is_id(body[1]):
-        return Reply(id=body[1], result=body[2], fds=fds)
+        return Reply(body[1], body[2], fds)
     elif kind == ERROR and len(body) == 3 and (body[1] is None or _is_id(body[1])):
         detail = body[2]
         if (

@@ -134,8 +134,9 @@ _BY_NAME: dict[tuple[str, str], Callable[[Any], Any]] = {
 class OpSpec:
     name: str
     args: type[OpArgs]
-    fds: int
+    fds: int  # descriptors the request carries
     fields: tuple[tuple[str, Callable[[Any], Any], bool], ...]  # (key, check, required)
+    reply_fds: bool  # whether its reply may carry descriptors
 
 
 class OpArgs:
@@ -143,6 +144,7 @@ class OpArgs:
 
     __slots__ = ()
     _names: tuple[str, ...] = ()  # set per class by @op: the field names, looked up once
+    reply_fds: bool = False  # set per class by @op: a receiver without it needs no cmsg buffer
 
     def to_wire(self) -> dict[str, Any]:
         out: dict[str, Any] = {}
@@ -163,7 +165,7 @@ OP_NAMES: dict[type[OpArgs], str] = {}  # the wire name of each args class
 _A = TypeVar("_A", bound=type[OpArgs])
 
 
-def op(name: str, *, fds: int = 0) -> Callable[[_A], _A]:
+def op(name: str, *, fds: int = 0, reply_fds: bool = False) -> Callable[[_A], _A]:
     def register(cls: _A) -> _A:
         record: Any = cls  # a dataclass by the time this decorator runs
         hints = {f.name: f.type for f in dataclasses.fields(record)}
@@ -175,8 +177,9 @@ def op(name: str, *, fds: int = 0) -> Callable[[_A], _A]:
             )
             for f in dataclasses.fields(record)
         )
-        OPS[name] = OpSpec(name, cls, fds, fields)
+        OPS[name] = OpSpec(name, cls, fds, fields, reply_fds)
         cls._names = tuple(key for key, _, _ in fields)
+        cls.reply_fds = reply_fds
         OP_NAMES[cls] = name
         return cls
 
@@ -221,7 +224,7 @@ class Ping(OpArgs):
     pass
 
 
-@op("allocate")
+@op("allocate", reply_fds=True)
 @dataclass(frozen=True, slots=True, kw_only=True)
 class Allocate(OpArgs):
     size: int
@@ -229,7 +232,7 @@ class Allocate(OpArgs):
     heap: str = "memfd"
 
 
-@op("export_memfd", fds=1)
+@op("export_memfd", fds=1, reply_fds=True)
 @dataclass(frozen=True, slots=True, kw_only=True)
 class ExportMemfd(OpArgs):
     name: str | None = None
@@ -241,14 +244,14 @@ class Import(OpArgs):
     pass
 
 
-@op("open")
+@op("open", reply_fds=True)
 @dataclass(frozen=True, slots=True, kw_only=True)
 class Open(OpArgs):
     name: str
     timeout: float | None = None
 
 
-@op("share")
+@op("share", reply_fds=True)
 @dataclass(frozen=True, slots=True, kw_only=True)
 class Share(OpArgs):
     buffer: int
@@ -280,7 +283,7 @@ class Detach(OpArgs):
     attachment: int
 
 
-@op("map")
+@op("map", reply_fds=True)
 @dataclass(frozen=True, slots=True, kw_only=True)
 class Map(OpArgs):
     attachment: int
@@ -293,7 +296,7 @@ class Unmap(OpArgs):
     attachment: int
 
 
-@op("cpu_begin")
+@op("cpu_begin", reply_fds=True)
 @dataclass(frozen=True, slots=True, kw_only=True)
 class CpuBegin(OpArgs):
     buffer: int
