@@ -87,6 +87,21 @@ def open_as(path: str, uid: str, name: str) -> None:
             say(opened=False, errno=e.errno)
 
 
+def inspect_as(path: str, uid: str, handle: str) -> None:
+    """Drop to another uid, allocate, import the inherited handle, report what it sees.
+
+    Stays connected until a line arrives on stdin, so that the other side can look too.
+    """
+    os.setgid(int(uid))
+    os.setuid(int(uid))
+    with bufbroker.connect("stranger", socket=path) as dev:
+        own = dev.allocate(3 * 4096)
+        held = dev.import_handle(int(handle))
+        os.close(int(handle))
+        say(own=own.id, held=held.id, buffers=dev.buffers(), devices=dev.devices(), stats=dev.stats())
+        sys.stdin.readline()
+
+
 if __name__ == "__main__":
     role, *args = sys.argv[1:]
     globals()[role](*args)

@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import errno
 import os
+from collections.abc import Callable
 
 import pytest
 
 import bufbroker
 from bufbroker import Access, Constraints, Direction, Segment
 
-from conftest import Broker
+from conftest import Broker, RawClient
 
 PAGE = 4096
 SIZE = 64 * PAGE
@@ -87,7 +88,42 @@ def test_attach_after_allocation_that_the_layout_cannot_serve_is_ebusy(broker: B
         assert e.value.errno == errno.EBUSY
 
 
-def test_constraints_are_validated_at_hello(broker: Broker) -> None:
+@pytest.mark.parametrize(
+    "constraints",
+    [
+        {"alignment": 3 * PAGE},  # not a power of two
+        {"alignment": PAGE // 2},  # less than a page
+        {"max_segment_size": PAGE + 1},  # not a page multiple
+        {"max_segment_size": 0},
+        {"max_segments": 0},
+        {"max_segments": -1},
+        {"max_segments": "one"},
+        {"max_segments": None},
+        {"contiguous": True},  # unknown key
+        [1, 2],  # not a map
+    ],
+)
+def test_constraints_are_validated_at_hello(
+    broker: Broker, raw: Callable[[Broker], RawClient], constraints: object
+) -> None:
+    with broker.connect("bystander", constraints=Constraints(max_segments=2)) as bystander:
+        c = raw(broker)
+        c.request(7, "hello", {"version": 1, "name": "bad", "constraints": constraints})
+        reply = c.recv()
+        assert reply[:2] == [2, 7] and reply[2]["errno"] == errno.EINVAL, reply
+        assert reply[2]["code"] == "EINVAL" and "constraints" in reply[2]["message"]
+        assert c.recv() is None  # no device: the connection ends with the handshake
+        assert [(d["name"], d["constraints"]) for d in bystander.devices()] == [
+            ("bystander", {"max_segments": 2})
+        ]
+        bystander.allocate(2 * PAGE).attach()  # the broker serves the others as before
+        good = raw(broker)
+        good.request(1, "hello", {"version": 1, "name": "good", "constraints": {"alignment": 2 * PAGE}})
+        assert good.recv()[:2] == [1, 1]
+        assert {d["name"]: d["constraints"] for d in bystander.devices()}["good"] == {"alignment": 2 * PAGE}
+
+
+def test_the_client_refuses_bad_constraints_before_sending_them() -> None:
     with pytest.raises(bufbroker.BrokerError) as e:
         Constraints(alignment=3 * PAGE)
     assert e.value.errno == errno.EINVAL

@@ -1,8 +1,10 @@
-"""bufbrokerd as a process: its socket file, signals, flags and a second instance."""
+"""bufbrokerd as a process: its socket file, signals, flags, a second instance, its descriptor
+limit, and a service manager that stops listening."""
 
 from __future__ import annotations
 
 import os
+import resource
 import signal
 import socket
 import subprocess
@@ -13,6 +15,7 @@ from pathlib import Path
 import pytest
 
 import bufbroker
+from bufbroker.protocol import fds_from_ancillary
 
 from conftest import Broker, RawClient, start_broker
 
@@ -91,3 +94,74 @@ def test_devices_hear_of_a_shutdown(broker: Broker, raw: Callable[[Broker], RawC
     assert c.recv() == [3, "shutdown", {}]
     assert c.recv() is None
     assert broker.proc.wait(10) == 0
+
+
+def _open_files_limit(pid: int) -> tuple[int, int]:
+    """(soft, hard) RLIMIT_NOFILE of a process, as the kernel reports it."""
+    with open(f"/proc/{pid}/limits") as f:
+        line = next(line for line in f if line.startswith("Max open files"))
+    soft, hard = line[len("Max open files") :].split()[:2]
+    return int(soft), int(hard)
+
+
+def test_raises_its_descriptor_limit_to_the_hard_limit(broker_factory: Callable[..., Broker]) -> None:
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    lowered = min(1024, hard - 1)  # start it below the hard limit, whatever ours is
+    resource.setrlimit(resource.RLIMIT_NOFILE, (lowered, hard))
+    try:
+        b = broker_factory()  # inherits the lowered soft limit
+    finally:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+    assert _open_files_limit(b.pid) == (hard, hard)
+    assert f"descriptor limit raised to {hard}" in b.log.read_text()
+
+
+def _notification(manager: socket.socket) -> list[str]:
+    """The lines of the next notification (its descriptors closed); [] if none is waiting."""
+    try:
+        data, ancdata, _, _ = manager.recvmsg(4096, socket.CMSG_SPACE(16))
+    except BlockingIOError:
+        return []
+    for fd in fds_from_ancillary(ancdata, 0, 4):
+        os.close(fd)
+    return data.decode().splitlines()
+
+
+def test_a_stalled_service_manager_does_not_freeze_the_broker(
+    broker_factory: Callable[..., Broker], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Regression: notifications are sent from the trio thread, and a manager that stopped
+    reading its socket blocked the broker for good; now each send gives up after a timeout."""
+    address = f"\0bufbroker-stalled-{os.getpid()}"
+    manager = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    manager.bind(address)
+    manager.settimeout(30)
+    stuffer = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    stuffer.setblocking(False)
+    monkeypatch.setenv("NOTIFY_SOCKET", "@" + address[1:])
+    try:
+        broker = broker_factory()
+        while "READY=1" not in _notification(manager):
+            pass
+        # The manager stops reading: its queue fills up, and every later send would block.
+        while True:
+            try:
+                stuffer.sendto(b"X=1", address)
+            except BlockingIOError:
+                break
+        with broker.connect("while-stalled") as dev:  # a new device changes STATUS=
+            broker.wait_for(lambda: "cannot notify the service manager" in broker.log.read_text(), 30)
+            dev.ping()
+            assert [d["name"] for d in dev.devices()] == ["while-stalled"]
+            # The manager reads again: what the broker says from now on arrives.
+            manager.setblocking(False)
+            while _notification(manager):
+                pass
+            manager.settimeout(30)
+            dev.allocate(4096)  # its handle goes to the fd store
+            while not any(line.startswith("FDNAME=h.") for line in _notification(manager)):
+                pass
+        assert broker.proc.poll() is None
+    finally:
+        stuffer.close()
+        manager.close()

@@ -6,13 +6,14 @@ import errno
 import os
 import socket
 from collections.abc import Callable, Iterator
+from pathlib import Path
 
 import msgpack
 import pytest
 
 import bufbroker
 
-from conftest import Broker, RawClient
+from conftest import Broker, RawClient, start_broker
 
 
 @pytest.fixture
@@ -140,7 +141,9 @@ def test_every_received_fd_is_closed(
     broker.wait_for(lambda: broker.fd_count() == before)
 
 
-def test_a_dead_handle_does_not_import(broker: Broker, raw: Callable[[Broker], RawClient]) -> None:
+def test_a_copy_of_a_handle_keeps_its_buffer_alive(
+    broker: Broker, raw: Callable[[Broker], RawClient]
+) -> None:
     with broker.connect() as dev:
         buf = dev.allocate(4096)
         handle = buf.share()
@@ -155,3 +158,58 @@ def test_a_dead_handle_does_not_import(broker: Broker, raw: Callable[[Broker], R
         c.request(2, "release", {"buffer": buf.id})
         assert c.recv()[0] == 1
         broker.wait_for(lambda: dev.buffers() == [])
+
+
+def test_a_dead_handle_does_not_import(
+    broker_factory: Callable[..., Broker], raw: Callable[[Broker], RawClient]
+) -> None:
+    """A handle is dead once the broker's end of its pair is closed.
+
+    While any copy of a handle is open its buffer lives, so a live broker never closes its end
+    under a holder; but a broker that stops (a restart with no service manager keeps nothing)
+    closes every end it had. Its clients still hold open sockets that look like handles: the
+    broker that comes back, at the same path, must refuse them with EINVAL. So must it refuse
+    a live handle of another broker (handles belong to the broker that minted them), and a
+    bare socketpair end whose peer is gone, which is all a dead handle is to the kernel.
+    """
+    first = broker_factory()
+    with first.connect("before") as dev:
+        buf = dev.allocate(4096, name="frame")
+        dead = [buf.share(), buf.share(readonly=True)]
+    assert first.stop() == 0  # every handle it minted is dead now
+    other = broker_factory()
+    foreign = other.connect("elsewhere")
+    live_elsewhere = foreign.allocate(4096).share()
+    orphan, gone = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    gone.close()
+    again = start_broker(Path(first.socket).parent)  # the same path: a restart
+    try:
+        c = raw(again)
+        c.hello()
+
+        def connections() -> int:
+            c.request(50, "stats", {})
+            return int(c.recv()[2]["connections"])
+
+        again.wait_for(lambda: connections() == 1)  # start_broker's probe is gone too
+        before = again.fd_count()
+        for n, fd in enumerate([*dead, live_elsewhere, orphan.fileno()]):
+            c.request(n, "import", {}, (fd,))
+            reply = c.recv()
+            assert reply[:2] == [2, n] and reply[2]["errno"] == errno.EINVAL, reply
+        c.request(99, "ping", {})
+        assert c.recv()[:2] == [1, 99]
+        again.wait_for(lambda: again.fd_count() == before)  # each received copy was closed
+        with again.connect("after") as dev:
+            assert dev.buffers() == []
+            with pytest.raises(bufbroker.BrokerError) as e:
+                dev.open("frame")  # the name died with the buffer
+            assert e.value.errno == errno.ENOENT
+        # The other broker's handle was refused here, and is still good where it was minted.
+        assert foreign.import_handle(live_elsewhere).size == 4096
+    finally:
+        assert again.stop() == 0
+        for fd in [*dead, live_elsewhere]:
+            os.close(fd)
+        orphan.close()
+        foreign.close()

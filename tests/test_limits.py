@@ -124,3 +124,26 @@ def test_handshake_timeout(broker_factory: Callable[..., Broker], raw: Callable[
     started = time.monotonic()
     assert c.recv() is None  # dropped without a word
     assert 0.2 < time.monotonic() - started < 5
+
+
+def test_incomplete_connections(
+    broker_factory: Callable[..., Broker], raw: Callable[[Broker], RawClient]
+) -> None:
+    b = broker_factory("--max-incomplete-connections", "3")
+    with b.connect("watcher") as watcher:
+        b.wait_for(lambda: watcher.stats()["connections"] == 1)  # start_broker's probe is gone
+        silent = [raw(b) for _ in range(3)]  # connected, never say hello
+        # Each is counted as incomplete in the same step as it is counted as a connection.
+        b.wait_for(lambda: watcher.stats()["connections"] == 1 + len(silent))
+        extra = raw(b)
+        refusal = extra.recv()
+        assert refusal[0] == 2 and refusal[1] is None and refusal[2]["code"] == "EAGAIN", refusal
+        assert refusal[2]["errno"] == errno.EAGAIN
+        assert extra.recv() is None  # then closed
+        assert _errno(lambda: b.connect("polite")) == errno.EAGAIN  # hello comes too late
+        for c in silent:
+            c.close()
+        b.wait_for(lambda: watcher.stats()["connections"] == 1)
+        with b.connect("polite") as polite:
+            polite.ping()
+            assert sorted(d["name"] for d in watcher.devices()) == ["polite", "watcher"]

@@ -1,6 +1,11 @@
 """A live fuzzer: clients send random and mutated frames with descriptors of every kind while a
 well-behaved client keeps doing real work; afterwards the broker's descriptors and memory are
-back where they started.
+back where they started, and no dead handle imports.
+
+Handles come live (copies of the good client's) and dead. A live broker never closes its end
+of a handle while a copy is open anywhere, so a handle is dead when the broker that minted it
+is gone: the fuzzer mints some from a broker of its own and stops it first. To the kernel that
+is a socketpair end whose peer is closed; bare ones of those are sent too.
 
     python -m tools.fuzz --frames 1000000 [--clients 8] [--seed N]
 """
@@ -8,6 +13,7 @@ back where they started.
 from __future__ import annotations
 
 import argparse
+import errno
 import fcntl
 import json
 import os
@@ -70,6 +76,7 @@ class Report:
     replies: int = 0
     disconnects: int = 0
     fds_sent: int = 0
+    dead_handles_sent: int = 0
     good_ops: int = 0
     good_errors: list[str] = field(default_factory=list)
     broker_fds: tuple[int, int] = (0, 0)
@@ -77,15 +84,20 @@ class Report:
     seconds: float = 0.0
 
 
-def _random_fds(rng: random.Random, pool: list[int], lock: threading.Lock) -> list[int]:
-    """Fresh descriptors of every kind (the caller closes them), plus copies of live handles.
+def _random_fds(
+    rng: random.Random, pool: list[int], lock: threading.Lock, dead: list[int]
+) -> tuple[list[int], int]:
+    """Fresh descriptors of every kind (the caller closes them), plus copies of live handles and
+    of dead ones; and how many of them are dead handles.
 
     ``pool`` belongs to the good client's thread, which closes its entries: copy them under
     ``lock``, or a number closed and reused in between would be duplicated by mistake.
+    ``dead`` stays as it is until every fuzz client is done.
     """
     made: list[int] = []
+    deaths = 0
     for _ in range(rng.choice([0, 0, 1, 1, 2, 3, 17, 40])):
-        kind = rng.randrange(8)
+        kind = rng.randrange(9)
         if kind == 0:
             r, w = os.pipe()
             made += [r, w]
@@ -104,11 +116,49 @@ def _random_fds(rng: random.Random, pool: list[int], lock: threading.Lock) -> li
                     fd, fcntl.F_ADD_SEALS, rng.choice([fcntl.F_SEAL_SHRINK, fcntl.F_SEAL_WRITE, 0x10 | 1])
                 )
             made.append(fd)
+        elif kind == 6:
+            if dead and rng.random() < 0.5:
+                made.append(os.dup(rng.choice(dead)))  # minted by a broker that is gone
+            else:
+                end, peer = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+                peer.close()  # what a dead handle is, to the kernel
+                made.append(end.detach())
+            deaths += 1
         else:
             with lock:
                 if pool:
                     made.append(os.dup(rng.choice(pool)))  # a live handle
-    return made
+    return made, deaths
+
+
+def dead_handles(count: int) -> list[int]:
+    """``count`` handles, read-write and read-only, of buffers of a broker that has stopped.
+
+    Each was a real handle, of a buffer that was written and mapped; its broker's end closed
+    when that broker exited, so no broker knows it now.
+    """
+    handles: list[int] = []
+    with own_broker() as minting, bufbroker.connect("dead-maker", socket=minting.socket) as dev:
+        for i in range(count):
+            buf = dev.allocate(4096 * (i + 1), name=f"dead-{i}")
+            with buf.cpu_access(Access.WRITE) as mem:
+                mem[:4] = b"dead"
+            handles.append(buf.share(readonly=bool(i % 2)))
+    return handles
+
+
+def _check_dead_handles(target: Target, dead: list[int], report: Report) -> None:
+    """No dead handle imports: each is refused with EINVAL, as any descriptor that is no handle."""
+    with bufbroker.connect("dead-check", socket=target.socket) as dev:
+        for fd in dead:
+            try:
+                buf = dev.import_handle(fd)
+            except bufbroker.BrokerError as e:
+                if e.errno != errno.EINVAL:
+                    report.good_errors.append(f"a dead handle was refused with {e.code}, not EINVAL")
+            else:
+                report.good_errors.append(f"a dead handle imported buffer {buf.id}")
+                buf.close()
 
 
 def _packb(value: object) -> bytes:
@@ -156,7 +206,13 @@ def _drain(sock: socket.socket, report: Report, lock: threading.Lock, wait: floa
 
 
 def _fuzz_client(
-    target: Target, frames: int, seed: int, pool: list[int], report: Report, lock: threading.Lock
+    target: Target,
+    frames: int,
+    seed: int,
+    pool: list[int],
+    dead: list[int],
+    report: Report,
+    lock: threading.Lock,
 ) -> None:
     rng = random.Random(seed)
     valid = msgpack.packb([0, 5, "map", {"attachment": 1, "direction": "to_device"}])
@@ -168,7 +224,7 @@ def _fuzz_client(
             sock.setblocking(False)
             if rng.random() < 0.9:
                 sock.send(msgpack.packb([0, 0, "hello", {"version": 1, "name": "fuzz"}]))
-        fds = _random_fds(rng, pool, lock)
+        fds, deaths = _random_fds(rng, pool, lock, dead)
         frame = _frame(rng, valid)
         sent = gone = False
         try:
@@ -187,6 +243,7 @@ def _fuzz_client(
         with lock:
             report.frames += 1
             report.fds_sent += len(fds) * sent
+            report.dead_handles_sent += deaths * sent
             report.disconnects += gone
         if gone:
             sock.close()
@@ -228,10 +285,11 @@ def _good_client(
         report.good_errors.append(repr(e))
 
 
-def run(target: Target, *, frames: int, clients: int = 4, seed: int = 1) -> Report:
+def run(target: Target, *, frames: int, clients: int = 4, seed: int = 1, dead: int = 4) -> Report:
     report = Report()
     lock = threading.Lock()
     pool: list[int] = []
+    dead_pool = dead_handles(dead)
     fds0, rss0 = target.fds(), target.rss_kib()
     stop = threading.Event()
     started = time.monotonic()
@@ -239,7 +297,8 @@ def run(target: Target, *, frames: int, clients: int = 4, seed: int = 1) -> Repo
     good.start()
     fuzzers = [
         threading.Thread(
-            target=_fuzz_client, args=(target, frames // clients, seed * 1000 + i, pool, report, lock)
+            target=_fuzz_client,
+            args=(target, frames // clients, seed * 1000 + i, pool, dead_pool, report, lock),
         )
         for i in range(clients)
     ]
@@ -250,6 +309,10 @@ def run(target: Target, *, frames: int, clients: int = 4, seed: int = 1) -> Repo
     stop.set()
     good.join()
     protocol.close_all(pool)
+    try:
+        _check_dead_handles(target, dead_pool, report)
+    finally:
+        protocol.close_all(dead_pool)
     report.seconds = time.monotonic() - started
     report.broker_fds = (fds0, target.settle(fds0))
     report.broker_rss_kib = (rss0, target.rss_kib())
@@ -261,9 +324,10 @@ def main() -> None:
     parser.add_argument("--frames", type=int, default=1_000_000)
     parser.add_argument("--clients", type=int, default=8)
     parser.add_argument("--seed", type=int, default=1)
+    parser.add_argument("--dead-handles", type=int, default=4, help="handles minted by a broker that is gone")
     args = parser.parse_args()
     with own_broker() as target:
-        report = run(target, frames=args.frames, clients=args.clients, seed=args.seed)
+        report = run(target, frames=args.frames, clients=args.clients, seed=args.seed, dead=args.dead_handles)
     print(json.dumps(asdict(report), indent=2))
 
 

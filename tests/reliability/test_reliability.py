@@ -25,6 +25,7 @@ def test_fuzz_short(broker: Broker) -> None:
     report = fuzz.run(_target(broker), frames=3000, clients=3, seed=11)
     assert report.good_errors == [] and report.good_ops > 0
     assert report.frames == 3000 and report.disconnects > 0 and report.fds_sent > 0
+    assert report.dead_handles_sent > 0  # and none of them imported (good_errors)
     assert report.broker_fds[1] <= report.broker_fds[0]  # (a probe may still be open at the start)
     assert report.broker_rss_kib[1] - report.broker_rss_kib[0] < RSS_SLACK_KIB
     assert broker.proc.poll() is None
