@@ -5,6 +5,7 @@ from __future__ import annotations
 import errno
 import os
 import socket
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -207,3 +208,23 @@ def test_a_dead_handle_does_not_import(
             os.close(fd)
         orphan.close()
         foreign.close()
+
+
+@pytest.mark.parametrize("how", [socket.SHUT_WR, socket.SHUT_RDWR])
+def test_a_holder_that_shuts_its_handle_down_does_not_end_it(broker: Broker, how: int) -> None:
+    """shutdown() on one copy looks, from the broker's end, just like the last close."""
+    with broker.connect("a") as a, broker.connect("b") as b:
+        buf = a.allocate(4096, name="kept")
+        handle = buf.share()
+        kept = os.dup(handle)  # what another holder would still have
+        rude = socket.socket(fileno=handle)
+        rude.shutdown(how)
+        rude.close()
+        a.ping()
+        buf.close()  # the device lets go; only `kept` holds the buffer now
+        time.sleep(0.2)  # the broker has long seen the hang-up by now
+        theirs = b.import_handle(kept)
+        assert [x["name"] for x in b.buffers()] == ["kept"]
+        theirs.close()
+        os.close(kept)  # the last copy: now it goes, once the broker looks again
+        broker.wait_for(lambda: b.buffers() == [])

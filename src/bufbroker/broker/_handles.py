@@ -12,20 +12,33 @@ handle sent into itself cannot keep itself alive.
 The kernel frees a dma-buf as its last fd is closed; here the news arrives a little later, when
 the watcher runs. ``settle`` takes what the kernel has already reported, so that a request sent
 after a close (an allocate at the quota, an open of a name just let go, a listing) sees it.
+
+A holder that calls ``shutdown()`` on its copy shuts the broker's end down too, exactly as the
+last close would. So every hang-up is checked against the kernel's socket table (sock_diag):
+a client end that still exists was only shut down, and the handle lives on. Its end then stays
+readable for ever, so it leaves the epoll set and is looked up again every RECHECK seconds.
 """
 
 from __future__ import annotations
 
+import logging
+import math
 import os
 import select
 import socket
+import time
 from collections.abc import Callable
 
 import trio
 
 from ._records import Key
+from ._sockdiag import SocketDiag
 
-__all__ = ["HandleTable", "handle_key"]
+__all__ = ["RECHECK", "HandleTable", "handle_key"]
+
+log = logging.getLogger("bufbroker.broker")
+
+RECHECK = 1.0  # seconds between lookups of handles that a holder shut down
 
 _CLOSED = select.EPOLLHUP | select.EPOLLRDHUP | select.EPOLLERR
 _DRAIN_PACKETS = 64  # per wake-up, so one chatty holder cannot starve the others
@@ -44,6 +57,17 @@ class HandleTable:
         self._epoll = select.epoll()
         self._ends: dict[int, tuple[socket.socket, Key]] = {}  # by broker-end fd
         self._by_key: dict[Key, int] = {}
+        self._shut: set[int] = set()  # broker-end fds of handles shut down, not closed: off epoll
+        self._checked = 0.0  # when the shut-down handles were last looked up
+        try:
+            self._diag: SocketDiag | None = SocketDiag()
+        except OSError as e:
+            self._diag = None
+            log.warning(
+                "sock_diag is unavailable (%s): a holder that calls shutdown() on a handle ends it "
+                "for every holder",
+                e.strerror or e,
+            )
 
     def __len__(self) -> int:
         return len(self._ends)
@@ -79,7 +103,8 @@ class HandleTable:
     async def watch(self) -> None:
         """Run forever, reporting handles as their last copies are closed."""
         while True:
-            await trio.lowlevel.wait_readable(self._epoll.fileno())
+            with trio.move_on_after(RECHECK if self._shut else math.inf):
+                await trio.lowlevel.wait_readable(self._epoll.fileno())
             self.settle()
 
     def settle(self) -> None:
@@ -87,11 +112,10 @@ class HandleTable:
         for _ in range(_SETTLE_ROUNDS):
             events = self._epoll.poll(0, 256)
             for fd, flags in events:
-                end, key = self._ends[fd]
                 if flags & _CLOSED:
-                    self._forget(fd)
-                    self._closed(key)
+                    self._hung_up(fd)
                     continue
+                end, _ = self._ends[fd]
                 for _ in range(_DRAIN_PACKETS):
                     try:
                         if not end.recv(1, socket.MSG_DONTWAIT):  # SCM_RIGHTS are discarded
@@ -99,15 +123,40 @@ class HandleTable:
                     except OSError:
                         break
             if len(events) < 256:
-                return
+                break
+        if self._shut and time.monotonic() - self._checked >= RECHECK:
+            self._checked = time.monotonic()
+            for fd in list(self._shut):
+                self._hung_up(fd)
+
+    def _hung_up(self, fd: int) -> None:
+        """The broker's end ``fd`` was shut down: by the last close, or by a holder."""
+        key = self._ends[fd][1]
+        try:
+            alive = self._diag is not None and self._diag.exists(key[1])
+        except OSError as e:
+            log.warning("cannot look up handle %s: %s", key, e)
+            alive = False
+        if alive:
+            if fd not in self._shut:
+                self._epoll.unregister(fd)
+                self._shut.add(fd)
+            return
+        self._forget(fd)
+        self._closed(key)
 
     def _forget(self, fd: int) -> None:
         end, key = self._ends.pop(fd)
         del self._by_key[key]
-        self._epoll.unregister(fd)
+        if fd in self._shut:
+            self._shut.discard(fd)
+        else:
+            self._epoll.unregister(fd)
         end.close()
 
     def close(self) -> None:
         for fd in list(self._ends):
             self._forget(fd)
         self._epoll.close()
+        if self._diag is not None:
+            self._diag.close()
