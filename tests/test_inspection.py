@@ -34,7 +34,7 @@ def test_a_user_sees_its_own_uids_objects_and_root_sees_all(
             stats = seen["stats"]
             assert stats["buffers"] == 2 and stats["bytes"] == 2 * PAGE + 3 * PAGE
             assert stats["backed_bytes"] == 0  # root's mapped buffer is not among its own
-            assert stats["devices"] == 1
+            assert stats["devices"] == 1 and stats["connections"] == 1  # root's is not counted
             assert stats["handles"] == 3  # own's, and shared's two (the creator's and ours)
             assert stats["attachments"] == 0 and stats["mappings"] == 0
             usage = {key: stats["usage"][key] for key in ("uid", "connections", "buffers", "bytes")}
@@ -53,7 +53,7 @@ def test_a_user_sees_its_own_uids_objects_and_root_sees_all(
             stats = dev.stats()
             assert stats["buffers"] == 3 and stats["bytes"] == PAGE + 2 * PAGE + 3 * PAGE
             assert stats["backed_bytes"] == PAGE
-            assert stats["devices"] == 2
+            assert stats["devices"] == 2 and stats["connections"] == 2
             assert stats["handles"] == 4
             assert stats["attachments"] == 1 and stats["mappings"] == 1
             stranger.send("")

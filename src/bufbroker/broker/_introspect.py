@@ -137,7 +137,7 @@ def stats(state: State, viewer: int, version: str, connections: int) -> dict[str
         "bytes": sum(b.size for b in buffers),
         "backed_bytes": sum(b.size for b in buffers if b.backing is not None),
         "devices": len(devices),
-        "connections": connections,
+        "connections": connections if viewer == 0 else usage.connections,
         "handles": sum(len(b.handles) for b in buffers),
         "attachments": sum(len(d.attachments) for d in devices),
         "mappings": sum(a.map_count for d in devices for a in d.attachments.values()),
