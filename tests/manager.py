@@ -3,6 +3,8 @@
 It speaks the same protocol systemd does (sd_notify(3), sd_listen_fds(3)): datagrams of
 KEY=VALUE lines on NOTIFY_SOCKET, descriptors stored with FDSTORE=1/FDNAME=, and a restart that
 hands the store back as LISTEN_FDS/LISTEN_FDNAMES with LISTEN_PID set to the new process.
+With ``fdstore=False`` it is a manager without a store (FileDescriptorStoreMax=0): it closes
+every descriptor sent with FDSTORE=1, as systemd does, and hands nothing back.
 """
 
 from __future__ import annotations
@@ -20,6 +22,9 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
+
+import msgpack
 
 MAIN = "from bufbroker.broker._main import main; raise SystemExit(main())"
 
@@ -29,8 +34,11 @@ class Manager:
     directory: Path
     flags: tuple[str, ...] = ()
     watchdog_usec: int | None = None
+    fdstore: bool = True
+    env: dict[str, str] = field(default_factory=dict)  # more environment for the broker
     notify: socket.socket = field(init=False)
     messages: list[dict[str, str]] = field(default_factory=list)
+    received: list[float] = field(default_factory=list)  # time.monotonic() of each message
     store: dict[str, list[int]] = field(default_factory=dict)  # name → fds (the manager's copies)
     proc: subprocess.Popen[bytes] | None = None
 
@@ -58,7 +66,8 @@ class Manager:
         with self._lock:
             named += [(fd, name) for name, fds in self.store.items() for fd in fds]
             self.messages.clear()  # what the new process says, from READY on
-        env = {"NOTIFY_SOCKET": str(self.directory / "notify")}
+            self.received.clear()
+        env = {"NOTIFY_SOCKET": str(self.directory / "notify"), **self.env}
         if self.watchdog_usec:
             env["WATCHDOG_USEC"] = str(self.watchdog_usec)
         if named:
@@ -103,7 +112,8 @@ class Manager:
                     fds.extend(array.array("i", payload[: len(payload) - len(payload) % 4]))
             fields = dict(line.split("=", 1) for line in data.decode().splitlines() if "=" in line)
             self.messages.append(fields)
-            if fields.get("FDSTORE") == "1":
+            self.received.append(time.monotonic())
+            if fields.get("FDSTORE") == "1" and self.fdstore:
                 self.store.setdefault(fields.get("FDNAME", "stored"), []).extend(fds)
             else:
                 for fd in fds:
@@ -122,6 +132,27 @@ class Manager:
     def said(self, key: str) -> list[str]:
         with self._lock:
             return [m[key] for m in self.messages if key in m]
+
+    def when(self, key: str) -> list[float]:
+        """When (time.monotonic()) each message carrying ``key`` arrived."""
+        with self._lock:
+            return [t for m, t in zip(self.messages, self.received, strict=True) if key in m]
+
+    def snapshot(self) -> dict[str, Any] | None:
+        """The newest snapshot in the store (``s.<generation>``), unpacked; None if there is none."""
+        with self._lock:
+            generations = [int(name[2:]) for name in self.store if name.startswith("s.")]
+            if not generations:
+                return None
+            (fd,) = self.store[f"s.{max(generations)}"]
+            data = os.pread(fd, os.fstat(fd).st_size, 0)
+        snapshot: dict[str, Any] = msgpack.unpackb(data)
+        return snapshot
+
+    def snapshot_names(self) -> dict[int, str | None]:
+        """Buffer id → name, as the newest snapshot has them."""
+        snapshot = self.snapshot()
+        return {} if snapshot is None else {b["id"]: b["name"] for b in snapshot["buffers"]}
 
     def stored(self) -> list[str]:
         with self._lock:

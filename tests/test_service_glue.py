@@ -8,12 +8,18 @@ import os
 import socket
 import subprocess
 import sys
+from collections.abc import Sequence
 from pathlib import Path
 
 import msgpack
+import pytest
+import trio
+import trio.testing
 
+from bufbroker._paths import default_socket_path, socket_path_for
 from bufbroker.broker._config import Config, from_arguments, load_toml
-from bufbroker.broker._main import _parser
+from bufbroker.broker._main import _parser, _tell_manager
+from bufbroker.broker._server import Server
 from bufbroker.broker._systemd import JournalFormatter, ServiceManager, journal_stream
 
 from conftest import Broker
@@ -53,6 +59,52 @@ def test_without_a_manager_everything_is_a_no_op() -> None:
     assert not manager.present and manager.watchdog_period() is None
     manager.ready()
     manager.fdstore([0], "x")
+
+
+class _Recorder(ServiceManager):
+    """A manager that notes what it is told, and when (trio's clock), instead of sending it."""
+
+    def __init__(self, environ: dict[str, str]) -> None:
+        super().__init__(environ)
+        self.told: list[tuple[float, tuple[str, ...]]] = []
+
+    def notify(self, *fields: str, fds: Sequence[int] = ()) -> None:
+        self.told.append((trio.current_time(), fields))
+
+
+def test_watchdog_pings_come_at_half_of_watchdog_usec_even_when_it_is_long() -> None:
+    """WatchdogSec=30s (the shipped unit): a ping every 15 s, while STATUS is looked at every second."""
+    manager = _Recorder({"NOTIFY_SOCKET": "/nonexistent", "WATCHDOG_USEC": "30000000"})
+
+    async def run_for_a_while() -> None:
+        server = Server(Config(), version="test")  # never serving: only its state is looked at
+        try:
+            with trio.move_on_after(61):
+                await _tell_manager(manager, server)
+        finally:
+            server.handles.close()
+
+    try:
+        trio.run(run_for_a_while, clock=trio.testing.MockClock(autojump_threshold=0))
+    finally:
+        manager.close()
+    pings = [t for t, fields in manager.told if fields == ("WATCHDOG=1",)]
+    assert [t - pings[0] for t in pings] == [0.0, 15.0, 30.0, 45.0, 60.0]
+    assert [fields for _, fields in manager.told if fields != ("WATCHDOG=1",)] == [
+        ("STATUS=0 buffers, 0 bytes, 0 devices, 0 handles",)
+    ]
+
+
+def test_the_store_size_is_read_from_fdstore_when_the_manager_gives_it() -> None:
+    told = ServiceManager({"NOTIFY_SOCKET": "/nonexistent", "FDSTORE": "32768"})
+    silent = ServiceManager({"NOTIFY_SOCKET": "/nonexistent"})  # systemd before 254 never says
+    assert (told.fdstore_max, silent.fdstore_max, ServiceManager({"FDSTORE": "9"}).fdstore_max) == (
+        32768,
+        None,
+        None,
+    )
+    told.close()
+    silent.close()
 
 
 def test_a_watchdog_meant_for_another_process_is_ignored() -> None:
@@ -116,3 +168,48 @@ def test_peers_that_vanish_before_their_replies_cost_the_broker_nothing(broker: 
     with broker.connect("after") as dev:
         broker.wait_for(lambda: [d["name"] for d in dev.devices()] == ["after"])
     assert broker.proc.poll() is None
+
+
+@pytest.mark.parametrize(
+    ("environ", "euid", "expected"),
+    [
+        ({"BUFBROKER_SOCKET": "/srv/b.sock", "XDG_RUNTIME_DIR": "/run/user/1000"}, 1000, "/srv/b.sock"),
+        ({"BUFBROKER_SOCKET": "/srv/b.sock"}, 0, "/srv/b.sock"),
+        (
+            {"BUFBROKER_SOCKET": "", "XDG_RUNTIME_DIR": "/run/user/1000"},
+            1000,
+            "/run/user/1000/bufbroker/bufbroker.sock",
+        ),
+        ({"XDG_RUNTIME_DIR": "/run/user/0"}, 0, "/run/bufbroker/bufbroker.sock"),
+        ({"XDG_RUNTIME_DIR": "/run/user/1000"}, 1000, "/run/user/1000/bufbroker/bufbroker.sock"),
+        ({}, 1000, "/run/user/1000/bufbroker/bufbroker.sock"),  # no runtime dir in the environment
+    ],
+)
+def test_the_default_socket_follows_the_design(environ: dict[str, str], euid: int, expected: str) -> None:
+    assert socket_path_for(environ, euid=euid, uid=euid) == expected
+
+
+def test_the_default_socket_does_not_depend_on_which_sockets_exist(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A user whose own broker is down is told so, not handed to another broker (DESIGN.md);
+    members of the bufbroker group set BUFBROKER_SOCKET to reach the system one."""
+    runtime = tmp_path / "runtime"
+    monkeypatch.setenv("XDG_RUNTIME_DIR", str(runtime))
+    monkeypatch.delenv("BUFBROKER_SOCKET", raising=False)
+    monkeypatch.setattr(os, "geteuid", lambda: 1000)
+    mine = str(runtime / "bufbroker" / "bufbroker.sock")
+    assert default_socket_path() == mine  # nothing exists yet
+    system = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    system.bind(str(tmp_path / "system.sock"))
+    system.listen()
+    try:
+        monkeypatch.setattr("bufbroker._paths.SYSTEM_SOCKET", str(tmp_path / "system.sock"))
+        assert default_socket_path() == mine  # a system socket beside it changes nothing
+        monkeypatch.setenv("BUFBROKER_SOCKET", str(tmp_path / "system.sock"))
+        assert default_socket_path() == str(tmp_path / "system.sock")
+        monkeypatch.setattr(os, "geteuid", lambda: 0)
+        monkeypatch.delenv("BUFBROKER_SOCKET")
+        assert default_socket_path() == str(tmp_path / "system.sock")
+    finally:
+        system.close()

@@ -8,6 +8,8 @@ store, and the watchdog.
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import os
 import shutil
 import signal
@@ -80,8 +82,11 @@ class UserManager:
         return self.main_pid()
 
     def stop(self) -> None:
-        broker = self.main_pid() if self.proc.poll() is None else 0
-        self.systemctl("stop", "bufbroker.service", "bufbroker.socket")
+        broker = 0
+        # A manager that no longer answers must still be ended below, not leaked.
+        with contextlib.suppress(subprocess.TimeoutExpired, ValueError):
+            broker = self.main_pid() if self.proc.poll() is None else 0
+            self.systemctl("stop", "bufbroker.service", "bufbroker.socket")
         if broker and Path(f"/proc/{broker}").exists():
             os.kill(broker, signal.SIGKILL)
         self.proc.terminate()
@@ -93,21 +98,37 @@ class UserManager:
         self.log.close()
 
 
-@pytest.fixture
-def user_manager() -> Iterator[UserManager]:
+@contextlib.contextmanager
+def _user_manager(dropin: str = "") -> Iterator[UserManager]:
+    """A user manager with our user units, and ``dropin`` ([Service] lines, ``{runtime}`` filled in)."""
     refused = _unshare_refused()
     if refused:
         pytest.skip(f"this machine refuses unshare -m ({refused}): no private systemd user manager here")
     runtime = Path(tempfile.mkdtemp(prefix="bufbroker-xdg-"))
     os.chmod(runtime, 0o700)
-    (runtime / "systemd" / "user").mkdir(parents=True)
-    install(runtime / "systemd" / "user", user=True, watchdog="2s")
+    units = runtime / "systemd" / "user"
+    units.mkdir(parents=True)
+    install(units, user=True, watchdog="2s")
+    # Every such manager takes the cgroup tree's root as its own (it starts in /init.scope), so
+    # the broker of each would be /app.slice/bufbroker.service, and a manager stopping its broker
+    # would kill the broker of a test running beside it. A slice of its own keeps them apart.
+    slice_name = "bufbrokertest" + runtime.name.removeprefix("bufbroker-xdg-") + ".slice"
+    (units / "bufbroker.service.d").mkdir()
+    (units / "bufbroker.service.d" / "test.conf").write_text(
+        f"[Service]\nSlice={slice_name}\n" + dropin.format(runtime=runtime)
+    )
     manager = UserManager(runtime)
     try:
         yield manager
     finally:
         manager.stop()
         shutil.rmtree(runtime, ignore_errors=True)
+
+
+@pytest.fixture
+def user_manager() -> Iterator[UserManager]:
+    with _user_manager() as manager:
+        yield manager
 
 
 def _contents(socket: str, handle: int) -> bytes:
@@ -151,3 +172,29 @@ def test_activation_readiness_restart_kill_and_watchdog(user_manager: UserManage
     assert not Path(f"/proc/{third}").exists() and m.restarts() == restarts + 1
     assert _contents(m.socket, handle) == b"frame!"
     os.close(handle)
+
+
+def test_a_restart_without_a_store_says_in_the_log_that_buffers_were_not_kept() -> None:
+    dropin = "FileDescriptorStoreMax=0\nStandardError=append:{runtime}/broker.log\n"
+    with _user_manager(dropin) as m:
+        m.systemctl("start", "bufbroker.socket")
+        with bufbroker.connect("producer", socket=m.socket) as dev:
+            handle = dev.allocate(8192, name="kept").share()
+        first = m.main_pid()
+        m.wait_for(
+            lambda: "1 buffers" in m.systemctl("status", "bufbroker.service"), "STATUS with the buffer"
+        )
+        m.systemctl("restart", "bufbroker.service")
+        m.wait_for_new_broker(first)
+        with bufbroker.connect("checker", socket=m.socket) as dev:
+            assert dev.buffers() == []
+            with pytest.raises(bufbroker.BrokerError) as e:
+                dev.import_handle(handle)
+            assert e.value.errno == errno.EINVAL
+        os.close(handle)
+        log = (m.runtime / "broker.log").read_text()
+    # systemd 252 does not tell the broker the store's size ($FDSTORE comes with 254)
+    stop = "stopping with 1 buffers (8192 bytes): 1 held by handles stay in the service manager's"
+    assert stop in log and "if the unit sets FileDescriptorStoreMax=" in log, log
+    after_restart = log.split(stop, 1)[1]
+    assert "if this is a restart, the buffers of the previous broker were not kept" in after_restart, log

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import math
 import os
 import re
 from dataclasses import dataclass, field
@@ -38,6 +39,8 @@ from ._state import Observer, State
 __all__ = ["FdStore", "Notifier", "is_stored", "restore"]
 
 log = logging.getLogger("bufbroker.broker")
+
+SNAPSHOT_RETRY = 5.0  # seconds before a failed snapshot is tried again when nothing changes
 
 _HANDLE = re.compile(r"h\.(\d+)\.(\d+)\.(\d+)\.([rw])\.(\d+)\.(\d+)")
 _MEMFD = re.compile(r"m\.(\d+)")
@@ -91,15 +94,35 @@ class FdStore(Observer):
         self._dirty.set()
 
     async def run(self) -> None:
-        """Rewrite the snapshot after changes, once per burst of them."""
+        """Rewrite the snapshot after changes, once per burst of them.
+
+        A snapshot that cannot be made (EMFILE, ENOMEM, ...) costs only the names and layouts a
+        restart would bring back: the broker goes on serving, and tries again at the next change,
+        or after ``SNAPSHOT_RETRY`` seconds if no change comes first.
+        """
+        failing = False
         while True:
-            await self._dirty.wait()
+            with trio.move_on_after(SNAPSHOT_RETRY if failing else math.inf):
+                await self._dirty.wait()
             self._dirty = trio.Event()
-            self._write_snapshot()
+            try:
+                self._write_snapshot()
+            except OSError as e:
+                if not failing:  # once per run of failures, not once per retry
+                    log.warning(
+                        "cannot write the snapshot for the file descriptor store: %s; until it is "
+                        "written, a restart brings back names and layouts as of the last one (retrying)",
+                        e,
+                    )
+                failing = True
+            else:
+                if failing:
+                    log.info("the snapshot for the file descriptor store is written again")
+                failing = False
 
     def _write_snapshot(self) -> None:
         data = msgpack.packb({"version": 1, "buffers": [_describe(b) for b in self._state.buffers.values()]})
-        fd = seal_snapshot(data)
+        fd = seal_snapshot(data)  # may raise OSError: run() logs it and retries
         try:
             self._notifier.fdstore([fd], f"s.{self._generation + 1}")
         finally:

@@ -135,11 +135,45 @@ def _status(server: Server) -> str:
     )
 
 
+def _nothing_stored(fdstore_max: int | None) -> str:
+    """What to say when a manager started us with an empty fd store."""
+    if fdstore_max:  # the manager says it has a store: this is a first start
+        return f"the file descriptor store (room for {fdstore_max}) is empty: no buffers to restore"
+    # The broker stores a snapshot at every start, so a restart with a working store always
+    # gets one back. Nothing came back: a first start, or a manager that keeps nothing.
+    return (
+        "the service manager handed back no stored buffers: if this is a restart, the buffers "
+        "of the previous broker were not kept (the unit needs FileDescriptorStoreMax=)"
+    )
+
+
+def _what_is_kept(server: Server, manager: ServiceManager) -> tuple[int, str] | None:
+    """The log line (level, text) that says, at a stop, which buffers outlive the broker."""
+    buffers = list(server.state.buffers.values())
+    if not buffers:
+        return None
+    total = sum(b.size for b in buffers)
+    what = f"{len(buffers)} buffers ({total} bytes)"
+    if not manager.present:
+        return logging.WARNING, (
+            f"stopping with {what}: they are not kept, there is no service manager with a "
+            "file descriptor store; they are freed as the broker exits"
+        )
+    kept = sum(1 for b in buffers if b.handles)
+    text = f"stopping with {what}: {kept} held by handles stay in the service manager's file descriptor store"
+    text += " for a restart"
+    if manager.fdstore_max is None:  # systemd before 254 does not say whether it has a store
+        text += ", if the unit sets FileDescriptorStoreMax="
+    if kept < len(buffers):
+        text += f"; {len(buffers) - kept} held only by devices are freed"
+    return logging.INFO, text
+
+
 async def _tell_manager(manager: ServiceManager, server: Server) -> None:
-    """STATUS= when it changes (at most once a second), WATCHDOG=1 at the period asked for."""
+    """STATUS= when it changes (looked at once a second), WATCHDOG=1 every half of WATCHDOG_USEC."""
     period = manager.watchdog_period()
     last = ""
-    next_status = trio.current_time()
+    next_status = next_ping = trio.current_time()
     while True:
         now = trio.current_time()
         if now >= next_status:
@@ -148,9 +182,10 @@ async def _tell_manager(manager: ServiceManager, server: Server) -> None:
                 manager.status(text)
                 last = text
             next_status = now + 1.0
-        if period is not None:
+        if period is not None and now >= next_ping:
             manager.watchdog_ping()
-        await trio.sleep(min(period or 1.0, 1.0))
+            next_ping = now + period
+        await trio.sleep_until(next_status if period is None else min(next_status, next_ping))
 
 
 async def _run(
@@ -163,9 +198,17 @@ async def _run(
     stored = [(fd, name) for fd, name in inherited if is_stored(name)]
     sockets = [fd for fd, name in inherited if not is_stored(name)]
     if manager.present:
+        if not stored:
+            log.info("%s", _nothing_stored(manager.fdstore_max))
         server = Server(config, version=__version__, fdstore=manager, stored=stored)
     else:
         log.info("no service manager: buffers are not kept across a restart of the broker")
+        if stored:
+            log.warning(
+                "dropping %d descriptors of a file descriptor store: without a service manager "
+                "(no $NOTIFY_SOCKET) their buffers are not kept",
+                len(stored),
+            )
         close_all(fd for fd, _ in stored)
         server = Server(config, version=__version__)
     close_all(sockets[1:])
@@ -179,6 +222,8 @@ async def _run(
             nursery.start_soon(_tell_manager, manager, server)
             async for signum in signals:
                 log.info("%s: shutting down", signal.Signals(signum).name)
+                if farewell := _what_is_kept(server, manager):
+                    log.log(*farewell)
                 manager.stopping()
                 await server.announce_shutdown()
                 nursery.cancel_scope.cancel()

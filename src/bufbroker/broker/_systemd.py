@@ -41,11 +41,22 @@ class ServiceManager:
         watchdog_pid = env.get("WATCHDOG_PID")
         if watchdog_pid and int(watchdog_pid) != os.getpid():
             self._watchdog_usec = 0  # the watchdog is meant for another process
+        fdstore = env.get("FDSTORE", "")
+        self._fdstore_max = int(fdstore) if fdstore.isdigit() and self._address else None
 
     @property
     def present(self) -> bool:
         """Whether a manager listens: only then does FDSTORE keep anything."""
         return self._sock is not None
+
+    @property
+    def fdstore_max(self) -> int | None:
+        """The size of the manager's fd store, when the manager says so, else None.
+
+        systemd 254 and later set $FDSTORE to FileDescriptorStoreMax= when it is not 0; older
+        managers (systemd 252 here) never say, so None means "unknown", not "no store".
+        """
+        return self._fdstore_max
 
     def notify(self, *fields: str, fds: Sequence[int] = ()) -> None:
         if self._sock is None:
