@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import errno
 import os
 import socket
@@ -80,7 +79,7 @@ FIELD_VALUES_BY_NAME: dict[tuple[str, str], st.SearchStrategy[object]] = {
 
 def _op_args(spec: OpSpec) -> st.SearchStrategy[p.OpArgs]:
     """Valid arguments for ``spec``: every required field, and each optional one absent or given."""
-    annotations = {f.name: str(f.type) for f in dataclasses.fields(spec.args)}  # type: ignore[arg-type]
+    annotations = spec.args._annotations
     required: dict[str, st.SearchStrategy[object]] = {}
     optional: dict[str, st.SearchStrategy[object]] = {}
     for key, _, needed in spec.fields:

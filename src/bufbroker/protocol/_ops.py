@@ -1,9 +1,9 @@
 """Every operation's arguments, in one place.
 
-Each op is a frozen dataclass whose fields are its arguments, registered under its wire name
-with the number of descriptors it carries. ``parse_args`` is the only code that turns a
-peer's ``args`` map into one of these; everything after it may trust the types. Results are
-plain maps, described beside each op in docs/PROTOCOL.md.
+Each op is a record (immutable, see ``_record``) whose fields are its arguments, registered
+under its wire name with the number of descriptors it carries. ``parse_args`` is the only code
+that turns a peer's ``args`` map into one of these; everything after it may trust the types.
+Results are plain maps, described beside each op in docs/PROTOCOL.md.
 
 Errors: an args map that breaks its op's schema is ``EINVAL``; an op nobody defined is
 ``ENOTTY`` (an unknown ioctl); an op that needs a descriptor and got none is ``EBADF``.
@@ -11,14 +11,13 @@ Errors: an args map that breaks its op's schema is ``EINVAL``; an op nobody defi
 
 from __future__ import annotations
 
-import dataclasses
 import errno
 import math
 from collections.abc import Callable
-from dataclasses import dataclass
-from typing import Any, TypeVar
+from typing import Any, ClassVar, TypeVar
 
 from ._errors import BrokerError
+from ._record import Record
 from ._types import Access, Constraints, Direction
 
 __all__ = [
@@ -99,7 +98,7 @@ def _access(value: Any) -> Access:
 def _constraints(value: Any) -> Constraints:
     if type(value) is not dict:
         raise ValueError("a map")
-    known = {f.name for f in dataclasses.fields(Constraints)}
+    known = set(Constraints._fields)
     unknown = set(value) - known
     if unknown:
         raise ValueError(f"unknown keys {sorted(map(str, unknown))}")
@@ -130,8 +129,7 @@ _BY_NAME: dict[tuple[str, str], Callable[[Any], Any]] = {
 }
 
 
-@dataclass(frozen=True, slots=True)
-class OpSpec:
+class OpSpec(Record, kw_only=False):
     name: str
     args: type[OpArgs]
     fds: int  # descriptors the request carries
@@ -139,12 +137,11 @@ class OpSpec:
     reply_fds: bool  # whether its reply may carry descriptors
 
 
-class OpArgs:
+class OpArgs(Record):
     """Base of every op's argument record."""
 
-    __slots__ = ()
-    _names: tuple[str, ...] = ()  # set per class by @op: the field names, looked up once
-    reply_fds: bool = False  # set per class by @op: a receiver without it needs no cmsg buffer
+    _names: ClassVar[tuple[str, ...]] = ()  # set per class by @op: the field names, looked up once
+    reply_fds: ClassVar[bool] = False  # set per class by @op: a receiver without it needs no cmsg buffer
 
     def to_wire(self) -> dict[str, Any]:
         out: dict[str, Any] = {}
@@ -167,15 +164,13 @@ _A = TypeVar("_A", bound=type[OpArgs])
 
 def op(name: str, *, fds: int = 0, reply_fds: bool = False) -> Callable[[_A], _A]:
     def register(cls: _A) -> _A:
-        record: Any = cls  # a dataclass by the time this decorator runs
-        hints = {f.name: f.type for f in dataclasses.fields(record)}
         fields = tuple(
             (
-                f.name,
-                _BY_NAME.get((f.name, str(hints[f.name]))) or _CHECKS[str(hints[f.name])],
-                f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING,
+                key,
+                _BY_NAME.get((key, kind)) or _CHECKS[kind],
+                key not in cls._defaults,
             )
-            for f in dataclasses.fields(record)
+            for key, kind in cls._annotations.items()
         )
         OPS[name] = OpSpec(name, cls, fds, fields, reply_fds)
         cls._names = tuple(key for key, _, _ in fields)
@@ -211,21 +206,18 @@ def parse_args(name: str, args: Any, nfds: int) -> OpArgs:
 
 
 @op("hello")
-@dataclass(frozen=True, slots=True, kw_only=True)
 class Hello(OpArgs):
     version: int
     name: str
-    constraints: Constraints = Constraints()  # noqa: RUF009 (frozen: sharing is safe)
+    constraints: Constraints = Constraints()  # immutable: sharing is safe
 
 
 @op("ping")
-@dataclass(frozen=True, slots=True, kw_only=True)
 class Ping(OpArgs):
     pass
 
 
 @op("allocate", reply_fds=True)
-@dataclass(frozen=True, slots=True, kw_only=True)
 class Allocate(OpArgs):
     size: int
     name: str | None = None
@@ -233,96 +225,81 @@ class Allocate(OpArgs):
 
 
 @op("export_memfd", fds=1, reply_fds=True)
-@dataclass(frozen=True, slots=True, kw_only=True)
 class ExportMemfd(OpArgs):
     name: str | None = None
 
 
 @op("import", fds=1)
-@dataclass(frozen=True, slots=True, kw_only=True)
 class Import(OpArgs):
     pass
 
 
 @op("open", reply_fds=True)
-@dataclass(frozen=True, slots=True, kw_only=True)
 class Open(OpArgs):
     name: str
     timeout: float | None = None
 
 
 @op("share", reply_fds=True)
-@dataclass(frozen=True, slots=True, kw_only=True)
 class Share(OpArgs):
     buffer: int
     readonly: bool = False
 
 
 @op("set_name")
-@dataclass(frozen=True, slots=True, kw_only=True)
 class SetName(OpArgs):
     buffer: int
     name: str | None = None
 
 
 @op("release")
-@dataclass(frozen=True, slots=True, kw_only=True)
 class Release(OpArgs):
     buffer: int
 
 
 @op("attach")
-@dataclass(frozen=True, slots=True, kw_only=True)
 class Attach(OpArgs):
     buffer: int
 
 
 @op("detach")
-@dataclass(frozen=True, slots=True, kw_only=True)
 class Detach(OpArgs):
     attachment: int
 
 
 @op("map", reply_fds=True)
-@dataclass(frozen=True, slots=True, kw_only=True)
 class Map(OpArgs):
     attachment: int
     direction: Direction
 
 
 @op("unmap")
-@dataclass(frozen=True, slots=True, kw_only=True)
 class Unmap(OpArgs):
     attachment: int
 
 
 @op("cpu_begin", reply_fds=True)
-@dataclass(frozen=True, slots=True, kw_only=True)
 class CpuBegin(OpArgs):
     buffer: int
     access: Access
 
 
 @op("cpu_end")
-@dataclass(frozen=True, slots=True, kw_only=True)
 class CpuEnd(OpArgs):
     buffer: int
     access: Access
 
 
 @op("buffers")
-@dataclass(frozen=True, slots=True, kw_only=True)
 class Buffers(OpArgs):
     after: int = 0  # a cursor: replies are paged to stay under one packet
 
 
 @op("devices")
-@dataclass(frozen=True, slots=True, kw_only=True)
 class Devices(OpArgs):
     after: int = 0
 
 
 @op("stats")
-@dataclass(frozen=True, slots=True, kw_only=True)
 class Stats(OpArgs):
     pass

@@ -9,9 +9,9 @@ from __future__ import annotations
 import enum
 import errno
 import mmap
-from dataclasses import dataclass
 
 from ._errors import BrokerError
+from ._record import Record
 
 __all__ = ["PAGE_SIZE", "Access", "Constraints", "Direction", "Segment", "page_round"]
 
@@ -47,15 +47,14 @@ class Access(enum.Enum):
         return self is not Access.READ
 
 
-@dataclass(frozen=True, slots=True, kw_only=True)
-class Constraints:
+class Constraints(Record):
     """What a device can address; ``None`` means no limit (``struct device_dma_parameters``)."""
 
     max_segment_size: int | None = None
     max_segments: int | None = None
     alignment: int | None = None
 
-    def __post_init__(self) -> None:
+    def _check(self) -> None:
         mss, ms, al = self.max_segment_size, self.max_segments, self.alignment
         if mss is not None and (mss <= 0 or mss % PAGE_SIZE):
             raise BrokerError(errno.EINVAL, f"max_segment_size must be a positive multiple of {PAGE_SIZE}")
@@ -76,8 +75,7 @@ class Constraints:
         }
 
 
-@dataclass(frozen=True, slots=True)
-class Segment:
+class Segment(Record, kw_only=False):
     """One scatter-list entry: ``length`` bytes at ``offset`` in backing fd number ``fd``."""
 
     offset: int
