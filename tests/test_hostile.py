@@ -228,3 +228,38 @@ def test_a_holder_that_shuts_its_handle_down_does_not_end_it(broker: Broker, how
         theirs.close()
         os.close(kept)  # the last copy: now it goes, once the broker looks again
         broker.wait_for(lambda: b.buffers() == [])
+
+
+def test_a_handle_sent_into_itself_then_shut_down_still_goes(broker: Broker) -> None:
+    """Its own descriptor queued in the broker's end would keep it alive: the broker drops it."""
+    with broker.connect("a") as a:
+        buf = a.allocate(4096)
+        handle = buf.share()
+        end = socket.socket(fileno=handle)
+        socket.send_fds(end, [b"x"], [handle])
+        end.shutdown(socket.SHUT_WR)
+        end.close()
+        buf.close()
+        broker.wait_for(lambda: a.buffers() == [] and a.stats()["handles"] == 0)
+
+
+def test_many_handles_shut_down_and_closed_at_once(broker: Broker) -> None:
+    """More hang-ups at once than are looked up one by one: the kernel's table is read whole."""
+    with broker.connect("a") as a, broker.connect("b") as b:
+        buffers = [a.allocate(4096) for _ in range(40)]
+        handles = [buf.share() for buf in buffers]
+        kept = [os.dup(h) for h in handles]
+        for h in handles:
+            rude = socket.socket(fileno=h)
+            rude.shutdown(socket.SHUT_RDWR)
+            rude.close()
+        for buf in buffers:
+            buf.close()
+        a.ping()
+        time.sleep(0.2)
+        assert len(a.buffers()) == 40  # each still held by its kept copy
+        theirs = b.import_handle(kept[-1])
+        theirs.close()
+        for fd in kept:
+            os.close(fd)
+        broker.wait_for(lambda: a.buffers() == [])

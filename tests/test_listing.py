@@ -8,6 +8,7 @@ from collections.abc import Callable
 import pytest
 
 import bufbroker
+from bufbroker import Direction
 from bufbroker.broker import Config, State
 from bufbroker.broker._introspect import PAGE, PAGE_BYTES, buffer_page, device_page
 from bufbroker.broker._records import Device
@@ -76,3 +77,24 @@ def test_pages_are_bounded_by_bytes_and_entries() -> None:
     assert pages >= 5  # three big entries on pages of their own, then 128-entry pages
     devices, more = device_page(state, 0, 0)
     assert [d["name"] for d in devices] == ["dev"] and not more
+
+
+def test_a_layout_too_long_for_one_reply(broker: Broker) -> None:
+    """4 KiB segments of 64 MiB: the map is refused with a reason, the listing cut short."""
+    with (
+        broker.connect("fine", constraints=Constraints(max_segment_size=4096)) as dev,
+        broker.connect("inspector") as inspector,
+    ):
+        buf = dev.allocate(64 << 20)
+        with buf.attach() as att:
+            with pytest.raises(bufbroker.BrokerError) as e:
+                att.map(Direction.TO_DEVICE)
+            assert e.value.errno == errno.EMSGSIZE and "max_segment_size" in str(e.value)
+        [entry] = inspector.buffers()
+        assert entry["truncated"] is True and 0 < len(entry["layout"]) < (64 << 20) // 4096
+        assert entry["attachments"] == []  # the refused map left nothing mapped, and it detached
+        small = dev.allocate(8 << 20)  # 2,048 segments fit
+        with small.attach() as att, att.map(Direction.TO_DEVICE) as m:
+            assert len(m.segments) == 2048
+        buf.close()
+        small.close()

@@ -21,7 +21,7 @@ from .. import protocol as p
 from ..protocol import BrokerError, ProtocolError, RequestError
 from ._handles import handle_key
 from ._heap import adopt_memfd
-from ._introspect import buffer_page, device_page, stats
+from ._introspect import REPLY_BYTES, buffer_page, device_page, stats
 from ._records import Buffer, Device
 from ._state import Mapped
 
@@ -123,7 +123,9 @@ class Connection:
                         await self.sock.sendmsg([data], p.ancillary(owned))
                     else:
                         await self.sock.send(data)
-        except (OSError, trio.ClosedResourceError):
+        except (OSError, trio.ClosedResourceError) as e:
+            if not isinstance(e, BrokenPipeError | ConnectionResetError | trio.ClosedResourceError):
+                log.warning("cannot send %d bytes to %s: %s", len(data), self.device.label, e)
             self.gone = True
         finally:
             if owned:
@@ -309,10 +311,17 @@ class Connection:
         return (self._describe(buffer) if new_ref else {}), [fd]
 
     def _backing(self, mapped: Mapped, undo: Any) -> tuple[Any, list[int]]:
+        segments = [s.to_wire() for s in mapped.layout]
+        if p.packed_size(segments) > REPLY_BYTES:
+            undo()
+            raise BrokerError(
+                errno.EMSGSIZE,
+                f"the layout has {len(segments)} segments, more than one reply can carry: "
+                "allow longer segments (max_segment_size)",
+            )
         try:
             fds = mapped.backing.descriptors(mapped.writable)
         except OSError as e:
             undo()
             raise BrokerError(e.errno or errno.EMFILE, f"cannot hand out the backing: {e.strerror}") from None
-        segments = [s.to_wire() for s in mapped.layout]
         return {"segments": segments, "size": mapped.backing.size, "writable": mapped.writable}, fds

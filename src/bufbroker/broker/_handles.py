@@ -109,41 +109,52 @@ class HandleTable:
 
     def settle(self) -> None:
         """Report every handle the kernel has already seen closed; never waits."""
+        hung: list[int] = []
         for _ in range(_SETTLE_ROUNDS):
             events = self._epoll.poll(0, 256)
             for fd, flags in events:
                 if flags & _CLOSED:
-                    self._hung_up(fd)
-                    continue
-                end, _ = self._ends[fd]
-                for _ in range(_DRAIN_PACKETS):
-                    try:
-                        if not end.recv(1, socket.MSG_DONTWAIT):  # SCM_RIGHTS are discarded
-                            break
-                    except OSError:
-                        break
+                    hung.append(fd)
+                else:
+                    self._drain(fd, _DRAIN_PACKETS)
             if len(events) < 256:
                 break
         if self._shut and time.monotonic() - self._checked >= RECHECK:
             self._checked = time.monotonic()
-            for fd in list(self._shut):
-                self._hung_up(fd)
+            hung += self._shut
+        if hung:
+            self._hung_up(hung)
 
-    def _hung_up(self, fd: int) -> None:
-        """The broker's end ``fd`` was shut down: by the last close, or by a holder."""
-        key = self._ends[fd][1]
+    def _drain(self, fd: int, most: int) -> None:
+        """Read and drop what holders wrote into a handle, descriptors included."""
+        end = self._ends[fd][0]
+        for _ in range(most):
+            try:
+                if not end.recv(1, socket.MSG_DONTWAIT):  # SCM_RIGHTS are discarded
+                    return
+            except OSError:
+                return
+
+    def _hung_up(self, fds: list[int]) -> None:
+        """These broker ends were shut down: by the last close, or by a holder."""
+        for fd in fds:
+            # Descriptors queued in the broker's end (a handle sent into itself) would keep the
+            # client end alive: drop them first. Nothing new comes once the end is shut down.
+            self._drain(fd, 1 << 16)
+        keys = {fd: self._ends[fd][1] for fd in fds}
         try:
-            alive = self._diag is not None and self._diag.exists(key[1])
+            alive = self._diag.existing({ino for _, ino in keys.values()}) if self._diag else set()
         except OSError as e:
-            log.warning("cannot look up handle %s: %s", key, e)
-            alive = False
-        if alive:
-            if fd not in self._shut:
-                self._epoll.unregister(fd)
-                self._shut.add(fd)
-            return
-        self._forget(fd)
-        self._closed(key)
+            log.warning("cannot look up %d handle(s) that hung up, will again: %s", len(fds), e)
+            alive = {ino for _, ino in keys.values()}
+        for fd, key in keys.items():
+            if key[1] in alive:
+                if fd not in self._shut:  # it would be reported for ever: look again later
+                    self._epoll.unregister(fd)
+                    self._shut.add(fd)
+            else:
+                self._forget(fd)
+                self._closed(key)
 
     def _forget(self, fd: int) -> None:
         end, key = self._ends.pop(fd)

@@ -83,11 +83,10 @@ def adopt_memfd(fd: int) -> Backing:
     size = os.fstat(fd).st_size
     if size == 0 or size % PAGE_SIZE:
         raise BrokerError(errno.EINVAL, f"the memfd's size must be a non-zero multiple of {PAGE_SIZE}")
-    if not seals & fcntl.F_SEAL_SEAL:
-        fcntl.fcntl(fd, fcntl.F_ADD_SEALS, fcntl.F_SEAL_GROW)
     # Read-only handles must stay read-only for other uids, who could otherwise reopen the
     # memfd for writing through /proc/self/fd. Only its owner (or root) may chmod it; where
-    # the broker cannot, a memfd that group or others may write is refused.
+    # the broker cannot, a memfd that group or others may write is refused (before any seal
+    # is added: a refused memfd is left as it came).
     with contextlib.suppress(PermissionError):
         os.fchmod(fd, 0o400)
     if os.fstat(fd).st_mode & 0o022:
@@ -96,6 +95,8 @@ def adopt_memfd(fd: int) -> Backing:
             "group or others may write the memfd, and the broker cannot change its mode: "
             "take their write permission off first (fchmod 0600)",
         )
+    if not seals & fcntl.F_SEAL_SEAL:
+        fcntl.fcntl(fd, fcntl.F_ADD_SEALS, fcntl.F_SEAL_GROW)
     return Backing(fd, size)
 
 

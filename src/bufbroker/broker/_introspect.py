@@ -5,7 +5,8 @@ as /sys/kernel/debug/dma_buf/bufinfo is for root only.
 
 Listings come in pages that fit one packet whatever the state: at most PAGE entries and
 PAGE_BYTES of them. An entry too big for a page on its own (a buffer attached by thousands of
-devices) has its longest lists cut short and says so with ``"truncated": true``.
+devices, or laid out in thousands of segments) has its longest lists cut short and says so
+with ``"truncated": true``.
 """
 
 from __future__ import annotations
@@ -18,11 +19,11 @@ from .. import protocol as p
 from ._records import Buffer, Device
 from ._state import State
 
-__all__ = ["PAGE", "PAGE_BYTES", "buffer_page", "device_page", "stats"]
+__all__ = ["PAGE", "PAGE_BYTES", "REPLY_BYTES", "buffer_page", "device_page", "stats"]
 
+REPLY_BYTES = 96 << 10  # in one reply at most: well below the largest packet the kernel sends (SO_SNDBUF)
 PAGE = 128  # entries per page at most
-PAGE_BYTES = 96 << 10  # per page at most: well below the largest packet the kernel sends (SO_SNDBUF)
-_LISTS = ("attachments", "importers", "cpu_access", "buffers")  # what may be cut short
+PAGE_BYTES = REPLY_BYTES
 
 
 def _visible_buffer(buffer: Buffer, viewer: int) -> bool:
@@ -113,11 +114,17 @@ def _fill(entries: Iterable[dict[str, Any]]) -> tuple[list[dict[str, Any]], bool
 
 
 def _shrink(entry: dict[str, Any]) -> tuple[dict[str, Any], int]:
-    """``entry`` with its longest lists halved until it fits a page, marked truncated."""
+    """``entry`` with its longest lists halved until it fits a page, marked truncated.
+
+    Everything else in an entry is bounded (names, a command line), so it always comes to fit.
+    """
     entry = {**entry, "truncated": True}
     size = p.packed_size(entry)
     while size > PAGE_BYTES:
-        longest = max((k for k in _LISTS if isinstance(entry.get(k), list)), key=lambda k: len(entry[k]))
+        lists = [k for k, v in entry.items() if isinstance(v, list) and v]
+        if not lists:
+            break
+        longest = max(lists, key=lambda k: len(entry[k]))
         entry[longest] = entry[longest][: len(entry[longest]) // 2]
         size = p.packed_size(entry)
     return entry, size

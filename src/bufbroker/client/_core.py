@@ -96,6 +96,11 @@ def exportable(memfd: int) -> None:
     may (as root); a broker that is not root refuses a memfd that others may write (EACCES).
     The owner's own access is unchanged. If this process does not own it, the broker decides.
     """
+    try:
+        if not os.readlink(f"/proc/self/fd/{memfd}").startswith("/memfd:"):
+            return  # not a memfd: the broker refuses it, and nothing here should change a file
+    except OSError:
+        return
     mode = os.fstat(memfd).st_mode & 0o7777
     if mode & 0o022:
         with contextlib.suppress(PermissionError):
