@@ -55,7 +55,7 @@ class HandleTable:
         """``closed(key)`` is called for each handle whose last copy was closed."""
         self._closed = closed
         self._epoll = select.epoll()
-        self._ends: dict[int, tuple[socket.socket, Key]] = {}  # by broker-end fd
+        self._ends: dict[int, Key] = {}  # by broker-end fd (a bare int: a socket object is 100 bytes)
         self._by_key: dict[Key, int] = {}
         self._shut: set[int] = set()  # broker-end fds of handles shut down, not closed: off epoll
         self._checked = 0.0  # when the shut-down handles were last looked up
@@ -84,16 +84,16 @@ class HandleTable:
             ours.close()
             theirs.close()
             raise
-        self._ends[ours.fileno()] = (ours, key)
-        self._by_key[key] = ours.fileno()
+        fd = ours.detach()
+        self._ends[fd] = key
+        self._by_key[key] = fd
         return theirs.detach(), key
 
     def adopt(self, fd: int, key: Key) -> None:
         """Watch the broker's end of a handle minted before a restart (from the fd store)."""
-        end = socket.socket(fileno=fd)
-        end.setblocking(False)
+        os.set_blocking(fd, False)
         self._epoll.register(fd, select.EPOLLIN | select.EPOLLRDHUP)
-        self._ends[fd] = (end, key)
+        self._ends[fd] = key
         self._by_key[key] = fd
 
     def end_of(self, key: Key) -> int | None:
@@ -127,10 +127,9 @@ class HandleTable:
 
     def _drain(self, fd: int, most: int) -> None:
         """Read and drop what holders wrote into a handle, descriptors included."""
-        end = self._ends[fd][0]
         for _ in range(most):
             try:
-                if not end.recv(1, socket.MSG_DONTWAIT):  # SCM_RIGHTS are discarded
+                if not os.read(fd, 1):  # one packet, whatever its size; SCM_RIGHTS are discarded
                     return
             except OSError:
                 return
@@ -141,7 +140,7 @@ class HandleTable:
             # Descriptors queued in the broker's end (a handle sent into itself) would keep the
             # client end alive: drop them first. Nothing new comes once the end is shut down.
             self._drain(fd, 1 << 16)
-        keys = {fd: self._ends[fd][1] for fd in fds}
+        keys = {fd: self._ends[fd] for fd in fds}
         try:
             alive = self._diag.existing({ino for _, ino in keys.values()}) if self._diag else set()
         except OSError as e:
@@ -157,13 +156,13 @@ class HandleTable:
                 self._closed(key)
 
     def _forget(self, fd: int) -> None:
-        end, key = self._ends.pop(fd)
+        key = self._ends.pop(fd)
         del self._by_key[key]
         if fd in self._shut:
             self._shut.discard(fd)
         else:
             self._epoll.unregister(fd)
-        end.close()
+        os.close(fd)
 
     def close(self) -> None:
         for fd in list(self._ends):

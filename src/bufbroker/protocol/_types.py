@@ -9,6 +9,7 @@ from __future__ import annotations
 import enum
 import errno
 import mmap
+from typing import NamedTuple
 
 from ._errors import BrokerError
 from ._record import Record
@@ -75,8 +76,12 @@ class Constraints(Record):
         }
 
 
-class Segment(Record, kw_only=False):
-    """One scatter-list entry: ``length`` bytes at ``offset`` in backing fd number ``fd``."""
+class Segment(NamedTuple):
+    """One scatter-list entry: ``length`` bytes at ``offset`` in backing fd number ``fd``.
+
+    A named tuple rather than a record: the broker keeps one per segment of every live buffer,
+    and a tuple is the smallest object that holds three numbers.
+    """
 
     offset: int
     length: int
