@@ -73,15 +73,20 @@ async def receive(
 
     ``data`` is a view of ``inbox``, valid until the next receive into it. With ``raw`` (the
     same socket, non-blocking) a packet already waiting is taken without going through trio's
-    scheduler, which yields even when the system call succeeds at once.
+    scheduler, which yields even when the system call succeeds at once; and when none is
+    waiting, only the wait for one goes through trio (its socket call would yield once more
+    after the wait, and try the system call twice).
     """
     space = p.ancillary_space(max_fds)
-    try:
-        if raw is None:
-            raise BlockingIOError
-        n, ancdata, flags, _ = raw.recvmsg_into([inbox], space, p.RECV_FLAGS)
-    except BlockingIOError:
+    if raw is None:
         n, ancdata, flags, _ = await sock.recvmsg_into([inbox], space, p.RECV_FLAGS)
+    else:
+        while True:
+            try:
+                n, ancdata, flags, _ = raw.recvmsg_into([inbox], space, p.RECV_FLAGS)
+                break
+            except BlockingIOError:
+                await trio.lowlevel.wait_readable(raw)
     fds = p.fds_from_ancillary(ancdata, flags, max_fds) if ancdata or flags else []
     return memoryview(inbox)[:n], fds, bool(flags & p.MSG_TRUNC)
 
