@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import errno
 import os
+import signal
 import socket
 import time
 from collections.abc import Callable, Iterator
@@ -263,3 +264,21 @@ def test_many_handles_shut_down_and_closed_at_once(broker: Broker) -> None:
         for fd in kept:
             os.close(fd)
         broker.wait_for(lambda: a.buffers() == [])
+
+
+def test_hundreds_of_handles_closed_at_once(broker: Broker) -> None:
+    """More hang-ups than one epoll round returns: each round is dealt with before the next."""
+    with broker.connect("a") as a:
+        buffers = [a.allocate(4096) for _ in range(300)]
+        handles = [buf.share() for buf in buffers]
+        for buf in buffers:
+            buf.close()  # only the shared handles hold them now
+        a.ping()
+        os.kill(broker.pid, signal.SIGSTOP)
+        try:
+            for fd in handles:
+                os.close(fd)
+        finally:
+            os.kill(broker.pid, signal.SIGCONT)
+        broker.wait_for(lambda: a.buffers() == [])
+        a.ping()

@@ -21,6 +21,7 @@ readable for ever, so it leaves the epoll set and is looked up again every RECHE
 
 from __future__ import annotations
 
+import errno
 import logging
 import math
 import os
@@ -43,6 +44,21 @@ RECHECK = 1.0  # seconds between lookups of handles that a holder shut down
 _CLOSED = select.EPOLLHUP | select.EPOLLRDHUP | select.EPOLLERR
 _DRAIN_PACKETS = 64  # per wake-up, so one chatty holder cannot starve the others
 _SETTLE_ROUNDS = 64  # of 256 events: a bound, in case holders write without end
+
+
+def _reset(fd: int) -> bool:
+    """Whether the kernel reset the broker's end ``fd``: its peer was released with data unread.
+
+    Every handle is minted with one byte queued in the client end, which no client reads. When
+    the last copy is closed, the kernel drops that byte and sets ECONNRESET on the broker's end
+    (unix_release_sock): a close that needs no lookup. A holder that read the byte, or one that
+    only called shutdown(), leaves no reset, and the kernel's socket table decides.
+    """
+    end = socket.socket(fileno=fd)
+    try:
+        return end.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR) == errno.ECONNRESET
+    finally:
+        end.detach()
 
 
 def handle_key(fd: int) -> Key:
@@ -79,6 +95,7 @@ class HandleTable:
         )
         try:
             key = handle_key(theirs.fileno())
+            ours.send(b"\0")  # left unread in the client end: see _reset
             self._epoll.register(ours.fileno(), select.EPOLLIN | select.EPOLLRDHUP)
         except BaseException:
             ours.close()
@@ -105,25 +122,29 @@ class HandleTable:
         while True:
             with trio.move_on_after(RECHECK if self._shut else math.inf):
                 await trio.lowlevel.wait_readable(self._epoll.fileno())
-            self.settle()
+            try:
+                self.settle()
+            except Exception:  # a bug here must not stop the broker: log it, and go on
+                log.exception("watching handles failed")
+                await trio.sleep(RECHECK)
 
     def settle(self) -> None:
         """Report every handle the kernel has already seen closed; never waits."""
-        hung: list[int] = []
         for _ in range(_SETTLE_ROUNDS):
             events = self._epoll.poll(0, 256)
+            hung: list[int] = []
             for fd, flags in events:
                 if flags & _CLOSED:
                     hung.append(fd)
                 else:
                     self._drain(fd, _DRAIN_PACKETS)
+            if hung:  # each round's at once: off the epoll set before the next round
+                self._hung_up(hung)
             if len(events) < 256:
                 break
         if self._shut and time.monotonic() - self._checked >= RECHECK:
             self._checked = time.monotonic()
-            hung += self._shut
-        if hung:
-            self._hung_up(hung)
+            self._hung_up(list(self._shut))
 
     def _drain(self, fd: int, most: int) -> None:
         """Read and drop what holders wrote into a handle, descriptors included."""
@@ -136,11 +157,20 @@ class HandleTable:
 
     def _hung_up(self, fds: list[int]) -> None:
         """These broker ends were shut down: by the last close, or by a holder."""
+        unsure = []
         for fd in fds:
+            if _reset(fd):  # released with our byte unread: closed, no need to ask the kernel
+                key = self._ends[fd]
+                self._forget(fd)
+                self._closed(key)
+                continue
             # Descriptors queued in the broker's end (a handle sent into itself) would keep the
             # client end alive: drop them first. Nothing new comes once the end is shut down.
             self._drain(fd, 1 << 16)
-        keys = {fd: self._ends[fd] for fd in fds}
+            unsure.append(fd)
+        if not unsure:
+            return
+        keys = {fd: self._ends[fd] for fd in unsure}
         try:
             alive = self._diag.existing({ino for _, ino in keys.values()}) if self._diag else set()
         except OSError as e:
