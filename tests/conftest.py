@@ -155,6 +155,30 @@ class Peer:
     proc: subprocess.Popen[str]
     passed: list[int] = field(default_factory=list)
 
+    @classmethod
+    def start(
+        cls, script: str, *args: object, pass_fds: tuple[int, ...] = (), env: dict[str, str] | None = None
+    ) -> Peer:
+        proc = subprocess.Popen(
+            [sys.executable, script, *map(str, args)],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            pass_fds=pass_fds,
+            env={**os.environ, **(env or {})},
+        )
+        return cls(proc)
+
+    def stop(self) -> None:
+        """Kill it if it still runs (by its pid), reap it, close its pipes."""
+        if self.proc.poll() is None:
+            self.proc.kill()
+        self.proc.wait()
+        for stream in (self.proc.stdin, self.proc.stdout, self.proc.stderr):
+            if stream:
+                stream.close()
+
     def line(self) -> str:
         assert self.proc.stdout is not None
         text = self.proc.stdout.readline()
@@ -183,27 +207,12 @@ def peer() -> Iterator[Callable[..., Peer]]:
     def run(
         role: str, *args: object, pass_fds: tuple[int, ...] = (), env: dict[str, str] | None = None
     ) -> Peer:
-        proc = subprocess.Popen(
-            [sys.executable, PEER, role, *map(str, args)],
-            stdin=subprocess.PIPE,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-            pass_fds=pass_fds,
-            env={**os.environ, **(env or {})},
-        )
-        p = Peer(proc)
-        peers.append(p)
-        return p
+        peers.append(Peer.start(PEER, role, *args, pass_fds=pass_fds, env=env))
+        return peers[-1]
 
     yield run
     for p in peers:
-        if p.proc.poll() is None:
-            p.proc.kill()
-        p.proc.wait()
-        for stream in (p.proc.stdin, p.proc.stdout, p.proc.stderr):
-            if stream:
-                stream.close()
+        p.stop()
 
 
 class RawClient:

@@ -11,7 +11,6 @@ import hashlib
 import json
 import os
 import socket
-import subprocess
 import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -71,25 +70,12 @@ def trio_peer() -> Iterator[Callable[..., Peer]]:
     peers: list[Peer] = []
 
     def run(role: str, *args: object, pass_fds: tuple[int, ...] = ()) -> Peer:
-        proc = subprocess.Popen(
-            [sys.executable, __file__, role, *map(str, args)],
-            stdin=subprocess.PIPE,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-            pass_fds=pass_fds,
-        )
-        peers.append(Peer(proc))
+        peers.append(Peer.start(__file__, role, *args, pass_fds=pass_fds))
         return peers[-1]
 
     yield run
     for p in peers:
-        if p.proc.poll() is None:
-            p.proc.kill()
-        p.proc.wait()
-        for stream in (p.proc.stdin, p.proc.stdout, p.proc.stderr):
-            if stream:
-                stream.close()
+        p.stop()
 
 
 def pair() -> tuple[socket.socket, socket.socket]:
