@@ -282,3 +282,17 @@ def test_hundreds_of_handles_closed_at_once(broker: Broker) -> None:
             os.kill(broker.pid, signal.SIGCONT)
         broker.wait_for(lambda: a.buffers() == [])
         a.ping()
+
+
+def test_a_handle_shut_down_then_closed_goes_without_other_traffic(broker: Broker) -> None:
+    """Found shut down by a request, not by the watcher: the watcher still looks again."""
+    with broker.connect("a") as a:
+        buf = a.allocate(4096)
+        end = socket.socket(fileno=buf.share())
+        buf.close()  # only `end` holds the buffer now
+        end.shutdown(socket.SHUT_RDWR)
+        a.stats()  # takes the hang-up on the request path: the handle is only shut down
+        before = broker.fd_count()
+        end.close()  # and nothing more is sent
+        broker.wait_for(lambda: broker.fd_count() < before)  # its end closed: the buffer went
+        assert a.buffers() == []

@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import os
+import pickle
 import socket
 
 import msgpack
@@ -198,3 +199,20 @@ def test_the_id_of_a_truncated_request_can_still_be_read() -> None:
     data = msgpack.packb([0, 77, "ping", {"pad": "x" * 100}])
     assert p.peek_request_id(data[:20]) == 77
     assert p.peek_request_id(b"\xc1") is None
+
+
+@pytest.mark.parametrize(
+    "error",
+    [
+        p.BrokerError(errno.EBUSY, "attached"),
+        p.ProtocolError("not msgpack"),
+        p.RequestError(7, p.BrokerError(errno.EINVAL, "bad size")),
+        p.BrokerUnavailable("/run/bufbroker/bufbroker.sock"),
+    ],
+)
+def test_errors_survive_pickling(error: p.BrokerError) -> None:
+    """As OSErrors do: across multiprocessing, or a process pool's results."""
+    again = pickle.loads(pickle.dumps(error))
+    assert type(again) is type(error)
+    assert (again.errno, again.strerror) == (error.errno, error.strerror)
+    assert getattr(again, "id", None) == getattr(error, "id", None)

@@ -43,7 +43,7 @@ def test_notify_reaches_an_abstract_socket_with_descriptors() -> None:
         r, w = os.pipe()
         manager.fdstore([r], "m.7")
         lines, fds = _receive(listener)
-        assert lines == ["FDSTORE=1", "FDNAME=m.7"] and len(fds) == 1
+        assert lines == ["FDSTORE=1", "FDNAME=m.7", "FDPOLL=0"] and len(fds) == 1
         assert os.fstat(fds[0]).st_ino == os.fstat(r).st_ino
         manager.fdstore_remove("m.7")
         assert _receive(listener)[0] == ["FDSTOREREMOVE=1", "FDNAME=m.7"]

@@ -75,6 +75,7 @@ class HandleTable:
         self._by_key: dict[Key, int] = {}
         self._shut: set[int] = set()  # broker-end fds of handles shut down, not closed: off epoll
         self._checked = 0.0  # when the shut-down handles were last looked up
+        self._parked: trio.CancelScope | None = None  # the watcher's wait, while it waits
         try:
             self._diag: SocketDiag | None = SocketDiag()
         except OSError as e:
@@ -120,8 +121,11 @@ class HandleTable:
     async def watch(self) -> None:
         """Run forever, reporting handles as their last copies are closed."""
         while True:
-            with trio.move_on_after(RECHECK if self._shut else math.inf):
+            with trio.CancelScope() as self._parked:
+                if self._shut:
+                    self._parked.deadline = trio.current_time() + RECHECK
                 await trio.lowlevel.wait_readable(self._epoll.fileno())
+            self._parked = None
             try:
                 self.settle()
             except Exception:  # a bug here must not stop the broker: log it, and go on
@@ -160,9 +164,7 @@ class HandleTable:
         unsure = []
         for fd in fds:
             if _reset(fd):  # released with our byte unread: closed, no need to ask the kernel
-                key = self._ends[fd]
-                self._forget(fd)
-                self._closed(key)
+                self._gone(fd, self._ends[fd])
                 continue
             # Descriptors queued in the broker's end (a handle sent into itself) would keep the
             # client end alive: drop them first. Nothing new comes once the end is shut down.
@@ -181,9 +183,18 @@ class HandleTable:
                 if fd not in self._shut:  # it would be reported for ever: look again later
                     self._epoll.unregister(fd)
                     self._shut.add(fd)
+                    if self._parked is not None and self._parked.deadline == math.inf:
+                        self._parked.deadline = trio.current_time() + RECHECK  # wake to look
             else:
-                self._forget(fd)
-                self._closed(key)
+                self._gone(fd, key)
+
+    def _gone(self, fd: int, key: Key) -> None:
+        """Forget handle ``key`` and report it closed; a failure costs this handle only."""
+        self._forget(fd)
+        try:
+            self._closed(key)
+        except Exception:
+            log.exception("handle %s closed, but its buffer could not be updated", key)
 
     def _forget(self, fd: int) -> None:
         key = self._ends.pop(fd)

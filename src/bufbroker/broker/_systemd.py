@@ -84,8 +84,13 @@ class ServiceManager:
         self.notify("WATCHDOG=1")
 
     def fdstore(self, fds: Sequence[int], name: str) -> None:
-        """Keep ``fds`` in the manager's fd store under ``name`` (we keep our own copies)."""
-        self.notify("FDSTORE=1", f"FDNAME={name}", fds=fds)
+        """Keep ``fds`` in the manager's fd store under ``name`` (we keep our own copies).
+
+        FDPOLL=0: systemd would otherwise drop a stored descriptor on EPOLLHUP, which a
+        handle's broker end also shows when a holder merely calls shutdown() on its copy; the
+        broker removes what it no longer needs itself.
+        """
+        self.notify("FDSTORE=1", f"FDNAME={name}", "FDPOLL=0", fds=fds)
 
     def fdstore_remove(self, name: str) -> None:
         self.notify("FDSTOREREMOVE=1", f"FDNAME={name}")

@@ -50,6 +50,9 @@ class ProtocolError(BrokerError):
     def __init__(self, message: str, number: int = _errno.EPROTO) -> None:
         super().__init__(number, message)
 
+    def __reduce__(self) -> tuple[type[ProtocolError], tuple[str, int]]:  # type: ignore[override]
+        return type(self), (self.strerror or "", self.errno or _errno.EPROTO)
+
 
 class BrokerUnavailable(BrokerError):
     """Nothing is listening on the broker's socket path."""

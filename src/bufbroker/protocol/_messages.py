@@ -96,6 +96,9 @@ class RequestError(BrokerError):
         super().__init__(cause.errno or errno.EINVAL, cause.strerror)
         self.id = id
 
+    def __reduce__(self) -> tuple[type[RequestError], tuple[int, BrokerError]]:  # type: ignore[override]
+        return type(self), (self.id, BrokerError(self.errno or errno.EINVAL, self.strerror))
+
 
 _local = threading.local()
 

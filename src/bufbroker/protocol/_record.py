@@ -46,7 +46,9 @@ class Record:
         raise AttributeError(f"{type(self).__name__} is immutable")
 
     def __eq__(self, other: object) -> bool:
-        return type(other) is type(self) and other.__dict__ == self.__dict__
+        if type(other) is not type(self):
+            return NotImplemented
+        return other.__dict__ == self.__dict__
 
     def __hash__(self) -> int:
         return hash((type(self), *(self.__dict__[name] for name in self._fields)))
