@@ -83,8 +83,8 @@ def run(settings: Settings) -> list[Row]:
     # A broker of its own: the first one may still be giving back the memory of 9,000 buffers.
     with broker("--max-connections-per-uid", "1000") as b:
         connections = 50 if settings.quick else 200
-        with bufbroker.connect("warm-up", socket=b.socket) as first:
-            first.ping()  # the first connection's one-time costs are not per connection
+        with bufbroker.connect("warm-up", socket=b.socket) as warm_up:
+            warm_up.ping()  # the first connection's one-time costs are not per connection
         before = _settle(b.pid)
         extra = [bufbroker.connect(f"c{i}", socket=b.socket) for i in range(connections)]
         after = _settle(b.pid)
