@@ -9,7 +9,6 @@ broker, so an id skipped by one proves the cancelled request reached it.
 
 from __future__ import annotations
 
-import errno
 import fcntl
 import os
 import random
@@ -19,7 +18,6 @@ from contextlib import contextmanager
 from functools import partial
 from typing import Any
 
-import pytest
 import trio
 import trio.testing
 
@@ -249,26 +247,6 @@ async def test_random_cancellation_does_not_leak(broker: Broker) -> None:
         listing = await dev.buffers()
         assert {a["id"] for b in listing for a in b["attachments"]} == attached
         assert (await dev.stats())["mappings"] == 0
-
-
-async def test_aclose_wakes_every_waiting_task(broker: Broker) -> None:
-    async with bufbroker.open_device("closing", socket=broker.socket) as dev:
-        errors: list[int | None] = []
-
-        async def wait() -> None:
-            with pytest.raises(bufbroker.BrokerError) as e:
-                await dev.open("never", timeout=60)
-            errors.append(e.value.errno)
-
-        async with trio.open_nursery() as nursery:
-            for _ in range(3):
-                nursery.start_soon(wait)
-            await trio.testing.wait_all_tasks_blocked()
-            await dev.aclose()
-        assert errors == [errno.EBADF] * 3
-        with pytest.raises(bufbroker.BrokerError) as e:
-            await dev.ping()
-        assert e.value.errno == errno.EBADF
 
 
 async def test_cancelling_the_whole_block(broker: Broker) -> None:

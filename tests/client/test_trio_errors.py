@@ -11,6 +11,7 @@ from collections.abc import Callable
 
 import pytest
 import trio
+import trio.testing
 
 import bufbroker
 from bufbroker import Access, Direction
@@ -115,22 +116,35 @@ async def test_a_refused_hello_raises_the_brokers_reason(broker_factory: Callabl
         await first.ping()
 
 
+async def waiters_after(dev: Device, event: Callable[[], object]) -> list[int | None]:
+    """The errno each of three tasks waiting for a reply gets once ``event`` has happened."""
+    errors: list[int | None] = []
+
+    async def wait_forever() -> None:
+        with pytest.raises(bufbroker.BrokerError) as e:
+            await dev.open("never", timeout=60)
+        errors.append(e.value.errno)
+
+    async with trio.open_nursery() as nursery:
+        for _ in range(3):
+            nursery.start_soon(wait_forever)
+        await trio.testing.wait_all_tasks_blocked()
+        result = event()
+        if hasattr(result, "__await__"):
+            await result
+    return errors
+
+
+async def test_aclose_wakes_every_waiting_task(broker: Broker) -> None:
+    async with bufbroker.open_device("closing", socket=broker.socket) as dev:
+        assert await waiters_after(dev, dev.aclose) == [errno.EBADF] * 3
+        await raises(errno.EBADF, dev.ping)  # and every later request
+
+
 async def test_a_broker_that_goes_away_fails_every_waiter(broker: Broker) -> None:
     async with bufbroker.open_device("orphan", socket=broker.socket) as dev:
         buf = await dev.allocate(4096)
-        errors: list[int | None] = []
-
-        async def wait_forever() -> None:
-            with pytest.raises(bufbroker.BrokerError) as e:
-                await dev.open("never", timeout=60)
-            errors.append(e.value.errno)
-
-        async with trio.open_nursery() as nursery:
-            for _ in range(3):
-                nursery.start_soon(wait_forever)
-            await trio.testing.wait_all_tasks_blocked()
-            broker.proc.kill()
-        assert errors == [errno.ECONNRESET] * 3
+        assert await waiters_after(dev, broker.proc.kill) == [errno.ECONNRESET] * 3
         await raises(errno.ECONNRESET, dev.ping)  # and every later request
         await raises(errno.ECONNRESET, buf.close)
     # leaving the block closes the device quietly
