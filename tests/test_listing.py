@@ -10,7 +10,7 @@ import pytest
 import bufbroker
 from bufbroker import Direction
 from bufbroker.broker import Config, State
-from bufbroker.broker._introspect import PAGE, PAGE_BYTES, buffer_page, device_page
+from bufbroker.broker._introspect import PAGE, REPLY_BYTES, buffer_page, device_page
 from bufbroker.broker._records import Device
 from bufbroker.protocol import Constraints, packed_size
 
@@ -52,7 +52,7 @@ def test_a_buffer_attached_thousands_of_times_still_lists(broker: Broker) -> Non
         crowded, after = listing
         assert crowded["truncated"] is True and 0 < len(crowded["attachments"]) < 2048
         assert "truncated" not in after
-        assert packed_size(crowded) <= PAGE_BYTES
+        assert packed_size(crowded) <= REPLY_BYTES
         small.close()
 
 
@@ -68,7 +68,7 @@ def test_pages_are_bounded_by_bytes_and_entries() -> None:
     while True:
         page, more = buffer_page(state, 0, after)
         pages += 1
-        assert 0 < len(page) <= PAGE and packed_size(page) <= PAGE_BYTES + 16
+        assert 0 < len(page) <= PAGE and packed_size(page) <= REPLY_BYTES + 16
         seen += [x["id"] for x in page]
         after = page[-1]["id"]
         if not more:

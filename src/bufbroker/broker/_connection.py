@@ -53,6 +53,9 @@ class FdBag:
         self.fds.clear()
 
 
+# A segment packs into at most 20 bytes ([fd, offset, length]: a header and two 64-bit ints),
+# so this many always fit one reply: counted, not packed, on every map.
+_MAX_SEGMENTS = REPLY_BYTES // 20
 _NO_FDS = FdBag(())  # shared by the packets that carry none (most): nothing to take or close
 
 
@@ -317,7 +320,7 @@ class Connection:
 
     def _backing(self, mapped: Mapped, undo: Any) -> tuple[Any, list[int]]:
         segments = [s.to_wire() for s in mapped.layout]
-        if p.packed_size(segments) > REPLY_BYTES:
+        if len(segments) > _MAX_SEGMENTS:
             undo()
             raise BrokerError(
                 errno.EMSGSIZE,

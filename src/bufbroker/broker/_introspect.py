@@ -4,7 +4,7 @@ A non-root caller sees the buffers its uid owns or holds and its uid's devices; 
 as /sys/kernel/debug/dma_buf/bufinfo is for root only.
 
 Listings come in pages that fit one packet whatever the state: at most PAGE entries and
-PAGE_BYTES of them. An entry too big for a page on its own (a buffer attached by thousands of
+REPLY_BYTES of them. An entry too big for a page on its own (a buffer attached by thousands of
 devices, or laid out in thousands of segments) has its longest lists cut short and says so
 with ``"truncated": true``.
 """
@@ -19,11 +19,10 @@ from .. import protocol as p
 from ._records import Buffer, Device
 from ._state import State
 
-__all__ = ["PAGE", "PAGE_BYTES", "REPLY_BYTES", "buffer_page", "device_page", "stats"]
+__all__ = ["PAGE", "REPLY_BYTES", "buffer_page", "device_page", "stats"]
 
 REPLY_BYTES = 96 << 10  # in one reply at most: well below the largest packet the kernel sends (SO_SNDBUF)
 PAGE = 128  # entries per page at most
-PAGE_BYTES = REPLY_BYTES
 
 
 def _visible_buffer(buffer: Buffer, viewer: int) -> bool:
@@ -104,9 +103,9 @@ def _fill(entries: Iterable[dict[str, Any]]) -> tuple[list[dict[str, Any]], bool
     used = 0
     for entry in entries:
         size = p.packed_size(entry)
-        if size > PAGE_BYTES:
+        if size > REPLY_BYTES:
             entry, size = _shrink(entry)
-        if len(page) == PAGE or (page and used + size > PAGE_BYTES):
+        if len(page) == PAGE or (page and used + size > REPLY_BYTES):
             return page, True
         page.append(entry)
         used += size
@@ -120,7 +119,7 @@ def _shrink(entry: dict[str, Any]) -> tuple[dict[str, Any], int]:
     """
     entry = {**entry, "truncated": True}
     size = p.packed_size(entry)
-    while size > PAGE_BYTES:
+    while size > REPLY_BYTES:
         lists = [k for k, v in entry.items() if isinstance(v, list) and v]
         if not lists:
             break
