@@ -4,7 +4,9 @@
 - ``trio-server PATH``: the floor of this stack, a bare trio SOCK_SEQPACKET request/response
   server speaking the broker's message shape (msgpack ``[0, id, op, args]`` → ``[1, id, {}]``);
 - ``echo FD``: the floor of Python, a blocking socketpair ping-pong;
-- ``load KIND SOCKET SECONDS START``: a client doing round trips for a while, printing its count.
+- ``load KIND SOCKET SECONDS START``: a client doing round trips for a while, printing its count
+  (KIND: ``broker``, our client; ``bare``, the floor's client against the bare server;
+  ``broker-bare-client``, the floor's client against the broker, once registered).
 """
 
 from __future__ import annotations
@@ -128,6 +130,10 @@ def load(kind: str, path: str, seconds: str, start: str) -> None:
     if kind == "broker":
         dev = bufbroker.connect("load", socket=path)
         op = dev.ping
+    elif kind == "broker-bare-client":  # registered, then the floor's own client on the same socket
+        dev = bufbroker.connect("load", socket=path)
+        sock = socket.socket(fileno=os.dup(dev.fileno()))
+        op = lambda: bare_round_trip(sock, 1)  # noqa: E731
     else:
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         sock.connect(path)

@@ -133,10 +133,39 @@ def test_replies_errors_and_events_round_trip_with_any_content(message: p.Messag
         assert p.encode_reply(message.id, message.result) == packet
 
 
+@settings(max_examples=40)
+@given(
+    st.builds(p.Reply, id=ids, result=results)
+    | st.builds(
+        p.Error, id=st.none() | ids, errno=st.sampled_from(sorted(errno.errorcode)), message=st.text()
+    )
+    | st.builds(p.Event, name=st.text(), args=results),
+    ids,
+)
+def test_decode_answer_takes_the_awaited_reply_and_decodes_the_rest(message: p.Message, id: int) -> None:
+    """The blocking client's shortcut agrees with ``decode`` on every packet."""
+    for awaited in (id, getattr(message, "id", None)):
+        if awaited is None:
+            continue
+        result, other = p.decode_answer(p.encode(message), (), awaited)
+        if isinstance(message, p.Reply) and message.id == awaited:
+            assert other is None and result == message.result
+        else:
+            assert result is None and other == message
+
+
+def test_decode_answer_does_not_take_true_for_id_1() -> None:
+    packet = msgpack.packb([1, True, {"x": 1}])
+    with pytest.raises(p.ProtocolError):
+        p.decode_answer(packet, [], 1)  # not a reply to request 1, nor any message at all
+
+
 @given(st.binary(max_size=256))
 def test_arbitrary_bytes_raise_only_the_protocols_error(data: bytes) -> None:
     with contextlib.suppress(p.BrokerError):
         p.decode(data)
+    with contextlib.suppress(p.BrokerError):
+        p.decode_answer(data, [], 1)
 
 
 values = st.recursive(

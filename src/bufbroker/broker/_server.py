@@ -18,7 +18,7 @@ import trio
 from .. import protocol as p
 from ..protocol import BrokerError, ProtocolError
 from ._config import Config
-from ._connection import Connection, inbox, receive
+from ._connection import Awake, Connection, inbox, receive
 from ._fdstore import FdStore, Notifier, restore
 from ._handles import HandleTable
 from ._records import Device
@@ -62,6 +62,7 @@ class Server:
         self.connections = 0
         self._incomplete = 0
         self._live: set[Connection] = set()
+        self.awake = Awake()
 
     async def serve(
         self,

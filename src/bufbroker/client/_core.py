@@ -68,11 +68,34 @@ class Session:
         except BrokerError:
             p.close_all(fds)
             raise
+        self._note(message)
+        return message
+
+    def answer(self, id: int, data: bytes | memoryview, fds: list[int]) -> tuple[Any, list[int]] | None:
+        """What request ``id`` got, if this packet (not end of file) answers it.
+
+        Its result and descriptors, or the exception its error stands for, raised; None for
+        any other packet (an event, a reply to an abandoned request), whose descriptors are
+        closed. The blocking client's per-call path: see ``p.decode_answer``.
+        """
+        try:
+            result, message = p.decode_answer(data, fds, id)
+        except BrokerError:
+            p.close_all(fds)
+            raise
+        if message is None:
+            return result, fds
+        self._note(message)
+        if isinstance(message, p.Reply | p.Error) and message.id in (id, None):
+            return self.outcome(message)
+        p.close_all(message.fds)
+        return None
+
+    def _note(self, message: p.Message) -> None:
         if isinstance(message, p.Event):
             p.close_all(message.fds)
             if message.name == "shutdown":
                 self.shutting_down = True
-        return message
 
     @staticmethod
     def outcome(message: p.Reply | p.Error) -> tuple[Any, list[int]]:

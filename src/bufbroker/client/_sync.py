@@ -32,7 +32,7 @@ from ._core import (
 
 __all__ = ["Attachment", "Buffer", "CpuAccess", "Device", "Mapping", "connect"]
 
-_ANSWERS = (p.Reply, p.Error)
+_PING = p.Ping()  # records are immutable: one does for every call
 
 
 class _Closing:
@@ -81,8 +81,8 @@ class Device(DeviceBase, _Closing):
         # pages replies touch are resident.
         self._inbox = mmap.mmap(-1, MAX_REPLY)
 
-    def _receive(self, reset: OSError | None = None, *, with_fds: bool = True) -> p.Message:
-        """The next packet, decoded.
+    def _receive(self, reset: OSError | None, with_fds: bool) -> tuple[memoryview, list[int]]:
+        """The next packet and its descriptors.
 
         Without ``with_fds`` (a reply that carries none; events and errors never do) a plain
         receive does, a little cheaper; descriptors sent all the same would be closed by the
@@ -107,16 +107,17 @@ class Device(DeviceBase, _Closing):
             except OSError as e:
                 raise self._session.lost(e) from None
         fds = p.fds_from_ancillary(ancdata, flags, MAX_REPLY_FDS) if ancdata or flags else []
-        message = self._session.receive(memoryview(self._inbox)[:n], fds)
-        if message is None:
+        if not n and not fds:
             raise self._session.lost(reset)
-        return message
+        return memoryview(self._inbox)[:n], fds
 
     def _call(self, args: p.OpArgs, fds: Sequence[int] = ()) -> tuple[Any, list[int]]:
         """One request: its result and the descriptors its reply carried (the caller's now)."""
-        self._check_open()
+        if self.closed:
+            self._check_open()
+        session = self._session
         with self._lock:
-            id, data = self._session.request(args)
+            id, data = session.request(args)
             reset: OSError | None = None
             try:
                 if fds:
@@ -126,12 +127,12 @@ class Device(DeviceBase, _Closing):
             except (BrokenPipeError, ConnectionResetError) as e:
                 reset = e  # the broker hung up; what it sent before may say why
             except OSError as e:
-                raise self._session.lost(e) from None
+                raise session.lost(e) from None
+            with_fds = args.reply_fds
             while True:
-                message = self._receive(reset, with_fds=args.reply_fds)
-                if isinstance(message, _ANSWERS) and message.id in (id, None):
-                    return self._session.outcome(message)
-                p.close_all(message.fds)
+                answer = session.answer(id, *self._receive(reset, with_fds))
+                if answer is not None:
+                    return answer
 
     def _buffer(self, args: p.OpArgs, fds: Sequence[int] = ()) -> Buffer:
         result, got = self._call(args, fds)
@@ -139,7 +140,7 @@ class Device(DeviceBase, _Closing):
 
     def ping(self) -> None:
         """A request that does nothing: measures a round trip, proves the broker is alive."""
-        self._call(p.Ping())
+        self._call(_PING)
 
     def allocate(self, size: int, *, name: str | None = None, heap: str = "memfd") -> Buffer:
         """A new buffer of ``size`` bytes (rounded up to pages); its memory comes at first map."""

@@ -38,6 +38,7 @@ __all__ = [
     "Request",
     "RequestError",
     "decode",
+    "decode_answer",
     "encode",
     "encode_reply",
     "encode_request",
@@ -200,6 +201,20 @@ def decode(data: bytes | memoryview, fds: Sequence[int] = (), *, max_items: int 
     elif kind == EVENT and len(body) == 3 and type(body[1]) is str and type(body[2]) is dict:
         return Event(name=body[1], args=body[2], fds=fds)
     raise ProtocolError(f"malformed message of kind {kind!r}")
+
+
+def decode_answer(data: bytes | memoryview, fds: Sequence[int], id: int) -> tuple[Any, Message | None]:
+    """``decode`` for a client waiting on request ``id``: ``(result, None)`` if the packet is
+    its reply, else ``(None, message)``.
+
+    The reply is the packet a blocking call gets almost every time; it costs one unpacking
+    and no Reply object. Anything else (an error, an event, a stray reply) is decoded whole,
+    which unpacks it a second time on a path that is rarely taken.
+    """
+    body = _unpack(data, len(data))
+    if type(body) is list and len(body) == 3 and body[0] == REPLY and type(body[1]) is int and body[1] == id:
+        return body[2], None
+    return None, decode(data, fds)
 
 
 def peek_request_id(data: bytes | memoryview) -> int | None:
