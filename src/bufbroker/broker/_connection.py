@@ -49,8 +49,9 @@ class FdBag:
         return fd
 
     def close(self) -> None:
-        p.close_all(fd for fd in self.fds if fd >= 0)
-        self.fds.clear()
+        if self.fds:
+            p.close_all(fd for fd in self.fds if fd >= 0)
+            self.fds.clear()
 
 
 # A segment packs into at most 20 bytes ([fd, offset, length]: a header and two 64-bit ints),

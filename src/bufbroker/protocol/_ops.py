@@ -135,6 +135,7 @@ class OpSpec(Record, kw_only=False):
     fds: int  # descriptors the request carries
     fields: tuple[tuple[str, Callable[[Any], Any], bool], ...]  # (key, check, required)
     reply_fds: bool  # whether its reply may carry descriptors
+    defaults: OpArgs | None  # the arguments when none are sent, if that is allowed: one, shared
 
 
 class OpArgs(Record):
@@ -172,7 +173,8 @@ def op(name: str, *, fds: int = 0, reply_fds: bool = False) -> Callable[[_A], _A
             )
             for key, kind in cls._annotations.items()
         )
-        OPS[name] = OpSpec(name, cls, fds, fields, reply_fds)
+        defaults = None if any(required for _, _, required in fields) else cls()
+        OPS[name] = OpSpec(name, cls, fds, fields, reply_fds, defaults)
         cls._names = tuple(key for key, _, _ in fields)
         cls.reply_fds = reply_fds
         OP_NAMES[cls] = name
@@ -202,6 +204,8 @@ def parse_args(name: str, args: Any, nfds: int) -> OpArgs:
         raise BrokerError(errno.EINVAL, f"{name}: unknown arguments {unknown}")
     if nfds < spec.fds:
         raise BrokerError(errno.EBADF, f"{name}: needs {spec.fds} descriptor(s), got {nfds}")
+    if not values and spec.defaults is not None:
+        return spec.defaults
     return spec.args(**values)
 
 
