@@ -9,6 +9,7 @@ the hard one (the broker does the same) and starts the broker with --max-buffers
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 
 import bufbroker
 from bufbroker import Access, Direction
@@ -25,46 +26,61 @@ def _settle(pid: int) -> int:
     return rss_kib(pid)
 
 
+def _fill(device: bufbroker.Device, held: list[bufbroker.Buffer], level: int) -> None:
+    while len(held) < level:
+        buf = device.allocate(4096)
+        with buf.cpu_access(Access.WRITE) as mem:  # backed: the memfd exists too
+            mem[0] = 1
+        held.append(buf)
+
+
+def _cases(dev: bufbroker.Device) -> dict[str, Callable[[], float]]:
+    probe = dev.allocate(4096)
+
+    def attach_map() -> None:
+        att = probe.attach()
+        att.map(Direction.TO_DEVICE).unmap()
+        att.detach()
+
+    return {"ping": timed(dev.ping), "attach+map+unmap+detach": timed(attach_map, 25)}
+
+
 def run(settings: Settings) -> list[Row]:
     limit = raise_nofile()
     levels = QUICK_LEVELS if settings.quick else LEVELS
     rows: list[Row] = []
     with (
         broker("--max-buffers-per-uid", "10000") as b,
+        broker() as beside,
         bufbroker.connect("bench", socket=b.socket) as dev,
         bufbroker.connect("filler", socket=b.socket) as filler,
+        bufbroker.connect("bench", socket=beside.socket) as dev_beside,
+        bufbroker.connect("filler", socket=beside.socket) as filler_beside,
     ):
-        probe = dev.allocate(4096)
-
-        def attach_map() -> None:
-            att = probe.attach()
-            att.map(Direction.TO_DEVICE).unmap()
-            att.detach()
-
+        # Each level is timed in the same rounds as a second broker that keeps the first
+        # level's buffers: the ratio compares two brokers measured side by side, not two
+        # stretches of time on a machine whose speed drifts.
         held: list[bufbroker.Buffer] = []
+        _fill(filler_beside, [], levels[0])
+        ours, theirs = _cases(dev), _cases(dev_beside)
         base_rss = _settle(b.pid)
-        per_level: dict[int, dict[str, Row]] = {}
         rss: dict[int, int] = {}
+        timed_rows: dict[str, list[Row]] = {name: [] for name in ours}
         for level in levels:
-            while len(held) < level:
-                buf = filler.allocate(4096)
-                with buf.cpu_access(Access.WRITE) as mem:  # backed: the memfd exists too
-                    mem[0] = 1
-                held.append(buf)
+            _fill(filler, held, level)
             rss[level] = _settle(b.pid)
             samples = interleave(
-                {"ping": timed(dev.ping), "attach+map+unmap+detach": timed(attach_map, 25)},
+                {**ours, **{f"{name} beside": sample for name, sample in theirs.items()}},
                 rounds=settings.n(100, 5),
                 warmup=settings.n(5, 1),
             )
-            per_level[level] = {n: summarize("scale", n, f"{level} buffers", xs) for n, xs in samples.items()}
-        for name in ("ping", "attach+map+unmap+detach"):
-            first = per_level[levels[0]][name]
-            for level in levels:
-                row = per_level[level][name]
-                rows.append(against(row, first) if level != levels[0] else row)
-                if level != levels[0]:
-                    row.baseline = f"{levels[0]} buffers"
+            for name in ours:
+                row = summarize("scale", name, f"{level} buffers", samples[name])
+                baseline = summarize("scale", name, f"{levels[0]} buffers", samples[f"{name} beside"])
+                timed_rows[name].append(against(row, baseline))
+                row.baseline = f"{levels[0]} buffers, in the same rounds"
+                row.note = f"{levels[0]} buffers: {baseline.p50:,.1f} µs"
+        rows += [row for group in timed_rows.values() for row in group]
         per_buffer = (rss[levels[-1]] - rss[levels[0]]) * 1024 / (levels[-1] - levels[0])
         for level in levels:
             rows.append(Row("memory", "broker RSS", f"{level} buffers", "KiB", rss[level], rss[level]))
