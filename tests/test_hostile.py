@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import os
 import signal
 import socket
+import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -296,3 +298,46 @@ def test_a_handle_shut_down_then_closed_goes_without_other_traffic(broker: Broke
         end.close()  # and nothing more is sent
         broker.wait_for(lambda: broker.fd_count() < before)  # its end closed: the buffer went
         assert a.buffers() == []
+
+
+def test_a_connection_with_requests_queued_takes_turns_with_the_others(
+    broker: Broker, raw: Callable[[Broker], RawClient], bystander: bufbroker.Device
+) -> None:
+    """A peer with a queue of requests cannot keep another waiting until they are all done.
+
+    With the broker stopped, one peer queues as many requests as its socket takes; the
+    bystander's calls, made while the broker works through them, are answered between them.
+    """
+    flooder = raw(broker)
+    flooder.hello()
+    os.kill(broker.pid, signal.SIGSTOP)
+    try:
+        flooder.sock.setblocking(False)
+        queued = 0
+        with contextlib.suppress(BlockingIOError):
+            while True:
+                flooder.request(queued, "ping", {})
+                queued += 1
+
+        def call() -> None:
+            for _ in range(3):
+                bystander.ping()
+
+        calls = threading.Thread(target=call, daemon=True)
+        calls.start()
+    finally:
+        os.kill(broker.pid, signal.SIGCONT)
+    calls.join(timeout=30)
+    os.kill(broker.pid, signal.SIGSTOP)  # hold the flood where the bystander's last answer left it
+    try:
+        assert not calls.is_alive(), "the bystander was starved"
+        answered = 0
+        with contextlib.suppress(BlockingIOError):
+            while flooder.recv() == [1, answered, {}]:
+                answered += 1
+        assert queued > 50 and answered < queued / 2, (answered, queued)
+    finally:
+        os.kill(broker.pid, signal.SIGCONT)
+    flooder.sock.setblocking(True)
+    for id in range(answered, queued):
+        assert flooder.recv() == [1, id, {}]

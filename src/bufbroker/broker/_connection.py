@@ -63,10 +63,13 @@ _NO_FDS = FdBag(())  # shared by the packets that carry none (most): nothing to 
 class Awake:
     """How many connections are awake: serving a request, or queued to run, not waiting.
 
-    When others are, a connection that has just answered lets them run before it looks for
-    its peer's next request: by then the peer has usually sent it, and the look succeeds
-    instead of costing a failed receive and a wait (an epoll_ctl and a trip through the
-    scheduler). With nobody else awake it looks at once, which is quickest for a lone client.
+    When others are, a connection that has answered lets them run before it looks for its
+    peer's next request: by then the peer has usually sent it, and the look succeeds instead
+    of costing a failed receive and a wait (an epoll_ctl and a trip through the scheduler).
+    With nobody else awake it looks at once, and yields only every FAIRNESS requests: a peer
+    sending back to back is served without the scheduler. (Waiting first when alone would
+    save a lone peer that waits for each answer one failed receive, but costs more under
+    load; docs/PERFORMANCE.md has both measured.)
     """
 
     def __init__(self) -> None:
