@@ -285,7 +285,7 @@ class Connection:
                 try:
                     buffer = state.export(dev, backing, name=name)
                 except BrokerError:
-                    backing.close()
+                    state.free(backing)
                     raise
                 return self._with_handle(buffer, readonly=False, new_ref=True)
             case p.Import():

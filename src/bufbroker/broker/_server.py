@@ -21,6 +21,7 @@ from ._config import Config
 from ._connection import Awake, Connection, inbox, receive
 from ._fdstore import FdStore, Notifier, restore
 from ._handles import HandleTable
+from ._reaper import Reaper
 from ._records import Device
 from ._state import State
 
@@ -50,7 +51,8 @@ class Server:
         fdstore: Notifier | None = None,
         stored: list[tuple[int, str]] | None = None,
     ) -> None:
-        self.state = State(config)
+        self._reaper = Reaper()
+        self.state = State(config, free=self._reaper.free)
         self.handles = HandleTable(self.state.handle_closed)
         self._fdstore: FdStore | None = None
         if fdstore is not None:
@@ -73,6 +75,7 @@ class Server:
         try:
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(self.handles.watch)
+                nursery.start_soon(self._reaper.run)
                 if self._fdstore is not None:
                     nursery.start_soon(self._fdstore.run)
                 task_status.started()
@@ -86,6 +89,7 @@ class Server:
                     nursery.start_soon(self._client, sock)
         finally:
             self.handles.close()
+            self._reaper.close()
 
     async def announce_shutdown(self, grace: float = 0.5) -> None:
         """Tell every device the broker is stopping (the ``shutdown`` event), briefly."""

@@ -3,7 +3,7 @@
 The server calls one method per request and turns a raised ``BrokerError`` into an error reply;
 every method either applies whole or raises before changing anything. Descriptors never pass
 through here: handles are known by their inode key (the server mints and watches the sockets)
-and backing storage comes from the heap functions given to the constructor.
+and backing storage comes from, and goes back to, the functions given to the constructor.
 
 Where DESIGN.md is silent we follow drivers/dma-buf/dma-buf.c, and docs/PROTOCOL.md records it:
 a buffer id this device does not hold is EBADF (like a closed fd); a name already taken by a
@@ -60,10 +60,12 @@ class State:
         *,
         clock: Callable[[], float] = time.time,
         allocate: Callable[[int, str], Backing] = allocate_memfd,
+        free: Callable[[Backing], None] = Backing.close,
     ) -> None:
         self.config = config
         self.clock = clock
         self._allocate = allocate
+        self.free = free  # a freed buffer's backing goes here (the server's frees large ones off its loop)
         self.started = clock()
         self.buffers: dict[int, Buffer] = {}  # insertion order is id order
         self.devices: dict[int, Device] = {}
@@ -282,7 +284,7 @@ class State:
         self._set_name(buffer, None)
         self.quotas.uncharge(buffer.owner, buffer.size)
         if buffer.backing is not None:
-            buffer.backing.close()
+            self.free(buffer.backing)
 
     # --- attachments and mappings --------------------------------------------------------
 
