@@ -7,6 +7,7 @@ import errno
 import os
 import signal
 import socket
+import struct
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -16,6 +17,7 @@ import msgpack
 import pytest
 
 import bufbroker
+from bufbroker.broker._connection import FAIRNESS
 
 from conftest import Broker, RawClient, start_broker
 
@@ -300,44 +302,64 @@ def test_a_handle_shut_down_then_closed_goes_without_other_traffic(broker: Broke
         assert a.buffers() == []
 
 
-def test_a_connection_with_requests_queued_takes_turns_with_the_others(
-    broker: Broker, raw: Callable[[Broker], RawClient], bystander: bufbroker.Device
+SO_TIMESTAMPNS = 35  # asm-generic/socket.h (Python has no name for it): the kernel's send time
+
+
+def _reply_stamp(client: RawClient) -> int:
+    """The next packet, checked to be a reply, and when the broker sent it (ns, realtime)."""
+    data, ancdata, _, _ = client.sock.recvmsg(1 << 16, 64)
+    if not data:
+        raise EOFError
+    assert msgpack.unpackb(data)[0] == 1
+    (stamp,) = [data for level, kind, data in ancdata if (level, kind) == (socket.SOL_SOCKET, SO_TIMESTAMPNS)]
+    seconds, nanoseconds = struct.unpack("qq", stamp)
+    return int(seconds) * 1_000_000_000 + int(nanoseconds)
+
+
+def test_a_connection_that_keeps_requests_queued_takes_turns_with_the_others(
+    broker: Broker, raw: Callable[[Broker], RawClient]
 ) -> None:
-    """A peer with a queue of requests cannot keep another waiting until they are all done.
-
-    With the broker stopped, one peer queues as many requests as its socket takes; the
-    bystander's calls, made while the broker works through them, are answered between them.
+    """While one peer keeps requests queued without pause, another's is answered within a few
+    of the flood's turns (FAIRNESS requests each), counted by the kernel's timestamps on the
+    replies rather than by when this test gets to run.
     """
-    flooder = raw(broker)
-    flooder.hello()
-    os.kill(broker.pid, signal.SIGSTOP)
-    try:
-        flooder.sock.setblocking(False)
-        queued = 0
-        with contextlib.suppress(BlockingIOError):
-            while True:
-                flooder.request(queued, "ping", {})
-                queued += 1
+    flooder, bystander = raw(broker), raw(broker)
+    for client in (flooder, bystander):
+        client.hello()
+        client.sock.setsockopt(socket.SOL_SOCKET, SO_TIMESTAMPNS, 1)
+    stop = threading.Event()
+    stamps: list[int] = []  # when the flood's replies were sent
 
-        def call() -> None:
-            for _ in range(3):
-                bystander.ping()
+    def send() -> None:
+        with contextlib.suppress(OSError):  # the shutdown below ends the flood
+            while not stop.is_set():
+                flooder.request(1, "ping", {})
 
-        calls = threading.Thread(target=call, daemon=True)
-        calls.start()
-    finally:
-        os.kill(broker.pid, signal.SIGCONT)
-    calls.join(timeout=30)
-    os.kill(broker.pid, signal.SIGSTOP)  # hold the flood where the bystander's last answer left it
+    def read() -> None:
+        with contextlib.suppress(OSError, EOFError):
+            while not stop.is_set():
+                stamps.append(_reply_stamp(flooder))
+
+    def wait_for(condition: Callable[[], bool]) -> None:
+        deadline = time.monotonic() + 30
+        while not condition():
+            assert time.monotonic() < deadline, "the flood stalled"
+            time.sleep(0.001)
+
+    threads = [threading.Thread(target=send, daemon=True), threading.Thread(target=read, daemon=True)]
+    for thread in threads:
+        thread.start()
     try:
-        assert not calls.is_alive(), "the bystander was starved"
-        answered = 0
-        with contextlib.suppress(BlockingIOError):
-            while flooder.recv() == [1, answered, {}]:
-                answered += 1
-        assert queued > 50 and answered < queued / 2, (answered, queued)
+        wait_for(lambda: len(stamps) > 100)
+        asked = time.time_ns()
+        bystander.request(2, "ping", {})
+        answered = _reply_stamp(bystander)  # a starved bystander times out here
+        wait_for(lambda: stamps[-1] > answered)  # the flood went on after it
     finally:
-        os.kill(broker.pid, signal.SIGCONT)
-    flooder.sock.setblocking(True)
-    for id in range(answered, queued):
-        assert flooder.recv() == [1, id, {}]
+        stop.set()
+        flooder.sock.shutdown(socket.SHUT_RDWR)  # wakes both threads
+        for thread in threads:
+            thread.join(timeout=10)
+    # The flood's turn under way when the request came, the next (the bystander's task is
+    # not yet counted as awake when it is woken), and slack for the turn the test caught.
+    assert sum(asked < stamp < answered for stamp in stamps) <= 3 * FAIRNESS

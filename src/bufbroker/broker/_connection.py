@@ -61,7 +61,7 @@ _NO_FDS = FdBag(())  # shared by the packets that carry none (most): nothing to 
 
 
 class Awake:
-    """How many connections are awake: serving a request, or queued to run, not waiting.
+    """How many connections are awake: between two waits for their peer's next request.
 
     When others are, a connection that has answered lets them run before it looks for its
     peer's next request: by then the peer has usually sent it, and the look succeeds instead
@@ -69,7 +69,9 @@ class Awake:
     With nobody else awake it looks at once, and yields only every FAIRNESS requests: a peer
     sending back to back is served without the scheduler. (Waiting first when alone would
     save a lone peer that waits for each answer one failed receive, but costs more under
-    load; docs/PERFORMANCE.md has both measured.)
+    load; docs/PERFORMANCE.md has both measured.) A connection waiting to send to a peer that
+    does not read its answers counts as awake: meanwhile the others yield before each request,
+    which costs them a little time and nothing else.
     """
 
     def __init__(self) -> None:

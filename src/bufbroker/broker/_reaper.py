@@ -36,7 +36,8 @@ class Reaper:
 
     async def run(self) -> None:
         async for backing in self._receive:
-            await trio.to_thread.run_sync(backing.close)
+            with trio.CancelScope(shield=True):  # taken off the queue: closed, whatever happens
+                await trio.to_thread.run_sync(backing.close)
 
     def close(self) -> None:
         """Close whatever is still queued, here and now (the broker is stopping)."""

@@ -85,7 +85,9 @@ class Session:
             raise
         if message is None:
             return result, fds
-        self._note(message)
+        if isinstance(message, p.Event):
+            self._note(message)  # which closes its descriptors
+            return None
         if isinstance(message, p.Reply | p.Error) and message.id in (id, None):
             return self.outcome(message)
         p.close_all(message.fds)

@@ -113,8 +113,7 @@ class Device(DeviceBase, _Closing):
 
     def _call(self, args: p.OpArgs, fds: Sequence[int] = ()) -> tuple[Any, list[int]]:
         """One request: its result and the descriptors its reply carried (the caller's now)."""
-        if self.closed:
-            self._check_open()
+        self._check_open()
         session = self._session
         with self._lock:
             id, data = session.request(args)
