@@ -258,3 +258,20 @@ async def test_cancelling_the_whole_block(broker: Broker) -> None:
     async with bufbroker.open_device("inspector", socket=broker.socket) as inspector:
         await all_freed(inspector)  # the connection ended, and everything with it
         assert [d["name"] for d in await inspector.devices()] == ["inspector"]
+
+
+async def test_a_call_made_in_a_cancelled_scope_sends_nothing(broker: Broker) -> None:
+    """Cancelled before it starts, a call raises Cancelled and the broker never hears of it.
+
+    ``set_name`` has nothing to undo, so a request sent all the same would show in the name.
+    """
+    async with bufbroker.open_device("cam", socket=broker.socket) as dev:
+        buf = await dev.allocate(4096)
+        with trio.CancelScope() as scope:
+            scope.cancel()
+            await buf.set_name("never")
+        assert scope.cancelled_caught
+        assert buf.name is None
+        assert (await entry(dev, buf))["name"] is None
+        await buf.set_name("now")  # the connection is as good as before
+        assert (await entry(dev, buf))["name"] == "now"

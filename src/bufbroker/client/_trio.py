@@ -25,6 +25,7 @@ from collections import deque
 from collections.abc import AsyncIterator, Awaitable, Callable, Generator, Sequence
 from contextlib import asynccontextmanager
 from socket import AF_UNIX, SOCK_CLOEXEC, SOCK_SEQPACKET  # `socket` is a parameter name here
+from socket import socket as _stdlib_socket
 from typing import Any, Generic, TypeVar
 
 import trio
@@ -155,6 +156,11 @@ class Device(DeviceBase):
     def __init__(self, sock: trio.socket.SocketType, session: Session, nursery: trio.Nursery) -> None:
         super().__init__(session)
         self._sock = sock
+        # The same socket as a plain non-blocking stdlib object, for sends and receives that
+        # complete at once (most do): trio's socket calls pass through the scheduler even
+        # then. Only waits go through trio. Never used once the device is closed.
+        self._raw = _stdlib_socket(fileno=sock.fileno())
+        self._raw.setblocking(False)
         self._nursery = nursery
         self._reading = trio.CancelScope()  # the reader's own: cancelling it spares the block
         self._send_lock = trio.Lock()
@@ -176,7 +182,10 @@ class Device(DeviceBase):
             with self._reading:
                 while True:
                     try:
-                        n, ancdata, flags, _ = await self._sock.recvmsg_into([inbox], ancbuf, p.RECV_FLAGS)
+                        packet = await self._receive(inbox, ancbuf)
+                        if packet is None:
+                            return  # closed by this device: _close_now has failed the waiters
+                        n, ancdata, flags, _ = packet
                         fds = p.fds_from_ancillary(ancdata, flags, MAX_REPLY_FDS)
                         message = self._session.receive(memoryview(inbox)[:n], fds)
                     except trio.ClosedResourceError:
@@ -197,6 +206,25 @@ class Device(DeviceBase):
                         self._deliver(message)
         finally:
             inbox.close()
+
+    async def _receive(self, inbox: mmap.mmap, ancbuf: int) -> tuple[int, Any, int, Any] | None:
+        """The next packet as ``recvmsg_into`` gives it; None once the device is closed.
+
+        Taken with a plain non-blocking call; only the wait goes through trio. With no call
+        waiting for a reply it waits first, as a look would find nothing. The descriptor is
+        never touched once the device is closed: its number may by then be another file's.
+        """
+        wait = not self._waiting
+        while not self.closed:
+            if wait:
+                await trio.lowlevel.wait_readable(self._raw)
+                if self.closed:
+                    break
+            try:
+                return self._raw.recvmsg_into([inbox], ancbuf, p.RECV_FLAGS)
+            except BlockingIOError:
+                wait = True
+        return None
 
     def _deliver(self, message: p.Reply | p.Error) -> None:
         waiter = self._waiting.pop(message.id, None) if message.id is not None else None
@@ -275,8 +303,15 @@ class Device(DeviceBase):
         id, data = self._session.request(args)
         self._waiting[id] = waiter
         try:
-            async with self._send_lock:
-                await self._sock.sendmsg([data], p.ancillary(fds))
+            await trio.lowlevel.checkpoint_if_cancelled()  # a cancelled call sends nothing
+            try:
+                if fds:
+                    self._raw.sendmsg([data], p.ancillary(fds))
+                else:
+                    self._raw.send(data)
+            except BlockingIOError:  # the socket is full: wait for room, the trio way
+                async with self._send_lock:
+                    await self._sock.sendmsg([data], p.ancillary(fds))
         except trio.Cancelled:  # not sent
             del self._waiting[id]
             if settle:
@@ -325,6 +360,7 @@ class Device(DeviceBase):
             self._forget_local()
             self._fail(BrokerError(errno.EBADF, "the device is closed"))
             self._reading.cancel()  # before the close, which would wake it with an error
+            self._raw.detach()  # the descriptor is trio's socket's to close
             self._sock.close()
 
     # --- the same methods as the blocking Device, in the same order
