@@ -64,18 +64,21 @@ def test_closing_the_last_handle_frees_an_unheld_buffer(broker: Broker) -> None:
         broker.wait_for(lambda: dev.buffers() == [])
 
 
-def test_new_buffers_read_as_zeros_and_sizes_round_to_pages(broker: Broker) -> None:
+def test_new_buffers_read_as_zeros_and_keep_the_size_asked_for(broker: Broker) -> None:
     with broker.connect() as dev:
         with pytest.raises(bufbroker.BrokerError) as e:
             dev.allocate(0)
         assert e.value.errno == errno.EINVAL
         one = dev.allocate(1)
-        assert one.size == 4096
+        assert one.size == 1
         big = dev.allocate(5 * 4096 + 1)
-        assert big.size == 6 * 4096
+        assert big.size == 5 * 4096 + 1
         with big.cpu_access(Access.READ) as mem:
-            assert len(mem) == 6 * 4096
-            assert bytes(mem) == bytes(6 * 4096)
+            assert len(mem) == 5 * 4096 + 1
+            assert bytes(mem) == bytes(5 * 4096 + 1)
+        [listed] = [b for b in dev.buffers() if b["id"] == big.id]
+        assert (listed["size"], listed["span"]) == (5 * 4096 + 1, 6 * 4096)  # backing: whole pages
+        assert dev.stats()["usage"]["bytes"] == 4096 + 6 * 4096  # quotas count the backing
 
 
 def test_map_rules(broker: Broker) -> None:

@@ -34,7 +34,7 @@ def test_a_buffer_lives_while_a_handle_or_a_holder_remains() -> None:
     state = _state()
     dev = _device(state)
     buf = state.allocate(dev, 1, name=None, heap="memfd")
-    assert buf.size == PAGE_SIZE and buf.backing is None
+    assert (buf.size, buf.span) == (1, PAGE_SIZE) and buf.backing is None
     state.add_handle(buf, (1, 2), readonly=False)
     state.release(dev, buf.id)
     assert buf.id in state.buffers  # the handle holds it

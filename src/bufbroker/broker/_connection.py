@@ -21,9 +21,10 @@ from .. import protocol as p
 from ..protocol import BrokerError, ProtocolError, RequestError
 from ._handles import handle_key
 from ._heap import adopt_memfd
-from ._introspect import REPLY_BYTES, buffer_page, device_page, stats
+from ._introspect import REPLY_BYTES, buffer_page, device_page, heap_list, stats
 from ._records import Buffer, Device
 from ._state import Mapped
+from ._workers import prepare_backing, seal
 
 if TYPE_CHECKING:
     from ._server import Server
@@ -35,7 +36,11 @@ log = logging.getLogger("bufbroker.broker")
 FAIRNESS = 16  # requests served without yielding to other tasks, at most
 # Ops whose answer depends on which buffers are still alive (quotas, names, listings): before
 # them, handles the peer closed before sending are counted as closed, as the kernel would.
-_SETTLE_FIRST = frozenset({p.Allocate, p.ExportMemfd, p.Open, p.SetName, p.Buffers, p.Devices, p.Stats})
+_SETTLE_FIRST = frozenset(
+    {p.Allocate, p.ExportMemfd, p.Open, p.SetName, p.Buffers, p.Devices, p.Stats, p.Heaps}
+)
+# Ops that may wait for the kernel in a worker thread before they are answered (_workers).
+_OFF_LOOP = frozenset({p.Map, p.CpuBegin, p.Seal})
 
 
 class FdBag:
@@ -228,6 +233,9 @@ class Connection:
                         nursery.start_soon(self._waiting_open, message, bag)
                         bag = _NO_FDS
                         continue
+                    if type(message.args) in _OFF_LOOP:
+                        await self._send(*await self._answer_after_kernel(message, bag))
+                        continue
                     await self._send(*self._answer(message, bag))
                 except RequestError as e:
                     await self.send(p.Error.from_exception(e.id, e))
@@ -239,30 +247,52 @@ class Connection:
                     bag.close()
             nursery.cancel_scope.cancel()
 
+    def _failed(self, request: p.Request, e: Exception) -> bytes:
+        """The error packet that answers ``request`` which raised ``e``."""
+        if isinstance(e, OSError):  # BrokerError, or a syscall on the peer's descriptor that failed
+            error = e if isinstance(e, BrokerError) else BrokerError(e.errno or errno.EIO, str(e))
+            return p.encode(p.Error.from_exception(request.id, error))
+        log.exception("%s failed for %s", request.op, self.device.label, exc_info=e)
+        return p.encode(p.Error(id=request.id, errno=errno.EIO, message="internal broker error"))
+
     def _answer(self, request: p.Request, bag: FdBag) -> tuple[bytes, Sequence[int]]:
         """The packet that answers ``request``, and the descriptors to send with it."""
         try:
             result, owned = self._handle(request, bag)
-        except OSError as e:  # BrokerError, or a syscall on the peer's descriptor that failed
-            error = e if isinstance(e, BrokerError) else BrokerError(e.errno or errno.EIO, str(e))
-            return p.encode(p.Error.from_exception(request.id, error)), ()
-        except Exception:
-            log.exception("%s failed for %s", request.op, self.device.label)
-            return p.encode(p.Error(id=request.id, errno=errno.EIO, message="internal broker error")), ()
+        except Exception as e:
+            return self._failed(request, e), ()
         try:
             return p.encode_reply(request.id, result), owned
         except BaseException:
             p.close_all(owned)
             raise
 
+    async def _answer_after_kernel(self, request: p.Request, bag: FdBag) -> tuple[bytes, Sequence[int]]:
+        """``_answer``, after the kernel work the request needs is done in a worker thread."""
+        state, workers = self.state, self.server.workers
+        try:
+            if type(request.args) is p.Seal:
+                buffer = await seal(state, workers, self.device, request.args.buffer)
+                self.server.names_changed.unpark_all()  # opens waiting for it to be sealed
+                return p.encode_reply(request.id, self._seal_state(buffer)), ()
+            await prepare_backing(state, workers, self.device, request.args)
+        except Exception as e:
+            return self._failed(request, e), ()
+        return self._answer(request, bag)
+
+    def _ready(self, args: p.Open) -> bool:
+        buffer = self.state.names.get(args.name)
+        return buffer is not None and (buffer.sealed or not args.sealed)
+
     async def _waiting_open(self, request: p.Request, bag: FdBag) -> None:
-        """``open`` that waits for the name to appear, like Plasma's get with a timeout."""
+        """``open`` that waits for the name to appear (sealed, if asked): Plasma's get."""
         assert isinstance(request.args, p.Open)
         try:
             with trio.move_on_after(request.args.timeout or 0):
-                while request.args.name not in self.state.names:
+                while not self._ready(request.args):
                     await self.server.names_changed.park()
-            answer = p.Request(id=request.id, op="open", args=p.Open(name=request.args.name))
+            args = p.Open(name=request.args.name, sealed=request.args.sealed)
+            answer = p.Request(id=request.id, op="open", args=args)
             await self._send(*self._answer(answer, bag))
         finally:
             self.pending -= 1
@@ -278,8 +308,8 @@ class Connection:
         match request.args:
             case p.Ping():
                 return {}, []
-            case p.Allocate(size=size, name=name, heap=heap):
-                buffer = state.allocate(dev, size, name=name, heap=heap)
+            case p.Allocate(size=size, name=name, heap=heap, sealable=sealable):
+                buffer = state.allocate(dev, size, name=name, heap=heap, sealable=sealable)
                 return self._with_handle(buffer, readonly=False, new_ref=True)
             case p.ExportMemfd(name=name):
                 backing = adopt_memfd(bag.fds[0])
@@ -293,8 +323,8 @@ class Connection:
             case p.Import():
                 buffer = state.import_handle(dev, handle_key(bag.fds[0]))
                 return self._describe(buffer), []
-            case p.Open(name=name):
-                buffer = state.open(dev, name)
+            case p.Open(name=name, sealed=sealed):
+                buffer = state.open(dev, name, sealed=sealed)
                 return self._with_handle(buffer, readonly=False, new_ref=True)
             case p.Share(buffer=buffer_id, readonly=readonly):
                 return self._with_handle(state.share(dev, buffer_id, readonly=readonly), readonly=readonly)
@@ -329,6 +359,8 @@ class Connection:
             case p.Devices(after=after):
                 entries, more = device_page(state, dev.uid, after)
                 return {"devices": entries, "more": more}, []
+            case p.Heaps():
+                return {"heaps": heap_list(state, dev.uid)}, []
             case p.Stats():
                 return stats(state, dev.uid, self.server.version, self.server.connections), []
         raise BrokerError(errno.ENOTTY, f"{request.op} cannot be used after hello")
@@ -341,7 +373,13 @@ class Connection:
             "heap": buffer.heap,
             "exporter": buffer.exporter[1],
             "readonly": not self.device.refs[buffer.id].writable,
+            "sealable": buffer.sealable,
+            **self._seal_state(buffer),
         }
+
+    @staticmethod
+    def _seal_state(buffer: Buffer) -> dict[str, bool]:
+        return {"sealed": buffer.sealed, "immutable": buffer.immutable}
 
     def _with_handle(self, buffer: Buffer, *, readonly: bool, new_ref: bool = False) -> tuple[Any, list[int]]:
         """A freshly minted handle for ``buffer``; if minting fails, the request is undone."""
@@ -370,4 +408,9 @@ class Connection:
         except OSError as e:
             undo()
             raise BrokerError(e.errno or errno.EMFILE, f"cannot hand out the backing: {e.strerror}") from None
-        return {"segments": segments, "size": mapped.backing.size, "writable": mapped.writable}, fds
+        return {
+            "segments": segments,
+            "size": mapped.size,
+            "span": mapped.backing.size,
+            "writable": mapped.writable,
+        }, fds

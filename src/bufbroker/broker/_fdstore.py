@@ -137,6 +137,7 @@ def _describe(b: Buffer) -> dict[str, Any]:
         "name": b.name,
         "size": b.size,
         "heap": b.heap,
+        "sealable": b.sealable,
         "owner": b.owner,
         "exporter": list(b.exporter),
         "created": b.created,
@@ -186,17 +187,25 @@ def restore(stored: list[tuple[int, str]], state: State, handles: HandleTable, n
         _, _, _, owner, size = entry.handles[0]
         info = described.get(buffer_id, {})
         layout = info.get("layout")
+        heap = info.get("heap", "memfd")
+        # The handles' names carry the size asked for; the backing, its page-rounded span.
+        span = state.heaps[heap].span(size) if heap in state.heaps else size
+        if entry.memfd is not None:
+            span = os.fstat(entry.memfd).st_size
         buffer = state.restore(
             id=buffer_id,
             size=size,
+            span=span,
+            sealable=bool(info.get("sealable", False)),
             owner=owner,
-            heap=info.get("heap", "memfd"),
+            heap=heap,
             name=info.get("name"),
             exporter=tuple(info.get("exporter", (0, "?", 0))),
             created=info.get("created", state.clock()),
-            backing=None if entry.memfd is None else Backing(entry.memfd, size),
+            backing=None if entry.memfd is None else Backing(entry.memfd, span, lazy=heap != "memfd"),
             layout=None if layout is None else [Segment.from_wire(raw) for raw in layout],
         )
+        state.kernel_seals(buffer)
         for fd, key, readonly, _, _ in entry.handles:
             handles.adopt(fd, key)
             state.add_handle(buffer, key, readonly=readonly)

@@ -21,22 +21,26 @@ import os
 
 from ..protocol import PAGE_SIZE, BrokerError
 
-__all__ = ["HEAPS", "Backing", "adopt_memfd", "allocate_memfd", "seal_snapshot"]
+__all__ = ["F_SEAL_FUTURE_WRITE", "Backing", "adopt_memfd", "allocate_memfd", "seal_snapshot"]
 
 F_SEAL_FUTURE_WRITE = 0x10  # linux/fcntl.h; Python has no constant for it
 _OURS = fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW | fcntl.F_SEAL_SEAL
 
-HEAPS = ("memfd",)
-
 
 class Backing:
-    """One buffer's storage: a memfd the broker keeps open for as long as the buffer lives."""
+    """One buffer's storage: a file the broker keeps open for as long as the buffer lives.
 
-    __slots__ = ("fd", "size")
+    ``size`` is the backing's length, a whole number of the heap's pages. ``lazy`` backing has
+    no memory committed yet: it must be (``_heaps.commit``) before any client maps it, or a
+    short pool would be a SIGBUS in that client instead of an error in the broker's reply.
+    """
 
-    def __init__(self, fd: int, size: int) -> None:
+    __slots__ = ("fd", "lazy", "size")
+
+    def __init__(self, fd: int, size: int, *, lazy: bool = False) -> None:
         self.fd = fd
         self.size = size
+        self.lazy = lazy
 
     def descriptors(self, writable: bool) -> list[int]:
         """New descriptors for one client; the caller closes them once they are sent."""
@@ -50,16 +54,22 @@ class Backing:
             self.fd = -1
 
 
-def allocate_memfd(size: int, label: str) -> Backing:
-    fd = os.memfd_create(f"bufbroker:{label}", os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
+def allocate_memfd(size: int, label: str, *, huge: bool = False, sealable: bool = False) -> Backing:
+    """A memfd of ``size`` bytes (2 MiB huge pages if ``huge``, committed later: lazy).
+
+    A ``sealable`` one is left without F_SEAL_SEAL, so that F_SEAL_FUTURE_WRITE and
+    F_SEAL_WRITE can be added when the buffer is sealed.
+    """
+    flags = os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING | (os.MFD_HUGETLB | os.MFD_HUGE_2MB if huge else 0)
+    fd = os.memfd_create(f"bufbroker:{label}", flags)
     try:
         os.ftruncate(fd, size)
         os.fchmod(fd, 0o400)
-        fcntl.fcntl(fd, fcntl.F_ADD_SEALS, _OURS)
+        fcntl.fcntl(fd, fcntl.F_ADD_SEALS, _OURS & ~fcntl.F_SEAL_SEAL if sealable else _OURS)
     except OSError as e:
         os.close(fd)
         raise BrokerError(e.errno or errno.ENOMEM, f"cannot create backing memory: {e.strerror}") from None
-    return Backing(fd, size)
+    return Backing(fd, size, lazy=huge)
 
 
 def adopt_memfd(fd: int) -> Backing:

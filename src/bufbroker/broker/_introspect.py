@@ -19,7 +19,7 @@ from .. import protocol as p
 from ._records import Buffer, Device
 from ._state import State
 
-__all__ = ["PAGE", "REPLY_BYTES", "buffer_page", "device_page", "stats"]
+__all__ = ["PAGE", "REPLY_BYTES", "buffer_page", "device_page", "heap_list", "stats"]
 
 REPLY_BYTES = 96 << 10  # in one reply at most: well below the largest packet the kernel sends (SO_SNDBUF)
 PAGE = 128  # entries per page at most
@@ -36,7 +36,11 @@ def _buffer(state: State, buffer: Buffer) -> dict[str, Any]:
         "id": buffer.id,
         "name": buffer.name,
         "size": buffer.size,
+        "span": buffer.span,
         "heap": buffer.heap,
+        "sealable": buffer.sealable,
+        "sealed": buffer.sealed,
+        "immutable": buffer.immutable,
         "exporter": {"device": device_id, "name": name, "pid": pid},
         "owner": buffer.owner,
         "created": buffer.created,
@@ -81,7 +85,7 @@ def _device(device: Device) -> dict[str, Any]:
         "connected": device.connected,
         "constraints": device.constraints.to_wire(),
         "buffers": list(device.refs),
-        "bytes": sum(ref.buffer.size for ref in device.refs.values()),
+        "bytes": sum(ref.buffer.span for ref in device.refs.values()),
         "attachments": len(device.attachments),
         "mappings": sum(a.map_count for a in device.attachments.values()),
     }
@@ -140,8 +144,8 @@ def stats(state: State, viewer: int, version: str, connections: int) -> dict[str
         "started": state.started,
         "uptime": now - state.started,
         "buffers": len(buffers),
-        "bytes": sum(b.size for b in buffers),
-        "backed_bytes": sum(b.size for b in buffers if b.backing is not None),
+        "bytes": sum(b.span for b in buffers),
+        "backed_bytes": sum(b.span for b in buffers if b.backing is not None),
         "devices": len(devices),
         "connections": connections if viewer == 0 else usage.connections,
         "handles": sum(len(b.handles) for b in buffers),
@@ -155,3 +159,27 @@ def stats(state: State, viewer: int, version: str, connections: int) -> dict[str
             "bytes": usage.bytes,
         },
     }
+
+
+def heap_list(state: State, viewer: int) -> list[dict[str, Any]]:
+    """Each heap: its page size, whether it can allocate here, and what the viewer may see of
+    what is allocated from it (root: everything)."""
+    visible = [b for b in state.buffers.values() if _visible_buffer(b, viewer)]
+    out = []
+    for name, heap in state.heaps.items():
+        mine = [b for b in visible if b.heap == name]
+        reason = heap.unavailable()
+        out.append(
+            {
+                "name": name,
+                "page_size": heap.page_size,
+                "available": reason is None,
+                "reason": reason,
+                "sealable": heap.sealable,
+                "buffers": len(mine),
+                "bytes": sum(b.span for b in mine),
+                "backed_bytes": sum(b.span for b in mine if b.backing is not None),
+                "pool": heap.pool(),
+            }
+        )
+    return out

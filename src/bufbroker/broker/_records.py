@@ -70,8 +70,11 @@ class Handle:
 
 @dataclass(eq=False, slots=True, kw_only=True)
 class Buffer:
+    """A buffer. ``size`` is what was asked for; ``span``, its backing's length, whole pages."""
+
     id: int
     size: int
+    span: int
     heap: str
     owner: int  # uid charged for it
     exporter: tuple[int, str, int]  # (device id, name, pid) at export time
@@ -83,10 +86,15 @@ class Buffer:
     cpu: Counter[tuple[int, Access]] = field(default_factory=Counter)  # (device id, mode)
     layout: list[Segment] | None = None  # chosen at the first map or cpu access
     backing: Backing | None = None  # exists from export for adopted memfds, else with layout
+    sealable: bool = False  # allocated sealable: its memfd can take F_SEAL_FUTURE_WRITE / F_SEAL_WRITE
+    sealing: bool = False  # seal asked for: no new writable mapping, whatever the kernel says yet
+    sealed: bool = False  # F_SEAL_FUTURE_WRITE is set
+    immutable: bool = False  # F_SEAL_WRITE is set: the kernel proves nobody can write it
+    kept: bool = False  # held by the broker itself for a while (shm buffers adopted at start)
 
     @property
     def alive(self) -> bool:
-        return bool(self.handles or self.holders)
+        return bool(self.handles or self.holders or self.kept)
 
 
 @dataclass(slots=True)

@@ -24,6 +24,7 @@ from ._handles import HandleTable
 from ._reaper import Reaper
 from ._records import Device
 from ._state import State
+from ._workers import Sealer, Workers
 
 __all__ = ["Server"]
 
@@ -53,6 +54,9 @@ class Server:
     ) -> None:
         self._reaper = Reaper()
         self.state = State(config, free=self._reaper.free)
+        self.workers = Workers()
+        self._sealer = Sealer(self.state, self.workers)
+        self.state.unwritten = self._sealer.want
         self.handles = HandleTable(self.state.handle_closed)
         self._fdstore: FdStore | None = None
         if fdstore is not None:
@@ -76,6 +80,7 @@ class Server:
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(self.handles.watch)
                 nursery.start_soon(self._reaper.run)
+                nursery.start_soon(self._sealer.run)
                 if self._fdstore is not None:
                     nursery.start_soon(self._fdstore.run)
                 task_status.started()

@@ -18,12 +18,14 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from ..protocol import Access, BrokerError, Constraints, Direction, Segment, page_round
+from ..protocol import Access, BrokerError, Constraints, Direction, Segment
 from ._config import Config
-from ._heap import HEAPS, Backing, allocate_memfd
+from ._heap import Backing
+from ._heaps import Heap, HugetlbHeap, MemfdHeap
 from ._layout import combine, plan, satisfies
 from ._quota import Quotas
 from ._records import Attachment, Buffer, Device, Handle, Key, Ref
+from ._seal import Sealing
 
 __all__ = ["Mapped", "State"]
 
@@ -46,25 +48,29 @@ class Observer:
 
 @dataclass(frozen=True, slots=True)
 class Mapped:
-    """What a map or cpu access hands the client: the layout and the backing, RO or RW."""
+    """What a map or cpu access hands the client: the layout and the backing, RO or RW.
+
+    ``size`` is the buffer's, which the client's memory has; the backing may be longer.
+    """
 
     layout: list[Segment]
     backing: Backing
     writable: bool
+    size: int
 
 
-class State:
+class State(Sealing):
     def __init__(
         self,
         config: Config,
         *,
         clock: Callable[[], float] = time.time,
-        allocate: Callable[[int, str], Backing] = allocate_memfd,
+        heaps: list[Heap] | None = None,
         free: Callable[[Backing], None] = Backing.close,
     ) -> None:
         self.config = config
         self.clock = clock
-        self._allocate = allocate
+        self.heaps = {heap.name: heap for heap in heaps or [MemfdHeap(), HugetlbHeap()]}
         self.free = free  # a freed buffer's backing goes here (the server's frees large ones off its loop)
         self.started = clock()
         self.buffers: dict[int, Buffer] = {}  # insertion order is id order
@@ -107,12 +113,16 @@ class State:
 
     def remove_device(self, device: Device) -> None:
         """Everything the device held goes, as when a process dies with its dma-buf fds."""
+        touched = {att.buffer for att in device.attachments.values()}
         for att in list(device.attachments.values()):
             att.map_count = 0
             self._drop_attachment(att)
         for buffer_id, access in device.cpu:
+            touched.add(self.buffers[buffer_id])
             self.buffers[buffer_id].cpu.pop((device.id, access), None)
         device.cpu.clear()
+        for buffer in touched:
+            self._maybe_unwritten(buffer)
         for ref in list(device.refs.values()):
             self._drop_ref(device, ref)
         del self.devices[device.id]
@@ -124,13 +134,23 @@ class State:
             raise BrokerError(errno.EEXIST, f"the name {name!r} belongs to another buffer")
 
     def _create(
-        self, device: Device, size: int, heap: str, name: str | None, backing: Backing | None
+        self,
+        device: Device,
+        size: int,
+        heap: str,
+        name: str | None,
+        backing: Backing | None,
+        *,
+        span: int,
+        sealable: bool = False,
     ) -> Buffer:
-        self.quotas.check(device.uid, size)
+        self.quotas.check(device.uid, span)
         self._check_name_free(name)
         buffer = Buffer(
             id=self._id("buffer"),
             size=size,
+            span=span,
+            sealable=sealable,
             heap=heap,
             owner=device.uid,
             created=self.clock(),
@@ -138,7 +158,7 @@ class State:
             backing=backing,
         )
         self.buffers[buffer.id] = buffer
-        self.quotas.charge(device.uid, size)
+        self.quotas.charge(device.uid, span)
         self._set_name(buffer, name)
         self._add_ref(device, buffer, writable=True)
         return buffer
@@ -148,6 +168,7 @@ class State:
         *,
         id: int,
         size: int,
+        span: int,
         owner: int,
         heap: str,
         name: str | None,
@@ -155,6 +176,7 @@ class State:
         created: float,
         backing: Backing | None,
         layout: list[Segment] | None,
+        sealable: bool = False,
     ) -> Buffer:
         """A buffer carried across a broker restart; only its handles hold it until imported.
 
@@ -163,6 +185,8 @@ class State:
         buffer = Buffer(
             id=id,
             size=size,
+            span=span,
+            sealable=sealable,
             heap=heap,
             owner=owner,
             created=created,
@@ -172,22 +196,33 @@ class State:
         )
         self.buffers = dict(sorted({**self.buffers, id: buffer}.items()))
         self._next_ids["buffer"] = max(self._next_ids.get("buffer", 1), id + 1)
-        self.quotas.charge(owner, size)
+        self.quotas.charge(owner, span)
         if name and name not in self.names:
             self._set_name(buffer, name)
         return buffer
 
-    def allocate(self, device: Device, size: int, *, name: str | None, heap: str) -> Buffer:
-        """``dma_heap_buffer_alloc``: a buffer with no backing yet (it comes at first map)."""
+    def allocate(
+        self, device: Device, size: int, *, name: str | None, heap: str, sealable: bool = False
+    ) -> Buffer:
+        """``dma_heap_buffer_alloc``: a buffer with no backing yet (it comes at first map).
+
+        The buffer keeps ``size``; its backing is rounded up to the heap's pages.
+        """
         if size == 0:
             raise BrokerError(errno.EINVAL, "size must be at least 1 byte")
-        if heap not in HEAPS:
-            raise BrokerError(errno.ENODEV, f"no heap {heap!r} (heaps: {', '.join(HEAPS)})")
-        return self._create(device, page_round(size), heap, name, None)
+        allocator = self.heaps.get(heap)
+        if allocator is None:
+            raise BrokerError(errno.ENODEV, f"no heap {heap!r} (heaps: {', '.join(self.heaps)})")
+        allocator.check()
+        if sealable and not allocator.sealable:
+            raise BrokerError(
+                errno.EINVAL, f"the kernel cannot seal {heap} memory: allocate sealable buffers elsewhere"
+            )
+        return self._create(device, size, heap, name, None, span=allocator.span(size), sealable=sealable)
 
     def export(self, device: Device, backing: Backing, *, name: str | None) -> Buffer:
         """A client's own memfd as a buffer (udmabuf); the backing is already checked."""
-        return self._create(device, backing.size, "memfd", name, backing)
+        return self._create(device, backing.size, "memfd", name, backing, span=backing.size)
 
     def add_handle(self, buffer: Buffer, key: Key, *, readonly: bool) -> None:
         handle = Handle(key=key, buffer=buffer, readonly=readonly)
@@ -234,7 +269,7 @@ class State:
         self._add_ref(device, handle.buffer, writable=not handle.readonly)
         return handle.buffer
 
-    def open(self, device: Device, name: str) -> Buffer:
+    def open(self, device: Device, name: str, *, sealed: bool = False) -> Buffer:
         buffer = self.names.get(name)
         if buffer is None:
             raise BrokerError(errno.ENOENT, f"no buffer is named {name!r}")
@@ -243,6 +278,8 @@ class State:
                 errno.EACCES,
                 f"buffer {name!r} belongs to uid {buffer.owner}; across users, pass a handle",
             )
+        if sealed and not buffer.sealed:
+            raise BrokerError(errno.EAGAIN, f"buffer {name!r} is not sealed yet")
         self._add_ref(device, buffer, writable=True)
         return buffer
 
@@ -282,7 +319,7 @@ class State:
             return
         del self.buffers[buffer.id]
         self._set_name(buffer, None)
-        self.quotas.uncharge(buffer.owner, buffer.size)
+        self.quotas.uncharge(buffer.owner, buffer.span)
         if buffer.backing is not None:
             self.free(buffer.backing)
 
@@ -309,21 +346,21 @@ class State:
                     f"that {device.label} cannot address",
                 )
             return
-        if plan(buffer.size, mine) is None:
+        if plan(buffer.span, mine) is None:
             raise BrokerError(
                 errno.EINVAL,
                 f"{device.label} cannot address {buffer.size} bytes with its own constraints",
             )
         others = {a.device.id: a.device for a in buffer.attachments.values()}
         for other in others.values():
-            if plan(buffer.size, combine([mine, other.constraints])) is None:
+            if plan(buffer.span, combine([mine, other.constraints])) is None:
                 raise BrokerError(
                     errno.EINVAL,
                     f"{device.label} conflicts with attached device {other.label}: no layout "
                     f"of {buffer.size} bytes meets both",
                 )
         everyone = [mine, *(d.constraints for d in others.values())]
-        if plan(buffer.size, combine(everyone)) is None:
+        if plan(buffer.span, combine(everyone)) is None:
             names = ", ".join(d.label for d in others.values())
             raise BrokerError(
                 errno.EINVAL,
@@ -346,15 +383,19 @@ class State:
         del att.buffer.attachments[att.id]
         del att.device.attachments[att.id]
 
+    def materialize(self, buffer: Buffer) -> Backing:
+        """The buffer's backing, made now if it has none yet (before a commit off the loop)."""
+        return self._materialize(buffer)[1]
+
     def _materialize(self, buffer: Buffer) -> tuple[list[Segment], Backing]:
         """Late allocation: the layout (and memfd) chosen for everyone attached right now."""
         if buffer.layout is None:
             wanted = combine(a.device.constraints for a in buffer.attachments.values())
-            layout = plan(buffer.size, wanted)
+            layout = plan(buffer.span, wanted)
             if layout is None:  # attach refuses such combinations; this guards the invariant
                 raise BrokerError(errno.EINVAL, "the attached devices admit no common layout")
             if buffer.backing is None:
-                buffer.backing = self._allocate(buffer.size, buffer.name or str(buffer.id))
+                buffer.backing = self.heaps[buffer.heap].allocate(buffer)
             buffer.layout = layout
             self.observer.changed(buffer)
         assert buffer.backing is not None
@@ -364,6 +405,8 @@ class State:
         att = self._attachment(device, attachment_id)
         if direction.writes and not device.refs[att.buffer.id].writable:
             raise BrokerError(errno.EACCES, f"a read-only handle cannot be mapped {direction.value}")
+        if direction.writes:
+            self._may_write(device, att.buffer)
         current = att.direction
         if current is not None and current not in (direction, Direction.BIDIRECTIONAL):
             raise BrokerError(
@@ -374,7 +417,7 @@ class State:
         if not att.map_count:
             att.direction = direction
         att.map_count += 1
-        return Mapped(layout, backing, direction.writes)
+        return Mapped(layout, backing, direction.writes, att.buffer.size)
 
     def unmap(self, device: Device, attachment_id: int) -> None:
         att = self._attachment(device, attachment_id)
@@ -383,6 +426,7 @@ class State:
         att.map_count -= 1
         if not att.map_count:
             att.direction = None
+            self._maybe_unwritten(att.buffer)
 
     # --- cpu access ----------------------------------------------------------------------
 
@@ -390,10 +434,12 @@ class State:
         ref = self._ref(device, buffer_id)
         if access.writes and not ref.writable:
             raise BrokerError(errno.EACCES, "a read-only handle allows cpu access read only")
+        if access.writes:
+            self._may_write(device, ref.buffer)
         layout, backing = self._materialize(ref.buffer)
         device.cpu[(buffer_id, access)] += 1
         ref.buffer.cpu[(device.id, access)] += 1
-        return Mapped(layout, backing, access.writes)
+        return Mapped(layout, backing, access.writes, ref.buffer.size)
 
     def cpu_end(self, device: Device, buffer_id: int, access: Access) -> None:
         buffer = self._ref(device, buffer_id).buffer
@@ -404,3 +450,4 @@ class State:
             counter[key] -= 1
             if not counter[key]:
                 del counter[key]
+        self._maybe_unwritten(buffer)

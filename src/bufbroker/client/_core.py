@@ -186,7 +186,13 @@ class DeviceBase:
             raise BrokerError(errno.EBADF, "the device is closed")
 
     def _map_memory(self, result: dict[str, Any], fds: list[int]) -> MappedMemory:
-        memory = MappedMemory(fds, segments_from_wire(result["segments"]), result["size"], result["writable"])
+        memory = MappedMemory(
+            fds,
+            segments_from_wire(result["segments"]),
+            result["size"],
+            result["writable"],
+            result.get("span"),
+        )
         self._memory.add(memory)
         return memory
 
@@ -228,6 +234,9 @@ class BufferBase:
         self.heap: str = result["heap"]
         self.exporter: str = result["exporter"]
         self.readonly: bool = result["readonly"]
+        self.sealable: bool = result.get("sealable", False)
+        self.sealed: bool = result.get("sealed", False)
+        self.immutable: bool = result.get("immutable", False)  # as of the last reply about it
         self.handle = handle
         self.closed = False
         device._buffers.add(self)
@@ -242,8 +251,13 @@ class BufferBase:
         self._close_handle()
         self._device._buffers.discard(self)
 
+    def _sealed(self, result: dict[str, Any]) -> None:
+        self.sealed, self.immutable = result["sealed"], result["immutable"]
+
     def __repr__(self) -> str:
-        return f"<Buffer {self.id} {self.name!r} {self.size} bytes{' read-only' if self.readonly else ''}>"
+        state = " read-only" if self.readonly else ""
+        state += " immutable" if self.immutable else " sealed" if self.sealed else ""
+        return f"<Buffer {self.id} {self.name!r} {self.size} bytes{state}>"
 
 
 class AttachmentBase:

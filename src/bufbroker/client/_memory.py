@@ -24,20 +24,34 @@ def segments_from_wire(raw: Any) -> list[Segment]:
 class MappedMemory:
     """The whole buffer mapped into this process, read-only unless ``writable``.
 
+    The backing (``span`` bytes, whole pages of its heap) is mapped whole: a huge page mapping
+    can only be unmapped whole. ``memory`` has the buffer's own ``size``.
     Takes ownership of ``fds``: they are closed once mapped (the mapping keeps the memory).
     """
 
-    def __init__(self, fds: Sequence[int], segments: Sequence[Segment], size: int, writable: bool) -> None:
+    def __init__(
+        self,
+        fds: Sequence[int],
+        segments: Sequence[Segment],
+        size: int,
+        writable: bool,
+        span: int | None = None,
+    ) -> None:
+        span = size if span is None else span
         try:
             if len(fds) != 1 or any(s.fd != 0 for s in segments):
                 raise ProtocolError(f"expected one backing descriptor, got {len(fds)}")
+            if not 0 < size <= span:
+                raise ProtocolError(f"a buffer of {size} bytes cannot lie in {span} bytes of backing")
             access = mmap.ACCESS_WRITE if writable else mmap.ACCESS_READ
-            self._mmap: mmap.mmap | None = mmap.mmap(fds[0], size, access=access)
+            self._mmap: mmap.mmap | None = mmap.mmap(fds[0], span, access=access)
         finally:
             close_all(fds)
         self.segments = list(segments)
         self.writable = writable
-        self.memory = memoryview(self._mmap)
+        self.size = size
+        self._whole = memoryview(self._mmap)
+        self.memory = self._whole[:size] if size < span else self._whole
 
     @property
     def closed(self) -> bool:
@@ -48,10 +62,12 @@ class MappedMemory:
         if self._mmap is None:
             return
         self.memory.release()
+        self._whole.release()
         try:
             self._mmap.close()
         except BufferError:
-            self.memory = memoryview(self._mmap)
+            self._whole = memoryview(self._mmap)
+            self.memory = self._whole[: self.size]
             raise BrokerError(
                 errno.EBUSY,
                 "the mapping's memory is still in use (a slice or another view of it is alive); "

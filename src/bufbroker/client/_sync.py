@@ -141,17 +141,22 @@ class Device(DeviceBase, _Closing):
         """A request that does nothing: measures a round trip, proves the broker is alive."""
         self._call(_PING)
 
-    def allocate(self, size: int, *, name: str | None = None, heap: str = "memfd") -> Buffer:
+    def allocate(
+        self, size: int, *, name: str | None = None, heap: str = "memfd", sealable: bool = False
+    ) -> Buffer:
         """A new buffer of ``size`` bytes (rounded up to pages); its memory comes at first map."""
-        return self._buffer(p.Allocate(size=size, name=name, heap=heap))
+        return self._buffer(p.Allocate(size=size, name=name, heap=heap, sealable=sealable))
 
     def import_handle(self, fd: int) -> Buffer:
         """The buffer behind handle ``fd``; the caller keeps (and should close) ``fd``."""
         return self._buffer(p.Import(), [fd])
 
-    def open(self, name: str, *, timeout: float | None = None) -> Buffer:
-        """The buffer named ``name`` (same uid, or root); waits up to ``timeout`` s for it."""
-        return self._buffer(p.Open(name=name, timeout=timeout))
+    def open(self, name: str, *, timeout: float | None = None, sealed: bool = False) -> Buffer:
+        """The buffer named ``name`` (same uid, or root); waits up to ``timeout`` s for it.
+
+        With ``sealed``, only once it is sealed (Plasma's get): EAGAIN if it is not by then.
+        """
+        return self._buffer(p.Open(name=name, timeout=timeout, sealed=sealed))
 
     def export_memfd(self, memfd: int, *, name: str | None = None) -> Buffer:
         """A buffer over this process's own sealed memfd, without a copy (udmabuf).
@@ -174,6 +179,11 @@ class Device(DeviceBase, _Closing):
         """Every device (connection) this uid may see (root: all)."""
         return self._listing(Pager(p.Devices, "devices"))
 
+    def heaps(self) -> list[dict[str, Any]]:
+        """Each heap: page size, whether it can allocate here, what is allocated from it."""
+        result: list[dict[str, Any]] = (self._call(p.Heaps()))[0]["heaps"]
+        return result
+
     def stats(self) -> dict[str, Any]:
         result: dict[str, Any] = self._call(p.Stats())[0]
         return result
@@ -194,6 +204,15 @@ class Buffer(BufferBase, _Closing):
     def share(self, *, readonly: bool = False) -> int:
         """A new handle fd for this buffer, owned by the caller; read-only if asked."""
         return take_one_fd(self._device._call(p.Share(buffer=self.id, readonly=readonly))[1])
+
+    def seal(self) -> None:
+        """Seal (Plasma's seal): from now on nobody can map it writable or write it (EPERM).
+
+        Needs ``allocate(..., sealable=True)``. Once no writable mapping of it remains
+        anywhere, the kernel makes it immutable (F_SEAL_WRITE); listings say when. When this
+        returns, ``open(name, sealed=True)`` finds it.
+        """
+        self._sealed((self._device._call(p.Seal(buffer=self.id)))[0])
 
     def set_name(self, name: str | None) -> None:
         """Name (or, with None, unname) the buffer: at most 31 bytes of UTF-8."""

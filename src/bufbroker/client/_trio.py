@@ -381,17 +381,22 @@ class Device(DeviceBase):
             if self._unawaited_sent == sent and not self._backlog:
                 return
 
-    async def allocate(self, size: int, *, name: str | None = None, heap: str = "memfd") -> Buffer:
+    async def allocate(
+        self, size: int, *, name: str | None = None, heap: str = "memfd", sealable: bool = False
+    ) -> Buffer:
         """A new buffer of ``size`` bytes (rounded up to pages); its memory comes at first map."""
-        return await self._buffer(p.Allocate(size=size, name=name, heap=heap))
+        return await self._buffer(p.Allocate(size=size, name=name, heap=heap, sealable=sealable))
 
     async def import_handle(self, fd: int) -> Buffer:
         """The buffer behind handle ``fd``; the caller keeps (and should close) ``fd``."""
         return await self._buffer(p.Import(), [fd])
 
-    async def open(self, name: str, *, timeout: float | None = None) -> Buffer:
-        """The buffer named ``name`` (same uid, or root); waits up to ``timeout`` s for it."""
-        return await self._buffer(p.Open(name=name, timeout=timeout))
+    async def open(self, name: str, *, timeout: float | None = None, sealed: bool = False) -> Buffer:
+        """The buffer named ``name`` (same uid, or root); waits up to ``timeout`` s for it.
+
+        With ``sealed``, only once it is sealed (Plasma's get): EAGAIN if it is not by then.
+        """
+        return await self._buffer(p.Open(name=name, timeout=timeout, sealed=sealed))
 
     async def export_memfd(self, memfd: int, *, name: str | None = None) -> Buffer:
         """A buffer over this process's own sealed memfd, without a copy (udmabuf).
@@ -414,6 +419,11 @@ class Device(DeviceBase):
         """Every device (connection) this uid may see (root: all)."""
         return await self._listing(Pager(p.Devices, "devices"))
 
+    async def heaps(self) -> list[dict[str, Any]]:
+        """Each heap: page size, whether it can allocate here, what is allocated from it."""
+        result: list[dict[str, Any]] = (await self._call(p.Heaps()))[0]["heaps"]
+        return result
+
     async def stats(self) -> dict[str, Any]:
         result: dict[str, Any] = (await self._call(p.Stats()))[0]
         return result
@@ -430,6 +440,15 @@ class Buffer(BufferBase, _AsyncClosing):
     async def share(self, *, readonly: bool = False) -> int:
         """A new handle fd for this buffer, owned by the caller; read-only if asked."""
         return take_one_fd((await self._device._call(p.Share(buffer=self.id, readonly=readonly)))[1])
+
+    async def seal(self) -> None:
+        """Seal (Plasma's seal): from now on nobody can map it writable or write it (EPERM).
+
+        Needs ``allocate(..., sealable=True)``. Once no writable mapping of it remains
+        anywhere, the kernel makes it immutable (F_SEAL_WRITE); listings say when. When this
+        returns, ``open(name, sealed=True)`` finds it.
+        """
+        self._sealed((await self._device._call(p.Seal(buffer=self.id)))[0])
 
     async def set_name(self, name: str | None) -> None:
         """Name (or, with None, unname) the buffer: at most 31 bytes of UTF-8."""

@@ -31,6 +31,7 @@ __all__ = [
     "Detach",
     "Devices",
     "ExportMemfd",
+    "Heaps",
     "Hello",
     "Import",
     "Map",
@@ -39,6 +40,7 @@ __all__ = [
     "Open",
     "Ping",
     "Release",
+    "Seal",
     "SetName",
     "Share",
     "Stats",
@@ -226,6 +228,7 @@ class Allocate(OpArgs):
     size: int
     name: str | None = None
     heap: str = "memfd"
+    sealable: bool = False  # the memfd keeps room for F_SEAL_FUTURE_WRITE / F_SEAL_WRITE
 
 
 @op("export_memfd", fds=1, reply_fds=True)
@@ -242,6 +245,7 @@ class Import(OpArgs):
 class Open(OpArgs):
     name: str
     timeout: float | None = None
+    sealed: bool = False  # only once the buffer is sealed (Plasma's get)
 
 
 @op("share", reply_fds=True)
@@ -254,6 +258,11 @@ class Share(OpArgs):
 class SetName(OpArgs):
     buffer: int
     name: str | None = None
+
+
+@op("seal")
+class Seal(OpArgs):
+    buffer: int
 
 
 @op("release")
@@ -306,4 +315,9 @@ class Devices(OpArgs):
 
 @op("stats")
 class Stats(OpArgs):
+    pass
+
+
+@op("heaps")
+class Heaps(OpArgs):
     pass
