@@ -264,3 +264,27 @@ def raw() -> Iterator[Callable[[Broker], RawClient]]:
     yield make
     for c in clients:
         c.close()
+
+
+_HUGE_POOL = ("/proc/sys/vm/nr_overcommit_hugepages", "/proc/sys/vm/nr_hugepages")
+
+
+@pytest.fixture
+def huge_pages() -> Iterator[Callable[..., None]]:
+    """``huge_pages(n)`` sets the system's pool of 2 MiB huge pages to ``n`` (as root).
+
+    The pool is put back as it was afterwards. Only root may change it: other users skip.
+    """
+    if os.geteuid() != 0:
+        pytest.skip("reserving huge pages (/proc/sys/vm/nr_hugepages) needs root; CI runs as root")
+    before = {path: Path(path).read_text() for path in _HUGE_POOL}
+
+    def reserve(pages: int, overcommit: int = 0) -> None:
+        Path(_HUGE_POOL[0]).write_text(str(overcommit))
+        Path(_HUGE_POOL[1]).write_text(str(pages))
+        if int(Path(_HUGE_POOL[1]).read_text()) < pages:
+            pytest.fail(f"the kernel could not reserve {pages} huge pages of 2 MiB")
+
+    yield reserve
+    for path, value in before.items():
+        Path(path).write_text(value)

@@ -102,6 +102,20 @@ def inspect_as(path: str, uid: str, handle: str) -> None:
         sys.stdin.readline()
 
 
+def get_sealed(path: str, name: str, timeout: str) -> None:
+    """Plasma's get: wait for a sealed buffer by name, then report its flags and bytes' digest."""
+    with bufbroker.connect("getter", socket=path) as dev:
+        say(waiting=True)
+        try:
+            buf = dev.open(name, sealed=True, timeout=float(timeout))
+        except bufbroker.BrokerError as e:
+            say(errno=e.errno)
+            return
+        with buf.attach() as att, att.map(Direction.TO_DEVICE) as m:
+            digest = hashlib.sha256(m.memory).hexdigest()
+        say(sealed=buf.sealed, size=buf.size, sha=digest)
+
+
 if __name__ == "__main__":
     role, *args = sys.argv[1:]
     globals()[role](*args)
