@@ -22,13 +22,14 @@ import pytest
 import bufbroker
 from bufbroker import Access, Direction
 from bufbroker import protocol as p
+
 from conftest import Broker, Peer
 from peer import pattern
 
 F_SEAL_FUTURE_WRITE = 0x10
 _libc = ctypes.CDLL(None, use_errno=True)
 _libc.mmap.restype = ctypes.c_void_p
-_libc.mmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_long]
+_libc.mmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t, *[ctypes.c_int] * 3, ctypes.c_long]
 _libc.mprotect.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
 _libc.munmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
 
@@ -40,9 +41,9 @@ def heap(request: pytest.FixtureRequest) -> Iterator[str]:
     yield request.param
 
 
-def _code(call: Callable[[], object]) -> int:
+def _code(call: Callable[..., object], *args: object) -> int:
     with pytest.raises(OSError) as e:
-        call()
+        call(*args)
     return e.value.errno or 0
 
 
@@ -75,9 +76,9 @@ def _assert_no_new_writer(buf: bufbroker.Buffer, span: int) -> None:
     """mfd_fail_write: every way to write anew fails, for the broker and for the kernel."""
     with buf.attach() as att:
         for direction in (Direction.FROM_DEVICE, Direction.BIDIRECTIONAL):
-            assert _code(lambda: att.map(direction)) == errno.EPERM
+            assert _code(att.map, direction) == errno.EPERM
     for access in (Access.WRITE, Access.RW):
-        assert _code(lambda: buf.cpu_access(access).begin()) == errno.EPERM
+        assert _code(buf.cpu_access(access).begin) == errno.EPERM
     ro = backing_fd(buf)
     rw = reopen(ro, os.O_RDWR)  # the selftest's mfd_assert_reopen_fd: the open itself works
     try:
@@ -157,10 +158,11 @@ def test_seal_shrink_and_grow_hold_for_every_descriptor(broker: Broker, heap: st
             try:
                 assert os.fstat(fd).st_size == span
                 seals = fcntl.fcntl(fd, fcntl.F_GET_SEALS)
-                assert seals & (fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW) == fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW
+                both = fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW
+                assert seals & both == both
                 assert bool(seals & fcntl.F_SEAL_SEAL) is not sealable  # only sealable ones take more
-                assert _code(lambda: os.ftruncate(fd, 0)) == errno.EPERM
-                assert _code(lambda: os.ftruncate(fd, span * 2)) == errno.EPERM
+                assert _code(os.ftruncate, fd, 0) == errno.EPERM
+                assert _code(os.ftruncate, fd, span * 2) == errno.EPERM
             finally:
                 os.close(fd)
             buf.close()
@@ -216,7 +218,7 @@ def test_a_getter_waits_for_the_buffer_to_be_sealed(broker: Broker, peer: Callab
         getter.finish()
 
 
-def test_an_unsealed_buffer_is_eagain_and_a_missing_one_enoent(broker: Broker, peer: Callable[..., Peer]) -> None:
+def test_an_unsealed_buffer_is_eagain_and_a_missing_one_enoent(broker: Broker) -> None:
     with broker.connect("maker") as dev:
         dev.allocate(4096, name="draft", sealable=True)
         assert _code(lambda: dev.open("draft", sealed=True)) == errno.EAGAIN

@@ -59,6 +59,9 @@ class Config:
     max_buffer_size: int = _size(4 << 30, "largest single buffer (EINVAL beyond)")
     max_memory: int = _size(_physical_memory() // 2, "bytes of all buffers together (ENOMEM beyond)")
     handshake_timeout: float = _count(30.0, "seconds a new connection has to send hello")
+    shm_adopted_hold: float = _count(
+        60.0, "seconds the broker holds the shm buffers it adopted at start, for their users to open"
+    )
 
     def as_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

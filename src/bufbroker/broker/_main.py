@@ -22,6 +22,7 @@ from ..protocol import close_all
 from ._config import Config, add_arguments, from_arguments, load_toml
 from ._fdstore import is_stored
 from ._server import Server
+from ._shm import prefix_for
 from ._systemd import JournalFormatter, ServiceManager, journal_stream, listen_fds, raise_nofile_limit
 
 __all__ = ["main"]
@@ -200,7 +201,9 @@ async def _run(
     if manager.present:
         if not stored:
             log.info("%s", _nothing_stored(manager.fdstore_max))
-        server = Server(config, version=__version__, fdstore=manager, stored=stored)
+        server = Server(
+            config, version=__version__, fdstore=manager, stored=stored, shm_prefix=prefix_for(path)
+        )
     else:
         log.info("no service manager: buffers are not kept across a restart of the broker")
         if stored:
@@ -210,7 +213,7 @@ async def _run(
                 len(stored),
             )
         close_all(fd for fd, _ in stored)
-        server = Server(config, version=__version__)
+        server = Server(config, version=__version__, shm_prefix=prefix_for(path))
     close_all(sockets[1:])
     listening = _activated(sockets[0]) if sockets else _listening(path, mode)
     with listening as listener, trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:

@@ -23,6 +23,7 @@ from ._fdstore import FdStore, Notifier, restore
 from ._handles import HandleTable
 from ._reaper import Reaper
 from ._records import Device
+from ._shm import ShmHeap, ShmRecords, adopt
 from ._state import State
 from ._workers import Sealer, Workers
 
@@ -51,7 +52,9 @@ class Server:
         version: str,
         fdstore: Notifier | None = None,
         stored: list[tuple[int, str]] | None = None,
+        shm_prefix: str | None = None,
     ) -> None:
+        """``shm_prefix``: the names of this broker's shm objects; without one, no shm heap."""
         self._reaper = Reaper()
         self.state = State(config, free=self._reaper.free)
         self.workers = Workers()
@@ -63,6 +66,11 @@ class Server:
             generation = restore(stored or [], self.state, self.handles, fdstore)
             self._fdstore = FdStore(fdstore, self.state, self.handles, generation)
             self.state.observer = self._fdstore
+        if shm_prefix is not None:
+            shm = ShmHeap(shm_prefix)
+            self.state.heaps[shm.name] = shm
+            adopt(shm, self.state)
+            self.state.observer = ShmRecords(self.state, self.state.observer)
         self.names_changed = trio.lowlevel.ParkingLot()
         self.version = version
         self.connections = 0
@@ -81,6 +89,7 @@ class Server:
                 nursery.start_soon(self.handles.watch)
                 nursery.start_soon(self._reaper.run)
                 nursery.start_soon(self._sealer.run)
+                nursery.start_soon(self._let_go_of_adopted)
                 if self._fdstore is not None:
                     nursery.start_soon(self._fdstore.run)
                 task_status.started()
@@ -95,6 +104,14 @@ class Server:
         finally:
             self.handles.close()
             self._reaper.close()
+
+    async def _let_go_of_adopted(self) -> None:
+        """Adopted buffers are held by the broker for a while, then only by their users."""
+        kept = [b for b in self.state.buffers.values() if b.kept]
+        if kept:
+            await trio.sleep(self.state.config.shm_adopted_hold)
+            for buffer in kept:
+                self.state.let_go(buffer)
 
     async def announce_shutdown(self, grace: float = 0.5) -> None:
         """Tell every device the broker is stopping (the ``shutdown`` event), briefly."""

@@ -201,6 +201,11 @@ class State(Sealing):
             self._set_name(buffer, name)
         return buffer
 
+    def let_go(self, buffer: Buffer) -> None:
+        """The broker's own hold on a buffer it adopted at start ends."""
+        buffer.kept = False
+        self._maybe_free(buffer)
+
     def allocate(
         self, device: Device, size: int, *, name: str | None, heap: str, sealable: bool = False
     ) -> Buffer:
