@@ -116,6 +116,24 @@ def get_sealed(path: str, name: str, timeout: str) -> None:
         say(sealed=buf.sealed, size=buf.size, sha=digest)
 
 
+def map_as(path: str, uid: str, handle: str) -> None:
+    """Drop to another uid, import the inherited handle, try to map it each way."""
+    os.setgid(int(uid))
+    os.setuid(int(uid))
+    with bufbroker.connect("stranger", socket=path) as dev:
+        buf = dev.import_handle(int(handle))
+        os.close(int(handle))
+        seen: dict[str, object] = {}
+        with buf.attach() as att:
+            for direction in Direction:
+                try:
+                    with att.map(direction) as m:
+                        seen[direction.value] = hashlib.sha256(m.memory).hexdigest()
+                except bufbroker.BrokerError as e:
+                    seen[direction.value] = e.errno
+        say(**seen)
+
+
 if __name__ == "__main__":
     role, *args = sys.argv[1:]
     globals()[role](*args)
