@@ -18,6 +18,7 @@ import pytest
 
 import bufbroker
 from bufbroker import Access, Direction
+
 from conftest import Broker, Peer
 from peer import pattern
 

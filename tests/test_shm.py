@@ -17,6 +17,7 @@ import pytest
 
 from bufbroker import Access, Direction
 from bufbroker.broker._shm import prefix_for
+
 from conftest import Broker, Peer, start_broker
 from peer import pattern
 
