@@ -86,6 +86,7 @@ def _parser() -> argparse.ArgumentParser:
     command("devices", "one row per device (client connection)")
     command("bufinfo", "the buffers in the kernel's debugfs dma_buf/bufinfo format")
     command("stats", "totals, limits and their use, uptime")
+    command("heaps", "each heap: page size, whether it can allocate here, what is allocated from it")
     top = command("top", "the buffers, redrawn in place until Ctrl-C")
     top.add_argument(
         "--sort", choices=("size", "age", "id", "handles", "mapped"), default="size", help="[default: size]"
@@ -146,6 +147,11 @@ def _inspect(args: argparse.Namespace, source: Device) -> str | None:
         case "stats":
             stats = source.stats()
             return render.render_json(stats) if args.json else render.render_stats(stats, legend=legend)
+        case "heaps":
+            from ._heaps import render_heaps
+
+            heaps = source.heaps()
+            return render.render_json(heaps) if args.json else render_heaps(heaps, legend=legend)
         case "top":
             from ._top import top
 
