@@ -1,0 +1,109 @@
+"""What one uid can make the broker hold, or break, through heaps and seals."""
+
+from __future__ import annotations
+
+import errno
+import fcntl
+import os
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+
+import bufbroker
+from bufbroker import Access, Direction
+from bufbroker.broker._shm import prefix_for
+from conftest import Broker, RawClient, start_broker
+
+HUGE = 2 << 20
+
+
+def _code(call: Callable[..., object], *args: object, **kwargs: object) -> int:
+    with pytest.raises(bufbroker.BrokerError) as e:
+        call(*args, **kwargs)
+    return e.value.errno or 0
+
+
+@pytest.mark.parametrize("heap", ["hugetlb", "shm"])
+def test_a_byte_of_a_heap_is_charged_as_its_whole_backing(
+    broker_factory: Callable[..., Broker], huge_pages: Callable[..., None], heap: str
+) -> None:
+    """One byte on hugetlb takes a 2 MiB page from a pool everyone shares: 2 MiB is charged."""
+    huge_pages(8)
+    b = broker_factory("--max-bytes-per-uid", "4M")
+    with b.connect() as dev:
+        page = HUGE if heap == "hugetlb" else 4096
+        held = [dev.allocate(1, heap=heap) for _ in range((4 << 20) // page)]
+        assert _code(dev.allocate, 1, heap=heap) == errno.EDQUOT
+        assert dev.stats()["usage"]["bytes"] == 4 << 20
+        assert [b.size for b in held][:1] == [1]
+
+
+def test_a_writer_that_seals_the_memfd_itself_only_fails_the_seal(broker: Broker) -> None:
+    """Until it is sealed, a sealable memfd lacks F_SEAL_SEAL: a writer may add seals first."""
+    with broker.connect() as dev:
+        buf = dev.allocate(4096, sealable=True)
+        result, fds = dev._call(bufbroker.protocol.CpuBegin(buffer=buf.id, access=Access.RW))
+        dev._call(bufbroker.protocol.CpuEnd(buffer=buf.id, access=Access.RW))
+        fcntl.fcntl(fds[0], fcntl.F_ADD_SEALS, fcntl.F_SEAL_SEAL)
+        os.close(fds[0])
+        assert _code(buf.seal) == errno.EPERM
+        assert buf.sealed is False
+        with buf.cpu_access(Access.WRITE) as mem:  # the refused seal left it writable
+            mem[:2] = b"ok"
+        dev.ping()
+
+
+def test_waiting_sealed_opens_are_bounded_like_waiting_opens(
+    broker_factory: Callable[..., Broker], raw: Callable[[Broker], RawClient]
+) -> None:
+    b = broker_factory("--max-pending-requests", "2")
+    with b.connect() as dev:
+        buf = dev.allocate(4096, name="slow", sealable=True)
+        c = raw(b)
+        c.hello()
+        c.request(1, "open", {"name": "slow", "timeout": 30, "sealed": True})
+        c.request(2, "open", {"name": "slow", "timeout": 30, "sealed": True})
+        time.sleep(0.2)
+        c.request(3, "open", {"name": "slow", "timeout": 30, "sealed": True})
+        reply = c.recv()
+        assert reply[0] == 2 and reply[1] == 3 and reply[2]["errno"] == errno.EAGAIN
+        buf.seal()
+        answers = sorted((c.recv()[1], c.recv()[1]))
+        assert answers == [1, 2]
+
+
+def test_objects_another_uid_plants_under_the_prefix_are_never_adopted(
+    broker_factory: Callable[..., Broker], other_uid: int
+) -> None:
+    """/dev/shm is writable by all: a record forged by another uid must not become a buffer."""
+    first = broker_factory()
+    directory = Path(first.socket).parent
+    stem = prefix_for(first.socket)
+    first.stop()
+    forge = (
+        "import os, msgpack, posix_ipc\n"
+        f"os.setgid({other_uid}); os.setuid({other_uid})\n"
+        f"posix_ipc.SharedMemory('{stem}7-00000000', posix_ipc.O_CREX, mode=0o644, size=4096).close_fd()\n"
+        "data = msgpack.packb({'version': 1, 'id': 7, 'size': 4096, 'span': 4096, 'owner': 0, "
+        "'name': 'forged', 'exporter': [1, 'x', 1], 'created': 0.0, 'layout': None})\n"
+        f"m = posix_ipc.SharedMemory('{stem}7-00000000.r', posix_ipc.O_CREX, mode=0o644, size=len(data))\n"
+        "os.pwrite(m.fd, data, 0)\n"
+    )
+    subprocess.run([sys.executable, "-c", forge], check=True)
+    again = start_broker(directory)
+    try:
+        with again.connect() as dev:
+            assert dev.buffers() == []
+            assert _code(dev.open, "forged") == errno.ENOENT
+            buf = dev.allocate(4096, heap="shm", name="mine")
+            with buf.attach() as att, att.map(Direction.BIDIRECTIONAL) as m:
+                m.memory[:2] = b"ok"
+    finally:
+        again.stop()
+        for entry in os.listdir("/dev/shm"):
+            if entry.startswith(stem.lstrip("/")):
+                os.unlink(f"/dev/shm/{entry}")
