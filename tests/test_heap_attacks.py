@@ -16,6 +16,7 @@ import pytest
 import bufbroker
 from bufbroker import Access, Direction
 from bufbroker.broker._shm import prefix_for
+
 from conftest import Broker, RawClient, start_broker
 
 HUGE = 2 << 20
@@ -46,7 +47,7 @@ def test_a_writer_that_seals_the_memfd_itself_only_fails_the_seal(broker: Broker
     """Until it is sealed, a sealable memfd lacks F_SEAL_SEAL: a writer may add seals first."""
     with broker.connect() as dev:
         buf = dev.allocate(4096, sealable=True)
-        result, fds = dev._call(bufbroker.protocol.CpuBegin(buffer=buf.id, access=Access.RW))
+        _result, fds = dev._call(bufbroker.protocol.CpuBegin(buffer=buf.id, access=Access.RW))
         dev._call(bufbroker.protocol.CpuEnd(buffer=buf.id, access=Access.RW))
         fcntl.fcntl(fds[0], fcntl.F_ADD_SEALS, fcntl.F_SEAL_SEAL)
         os.close(fds[0])
