@@ -50,34 +50,37 @@ def run(settings: Settings) -> list[Row]:
     size = settings.n(64 << 20, 4 << 20)
     label = f"{size >> 20} MiB"
     rounds, warmup = settings.n(30, 3), settings.n(3, 1)
-    with _huge_pages(2 * size // _HUGE) as have_huge, broker() as b:
-        with bufbroker.connect("bench-heaps", socket=b.socket) as dev:
+    with (
+        _huge_pages(2 * size // _HUGE) as have_huge,
+        broker() as b,
+        bufbroker.connect("bench-heaps", socket=b.socket) as dev,
+    ):
 
-            def first_touch(heap: str, with_map: bool) -> Callable[[], float]:
-                def once() -> float:
-                    buf = dev.allocate(size, heap=heap)
-                    att = buf.attach()
+        def first_touch(heap: str, with_map: bool) -> Callable[[], float]:
+            def once() -> float:
+                buf = dev.allocate(size, heap=heap)
+                att = buf.attach()
+                start = time.perf_counter()
+                m = att.map(Direction.BIDIRECTIONAL)
+                if not with_map:
                     start = time.perf_counter()
-                    m = att.map(Direction.BIDIRECTIONAL)
-                    if not with_map:
-                        start = time.perf_counter()
-                    _touch(m.memory)
-                    elapsed = (time.perf_counter() - start) * 1000
-                    m.unmap()
-                    att.detach()
-                    buf.close()
-                    dev.ping()  # the free is done before the next case is timed
-                    return elapsed
+                _touch(m.memory)
+                elapsed = (time.perf_counter() - start) * 1000
+                m.unmap()
+                att.detach()
+                buf.close()
+                dev.ping()  # the broker has taken the release before the next case starts
+                return elapsed
 
-                return once
+            return once
 
-            heaps = ["memfd", "hugetlb"] if have_huge else ["memfd"]
-            cases = {
-                f"{heap}{' map +' if with_map else ''} touch": first_touch(heap, with_map)
-                for heap in heaps
-                for with_map in (False, True)
-            }
-            samples = interleave(cases, rounds, warmup)
+        heaps = ["memfd", "hugetlb"] if have_huge else ["memfd"]
+        cases = {
+            f"{heap}{' map +' if with_map else ''} touch": first_touch(heap, with_map)
+            for heap in heaps
+            for with_map in (False, True)
+        }
+        samples = interleave(cases, rounds, warmup)
     rows = {case: summarize("heaps", case, label, values, unit="ms") for case, values in samples.items()}
     for heap in heaps[1:]:
         against(rows[f"{heap} touch"], rows["memfd touch"])
