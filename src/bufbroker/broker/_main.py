@@ -150,10 +150,15 @@ def _nothing_stored(fdstore_max: int | None) -> str:
 
 def _what_is_kept(server: Server, manager: ServiceManager) -> tuple[int, str] | None:
     """The log line (level, text) that says, at a stop, which buffers outlive the broker."""
-    buffers = list(server.state.buffers.values())
+    everything = list(server.state.buffers.values())
+    # shm buffers with memory stay in /dev/shm, whatever the manager, for a broker started again.
+    buffers = [b for b in everything if b.heap != "shm" or b.backing is None]
+    in_shm = len(everything) - len(buffers)
+    if in_shm:
+        log.info("%d shm buffers stay in /dev/shm for a broker started again on this socket", in_shm)
     if not buffers:
         return None
-    total = sum(b.size for b in buffers)
+    total = sum(b.span for b in buffers)
     what = f"{len(buffers)} buffers ({total} bytes)"
     if not manager.present:
         return logging.WARNING, (
