@@ -205,3 +205,31 @@ def test_a_manager_that_tells_its_store_size_hears_of_an_empty_store(manager: Ma
     assert "the file descriptor store (room for 64) is empty: no buffers to restore" in log
     assert "were not kept" not in log
     assert "1 held by handles stay in the service manager's file descriptor store for a restart" in log
+
+
+def test_a_sealed_buffer_comes_back_sealed_and_an_odd_size_keeps_its_size(manager: Manager) -> None:
+    """The kernel's seals are the record: read back from the stored memfd after a SIGKILL."""
+    manager.start()
+    dev = _connect(manager)
+    sealed = dev.allocate(5000, name="sealed", sealable=True)
+    with sealed.cpu_access(Access.WRITE) as mem:
+        mem[:] = b"\x09" * 5000
+    sealed.seal()
+    draft = dev.allocate(100, name="draft", sealable=True)
+    with draft.cpu_access(Access.WRITE) as mem:
+        mem[:2] = b"ok"
+    kept = [sealed.share(), draft.share()]
+    manager.wait_for(lambda: manager.snapshot_names() == {sealed.id: "sealed", draft.id: "draft"})
+    manager.wait_for(lambda: all(b["immutable"] for b in dev.buffers() if b["name"] == "sealed"))
+    manager.wait_for(lambda: sum(name.startswith("m.") for name in manager.stored()) == 2)
+    manager.kill(signal.SIGKILL)
+    dev.close()
+    manager.start()
+    with _connect(manager) as again:
+        states = {b["name"]: (b["size"], b["span"], b["sealed"], b["immutable"]) for b in again.buffers()}
+        assert states == {"sealed": (5000, 8192, True, True), "draft": (100, 4096, False, False)}
+        back = again.open("draft")
+        back.seal()  # still sealable after the restart
+        assert again.open("sealed", sealed=True).size == 5000
+    for fd in kept:
+        os.close(fd)

@@ -16,6 +16,7 @@ from hypothesis.stateful import RuleBasedStateMachine, invariant, rule
 
 from bufbroker.broker import Config, State
 from bufbroker.broker._records import Device
+from bufbroker.broker._seal import writers
 from bufbroker.protocol import PAGE_SIZE, Access, BrokerError, Constraints, Direction
 
 T = TypeVar("T")
@@ -40,6 +41,7 @@ class Model(RuleBasedStateMachine):
         self.devices = [self._device(c) for c in (Constraints(), Constraints(max_segments=1))]
         self.keys = 0
         self.closed_fds: set[int] = set()
+        self.writers_at_seal: dict[int, int] = {}
 
     def _device(self, c: Constraints) -> Device:
         uid = len(getattr(self, "devices", [])) % 2
@@ -65,11 +67,11 @@ class Model(RuleBasedStateMachine):
         if len(self.devices) > 1:
             self.state.remove_device(self.devices.pop(d % len(self.devices)))
 
-    @rule(d=ids, size=sizes, named=st.booleans())
-    def allocate(self, d: int, size: int, named: bool) -> None:
-        buf = self._try(
-            lambda: self.state.allocate(self._dev(d), size, name=f"n{size}" if named else None, heap="memfd")
-        )
+    @rule(d=ids, size=sizes, named=st.booleans(), sealable=st.booleans())
+    def allocate(self, d: int, size: int, named: bool, sealable: bool) -> None:
+        name = f"n{size}" if named else None
+        dev = self._dev(d)
+        buf = self._try(lambda: self.state.allocate(dev, size, name=name, heap="memfd", sealable=sealable))
         if buf is not None and named is False:
             self.keys += 1
             self.state.add_handle(buf, (0, self.keys), readonly=bool(self.keys % 2))
@@ -110,6 +112,15 @@ class Model(RuleBasedStateMachine):
     def set_name(self, d: int, b: int, name: str | None) -> None:
         self._try(self.state.set_name, self._dev(d), b, name)
 
+    @rule(d=ids, b=ids)
+    def seal(self, d: int, b: int) -> None:
+        """The state's part of a seal; the kernel's (a worker thread's in the server) done at once."""
+        backing = self._try(self.state.seal, self._dev(d), b)
+        if backing is not None:
+            buffer = self._dev(d).refs[b].buffer
+            self.writers_at_seal[b] = writers(buffer)
+            self.state.now_sealed(buffer)
+
     @invariant()
     def books_balance(self) -> None:
         state = self.state
@@ -118,15 +129,18 @@ class Model(RuleBasedStateMachine):
             for att in buf.attachments.values():
                 assert buf.id in att.device.refs  # attachments only under a hold
                 assert (att.map_count == 0) == (att.direction is None)
+            assert 0 < buf.size <= buf.span and buf.span % PAGE_SIZE == 0
             if buf.layout is not None:
-                assert sum(s.length for s in buf.layout) == buf.size
+                assert sum(s.length for s in buf.layout) == buf.span
+            if buf.sealing:  # no writable mapping was handed out after the seal began
+                assert writers(buf) <= self.writers_at_seal.get(buf.id, 0)
         per_uid: dict[int, tuple[int, int]] = {}
         for buf in state.buffers.values():
             n, b = per_uid.get(buf.owner, (0, 0))
-            per_uid[buf.owner] = (n + 1, b + buf.size)
+            per_uid[buf.owner] = (n + 1, b + buf.span)
         for uid, usage in state.quotas.usage.items():
             assert (usage.buffers, usage.bytes) == per_uid.get(uid, (0, 0))
-        assert state.quotas.total_bytes == sum(b.size for b in state.buffers.values())
+        assert state.quotas.total_bytes == sum(b.span for b in state.buffers.values())
         assert all(state.names[n].name == n and state.names[n].id in state.buffers for n in state.names)
 
     def teardown(self) -> None:
