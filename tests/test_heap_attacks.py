@@ -7,6 +7,7 @@ import fcntl
 import os
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -108,3 +109,33 @@ def test_objects_another_uid_plants_under_the_prefix_are_never_adopted(
         for entry in os.listdir("/dev/shm"):
             if entry.startswith(stem.lstrip("/")):
                 os.unlink(f"/dev/shm/{entry}")
+
+
+def _free_huge_pages() -> int:
+    for line in Path("/proc/meminfo").read_text().splitlines():
+        if line.startswith("HugePages_Free:"):
+            return int(line.split()[1])
+    raise KeyError("HugePages_Free")
+
+
+def test_committing_huge_pages_does_not_hold_up_other_clients(
+    broker: Broker, huge_pages: Callable[..., None]
+) -> None:
+    """A 1 GiB hugetlb map takes and zeroes 512 pages before its reply: off the loop.
+
+    While the pool is being drained (the commit is under way), another client's ping is
+    answered, and the commit is still under way when the answer comes.
+    """
+    huge_pages(512)
+    with broker.connect("big") as big, broker.connect("other") as other:
+        buf = big.allocate(1 << 30, heap="hugetlb")
+        att = buf.attach()
+        thread = threading.Thread(target=lambda: att.map(Direction.FROM_DEVICE))
+        thread.start()
+        deadline = time.monotonic() + 30
+        while _free_huge_pages() == 512 and time.monotonic() < deadline:
+            time.sleep(0.0005)
+        other.ping()
+        still_committing = _free_huge_pages() > 0
+        thread.join()
+        assert still_committing

@@ -225,3 +225,13 @@ def test_an_unsealed_buffer_is_eagain_and_a_missing_one_enoent(broker: Broker) -
         assert _code(lambda: dev.open("draft", sealed=True, timeout=0.2)) == errno.EAGAIN
         assert _code(lambda: dev.open("nothing", sealed=True, timeout=0.2)) == errno.ENOENT
         assert dev.open("draft").sealed is False  # without sealed=True, open does not wait
+
+
+def test_a_buffer_sealed_before_any_map_is_zeros_for_ever(broker: Broker, heap: str) -> None:
+    with broker.connect() as dev:
+        buf = dev.allocate(5000, heap=heap, sealable=True)
+        buf.seal()
+        broker.wait_for(lambda: bool(_listed(dev, buf)["immutable"]))
+        with buf.attach() as att, att.map(Direction.TO_DEVICE) as m:
+            assert bytes(m.memory) == bytes(5000)
+        _assert_no_new_writer(buf, 2 << 20 if heap == "hugetlb" else 8192)

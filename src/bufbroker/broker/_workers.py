@@ -3,7 +3,8 @@
 Committing a huge page or shm backing (fallocate) zeroes every page; adding a seal takes the
 memfd's inode lock, which a writer's long write(2) may hold, and F_SEAL_WRITE waits for pinned
 pages. None of it may stall the event loop, which serves everyone: each runs in a thread, at
-most PER_UID at once for the uid that caused it, so one uid's work queues behind its own.
+most PER_UID at once for the uid that caused it, so one uid's work queues behind its own, and
+at most THREADS at once in all.
 """
 
 from __future__ import annotations
@@ -24,11 +25,12 @@ from ._records import Buffer, Device
 from ._seal import add_seal, writers
 from ._state import State
 
-__all__ = ["PER_UID", "Sealer", "Workers", "prepare_backing", "seal"]
+__all__ = ["PER_UID", "THREADS", "Sealer", "Workers", "prepare_backing", "seal"]
 
 log = logging.getLogger("bufbroker.broker")
 
 PER_UID = 2  # worker threads one uid's requests may occupy at once
+THREADS = 8  # worker threads for all uids together
 RETRY_FIRST = 0.01  # seconds before F_SEAL_WRITE is tried again after EBUSY, doubling
 RETRY_MOST = 2.0
 
@@ -38,14 +40,18 @@ class Workers:
 
     def __init__(self) -> None:
         self._limiters: dict[int, trio.CapacityLimiter] = {}
+        self._all = trio.CapacityLimiter(THREADS)
 
     async def run(self, uid: int, call: Callable[[], None]) -> None:
+        """Run ``call`` in a thread; it must close what it holds even if nobody waits for it."""
         limiter = self._limiters.get(uid)
         if limiter is None:
             limiter = self._limiters[uid] = trio.CapacityLimiter(PER_UID)
         try:
-            with trio.CancelScope(shield=True):  # the descriptor it works on is closed by the call
-                await trio.to_thread.run_sync(call, limiter=limiter)
+            # Shielded: the call owns a duplicate descriptor that only it closes.
+            with trio.CancelScope(shield=True):
+                async with limiter:  # the uid's own slot first: its queue never holds others' slots
+                    await trio.to_thread.run_sync(call, limiter=self._all)
         finally:
             if not limiter.borrowed_tokens and not limiter.statistics().tasks_waiting:
                 self._limiters.pop(uid, None)
