@@ -99,9 +99,10 @@ def list_buffers(source: Source, now: float | None = None) -> list[BufferRow]:
 def show_buffer(source: Source, buffer_id: int, now: float | None = None) -> dict[str, Any]:
     """``show ID``: the ``ls`` row plus everything the broker knows about the buffer.
 
-    Added to the row: ``created`` (Unix time), ``layout`` (None until the first map or cpu
-    access allocates backing; else ``[{"fd", "offset", "length"}]``, fd being the index of the
-    backing memfd), and the broker's ``importers``, ``attachments`` and ``cpu_access`` lists.
+    Added to the row: ``created`` (Unix time), ``span`` (the backing's length, whole pages of
+    its heap), ``sealable``, ``sealed`` and ``immutable``, ``layout`` (None until the first map
+    or cpu access allocates backing; else ``[{"fd", "offset", "length"}]``, fd being the index
+    of the backing memfd), and the broker's ``importers``, ``attachments`` and ``cpu_access``.
     """
     now = time.time() if now is None else now
     for entry in source.buffers():
@@ -113,6 +114,8 @@ def show_buffer(source: Source, buffer_id: int, now: float | None = None) -> dic
     return {
         **buffer_row(entry, now),
         "created": entry["created"],
+        "span": entry.get("span", entry["size"]),
+        **{key: bool(entry.get(key)) for key in ("sealable", "sealed", "immutable")},
         "layout": None
         if layout is None
         else [{"fd": fd, "offset": offset, "length": length} for fd, offset, length in layout],
@@ -134,7 +137,7 @@ def device_rows(devices: list[dict[str, Any]], buffers: list[dict[str, Any]]) ->
     A buffer missing from ``buffers`` (freed between the two requests, or not visible to this
     uid) counts in BUFFERS but adds no bytes.
     """
-    size = {b["id"]: b["size"] for b in buffers}
+    size = {b["id"]: b.get("span", b["size"]) for b in buffers}  # the memory: whole pages
     holders: dict[int, set[int]] = {}  # buffer id -> pids holding it
     for d in devices:
         for buffer_id in d["buffers"]:

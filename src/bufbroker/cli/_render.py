@@ -115,6 +115,9 @@ def render_show(data: dict[str, Any], *, legend: bool = True) -> str:
         f"owner: {user_name(data['owner'])} (uid {data['owner']}), age {age(data['age'])}",
         f"handles: {data['handles']} live",
     ]
+    if data.get("sealable"):
+        state = "immutable" if data.get("immutable") else "sealed" if data.get("sealed") else "not sealed yet"
+        lines.append(f"seal: {state}")
     if data["layout"] is None:
         lines.append("layout: not allocated yet (backing comes at the first map or cpu access)")
     else:
