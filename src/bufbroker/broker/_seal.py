@@ -66,7 +66,7 @@ class Sealing:
     def _ref(self, device: Device, buffer_id: int) -> Ref:
         raise NotImplementedError
 
-    def _materialize(self, buffer: Buffer) -> tuple[object, Backing]:
+    def _materialize(self, buffer: Buffer, device: Device) -> tuple[object, Backing]:
         raise NotImplementedError
 
     def _may_write(self, device: Device, buffer: Buffer) -> None:
@@ -96,7 +96,7 @@ class Sealing:
             )
         if buffer.sealed:
             return None
-        _, backing = self._materialize(buffer)  # a buffer sealed before any map: zeros, for ever
+        _, backing = self._materialize(buffer, device)  # sealed before any map: zeros, for ever
         buffer.sealing = True
         return backing
 

@@ -31,9 +31,10 @@ from typing import Any
 import msgpack
 import posix_ipc
 
-from ..protocol import BrokerError, Segment
+from ..protocol import BrokerError
 from ._heap import Backing
 from ._heaps import Heap
+from ._layout import Layout
 from ._records import Buffer, Handle
 from ._state import Observer, State
 
@@ -123,7 +124,7 @@ def _record(buffer: Buffer) -> dict[str, Any]:
         "name": buffer.name,
         "exporter": list(buffer.exporter),
         "created": buffer.created,
-        "layout": None if buffer.layout is None else [s.to_wire() for s in buffer.layout],
+        "layout": None if buffer.layout is None else [buffer.layout.size, buffer.layout.length],
     }
 
 
@@ -223,7 +224,10 @@ def _restore(name: str, record: dict[str, Any], state: State) -> bool:
             return True
         name_ = record.get("name")
         device, label, pid = record.get("exporter") or (0, "?", 0)
-        layout = record.get("layout")
+        raw = record.get("layout")
+        layout = None if raw is None else Layout(int(raw[0]), int(raw[1]))
+        if layout is not None and (layout.size != span or not 0 < layout.length <= span):
+            raise ValueError("a layout that does not cover the object")
         buffer = state.restore(
             id=id,
             size=size,
@@ -234,10 +238,10 @@ def _restore(name: str, record: dict[str, Any], state: State) -> bool:
             exporter=(int(device), str(label), int(pid)),
             created=float(record.get("created") or state.clock()),
             backing=backing,
-            layout=None if layout is None else [Segment.from_wire(raw) for raw in layout],
+            layout=layout,
         )
         buffer.kept = True
         return True
-    except (KeyError, TypeError, ValueError, BrokerError):
+    except (KeyError, TypeError, ValueError, IndexError, BrokerError):
         os.close(fd)
         return False

@@ -78,7 +78,7 @@ async def prepare_backing(state: State, workers: Workers, device: Device, args: 
         return
     if buffer.backing is None and buffer.heap == "memfd":
         return  # made at map time, nothing to commit
-    backing = state.materialize(buffer)
+    backing = state.materialize(buffer, device)
     if backing.lazy:
         await workers.run(device.uid, commit(state.heaps[buffer.heap], backing))
         backing.lazy = False

@@ -151,12 +151,15 @@ class Device(DeviceBase, _Closing):
         """The buffer behind handle ``fd``; the caller keeps (and should close) ``fd``."""
         return self._buffer(p.Import(), [fd])
 
-    def open(self, name: str, *, timeout: float | None = None, sealed: bool = False) -> Buffer:
-        """The buffer named ``name`` (same uid, or root); waits up to ``timeout`` s for it.
+    def open(
+        self, name: str, *, timeout: float | None = None, sealed: bool = False, uid: int | None = None
+    ) -> Buffer:
+        """The buffer this uid named ``name``; waits up to ``timeout`` s for it to appear.
 
+        Each uid has names of its own; root opens another uid's by saying whose (``uid``).
         With ``sealed``, only once it is sealed (Plasma's get): EAGAIN if it is not by then.
         """
-        return self._buffer(p.Open(name=name, timeout=timeout, sealed=sealed))
+        return self._buffer(p.Open(name=name, timeout=timeout, sealed=sealed, uid=uid))
 
     def export_memfd(self, memfd: int, *, name: str | None = None) -> Buffer:
         """A buffer over this process's own sealed memfd, without a copy (udmabuf).

@@ -124,6 +124,7 @@ _CHECKS: dict[str, Callable[[Any], Any]] = {
     "Access": _access,
     "Constraints": _constraints,
     "str | None": _optional(_str),
+    "int | None": _optional(_int),
 }
 _BY_NAME: dict[tuple[str, str], Callable[[Any], Any]] = {
     ("name", "str"): _name,
@@ -245,6 +246,7 @@ class Import(OpArgs):
 class Open(OpArgs):
     name: str
     timeout: float | None = None
+    uid: int | None = None  # whose name: the caller's own unless root says another
     sealed: bool = False  # only once the buffer is sealed (Plasma's get)
 
 
