@@ -59,23 +59,27 @@ def test_a_writer_that_seals_the_memfd_itself_only_fails_the_seal(broker: Broker
         dev.ping()
 
 
-def test_waiting_sealed_opens_are_bounded_like_waiting_opens(
+def test_waiting_sealed_opens_are_charged_like_waiting_opens(
     broker_factory: Callable[..., Broker], raw: Callable[[Broker], RawClient]
 ) -> None:
-    b = broker_factory("--max-pending-requests", "2")
+    b = broker_factory("--max-waiting-opens-per-uid", "2")
     with b.connect() as dev:
         buf = dev.allocate(4096, name="slow", sealable=True)
         c = raw(b)
         c.hello()
         c.request(1, "open", {"name": "slow", "timeout": 30, "sealed": True})
         c.request(2, "open", {"name": "slow", "timeout": 30, "sealed": True})
-        time.sleep(0.2)
         c.request(3, "open", {"name": "slow", "timeout": 30, "sealed": True})
         reply = c.recv()
-        assert reply[0] == 2 and reply[1] == 3 and reply[2]["errno"] == errno.EAGAIN
+        assert reply[:2] == [2, 3] and reply[2]["errno"] == errno.EDQUOT
+        b.wait_for(lambda: dev.stats()["usage"]["waiting"] == 2)
+        dev.open("slow").close()  # the name is opened: its waiters look, and wait on
+        c.request(4, "ping", {})
+        assert c.recv()[:2] == [1, 4]
         buf.seal()
         answers = sorted((c.recv()[1], c.recv()[1]))
         assert answers == [1, 2]
+        b.wait_for(lambda: dev.stats()["usage"]["waiting"] == 0)
 
 
 def test_objects_another_uid_plants_under_the_prefix_are_never_adopted(
