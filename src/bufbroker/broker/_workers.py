@@ -58,11 +58,12 @@ class Workers:
 
 
 def _buffer_of(device: Device, args: p.OpArgs) -> Buffer | None:
+    """The buffer a map or cpu access (references resolved) is about, if the device has it."""
     match args:
-        case p.Map(attachment=att_id):
+        case p.Map(attachment=int(att_id)):
             att = device.attachments.get(att_id)
             return None if att is None else att.buffer
-        case p.CpuBegin(buffer=buffer_id):
+        case p.CpuBegin(buffer=int(buffer_id)):
             ref = device.refs.get(buffer_id)
             return None if ref is None else ref.buffer
     return None
