@@ -5,6 +5,7 @@ from __future__ import annotations
 import errno
 import fcntl
 import os
+import socket
 import subprocess
 import sys
 import threading
@@ -143,3 +144,31 @@ def test_committing_huge_pages_does_not_hold_up_other_clients(
         still_committing = _free_huge_pages() > 0
         thread.join()
         assert still_committing
+
+
+def test_a_map_behind_a_waiting_open_commits_huge_pages_first(
+    broker: Broker, raw: Callable[[Broker], RawClient], huge_pages: Callable[..., None]
+) -> None:
+    """Requests that refer to a waiting open are answered after it: their memory is still
+    committed before the reply (a short pool: ENOMEM, not a SIGBUS later)."""
+    import msgpack
+
+    from bufbroker.protocol import close_all, fds_from_ancillary
+
+    huge_pages(1)
+    c = raw(broker)
+    c.hello()
+    c.request(1, "open", {"name": "later", "timeout": 30})
+    c.request(2, "attach", {"buffer": {"ref": 1}})
+    c.request(3, "map", {"attachment": {"ref": 2}, "direction": "bidirectional"})
+    c.request(4, "seal", {"buffer": {"ref": 1}})
+    with broker.connect() as dev:
+        dev.allocate(3 * HUGE, name="later", heap="hugetlb", sealable=True)
+        replies = []
+        for _ in range(4):
+            data, ancdata, flags, _ = c.sock.recvmsg(1 << 16, socket.CMSG_SPACE(64))
+            close_all(fds_from_ancillary(ancdata, flags, 16))
+            replies.append(msgpack.unpackb(data))
+        assert [r[:2] for r in replies] == [[1, 1], [1, 2], [2, 3], [1, 4]]
+        assert replies[2][2]["errno"] == errno.ENOMEM  # 3 pages wanted, 1 in the pool
+        assert replies[3][2] == {"sealed": True, "immutable": False}
