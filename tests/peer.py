@@ -134,6 +134,16 @@ def map_as(path: str, uid: str, handle: str) -> None:
         say(**seen)
 
 
+def write_mapped(path: str, name: str) -> None:
+    """Open a buffer by name, map it for writing, say so, then wait to be killed."""
+    dev = bufbroker.connect("writer", socket=path)
+    buf = dev.open(name)
+    m = buf.attach().map(Direction.BIDIRECTIONAL)
+    m.memory[:6] = b"writer"
+    say(mapped=True)
+    time.sleep(3600)
+
+
 if __name__ == "__main__":
     role, *args = sys.argv[1:]
     globals()[role](*args)

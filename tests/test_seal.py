@@ -236,3 +236,20 @@ def test_a_buffer_sealed_before_any_map_is_zeros_for_ever(broker: Broker, heap: 
         with buf.attach() as att, att.map(Direction.TO_DEVICE) as m:
             assert bytes(m.memory) == bytes(5000)
         _assert_no_new_writer(buf, 2 << 20 if heap == "hugetlb" else 8192)
+
+
+def test_a_writer_killed_lets_the_buffer_become_immutable(broker: Broker, peer: Callable[..., Peer]) -> None:
+    """Its mappings die with it: the broker's count of writable mappings reaches zero."""
+    with broker.connect("sealer") as dev:
+        buf = dev.allocate(4096, name="shared", sealable=True)
+        writer = peer("write_mapped", broker.socket, "shared")
+        assert json.loads(writer.line()) == {"mapped": True}
+        buf.seal()
+        for _ in range(10):
+            dev.ping()
+        assert _listed(dev, buf)["immutable"] is False  # the writer still maps it
+        writer.stop()
+        broker.wait_for(lambda: bool(_listed(dev, buf)["immutable"]))
+        assert _seals(buf) & fcntl.F_SEAL_WRITE
+        with buf.cpu_access(Access.READ) as mem:
+            assert bytes(mem[:6]) == b"writer"
