@@ -412,13 +412,15 @@ class MappingBase:
         dt = numpy.dtype(dtype)
         dims = (shape,) if isinstance(shape, int) else shape
         count = -1 if dims is None else math.prod(dims)
-        memory = self._memory.view()
-        available = (len(memory) - offset) // dt.itemsize if 0 <= offset <= len(memory) else -1
+        # Checked before any view exists: a traceback would keep the view, and the memory
+        # mapped, for as long as the exception is kept.
+        size = self._memory.size
+        available = (size - offset) // dt.itemsize if 0 <= offset <= size else -1
         if count > available or available < 0:
             raise BrokerError(
-                errno.EINVAL,
-                f"{dims} of {dt} at offset {offset} does not fit in {len(memory)} bytes of memory",
+                errno.EINVAL, f"{dims} of {dt} at offset {offset} does not fit in {size} bytes of memory"
             )
+        memory = self._memory.view()
         array = numpy.frombuffer(memory, dtype=dt, count=available if count < 0 else count, offset=offset)
         return array if dims is None else array.reshape(dims)
 

@@ -56,6 +56,7 @@ class MappedMemory:
             close_all(fds)
             raise
         self._fd: int | None = fds[0]
+        self.size = size
         self.segments = list(segments)
         self.writable = writable
         self._lent: memoryview | None = None

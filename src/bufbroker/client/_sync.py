@@ -189,11 +189,11 @@ class Device(DeviceBase, _Closing):
                 raise (session.sent_fds_error(args, e) or session.lost(e)) from None
         try:
             return self._await(id, args, session.wait_limit(args, timeout), reset)
-        except BrokerError as e:
-            raise session.explain(args, e) from None
-        except BaseException:
+        except BaseException as e:
             if id in session.waiting:  # a timeout, Ctrl-C: the reply will be undone
                 session.abandon(id, args)
+            if isinstance(e, BrokerError):
+                raise session.explain(args, e) from None
             raise
 
     def _await(
