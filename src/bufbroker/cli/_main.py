@@ -12,10 +12,12 @@ never a traceback; an unreachable broker's line names the socket and how to star
 from __future__ import annotations
 
 import argparse
+import errno
 import os
 import sys
 from collections.abc import Callable
-from typing import TYPE_CHECKING
+
+TYPE_CHECKING = False  # typing costs start-up time at run time
 
 if TYPE_CHECKING:
     from ..client import Device
@@ -38,6 +40,21 @@ def _positive(kind: Callable[[str], float]) -> Callable[[str], float]:
 
     parse.__name__ = getattr(kind, "__name__", "number")  # argparse names it in its errors
     return parse
+
+
+class _Formatter(argparse.HelpFormatter):
+    """argparse's own, learning the terminal's width without importing shutil (start-up time:
+    argparse builds a formatter for every ``add_argument``)."""
+
+    def __init__(self, prog: str, indent_increment: int = 2, max_help_position: int = 24) -> None:
+        try:
+            width = int(os.environ["COLUMNS"])
+        except (KeyError, ValueError):
+            try:
+                width = os.get_terminal_size(sys.__stdout__.fileno()).columns  # type: ignore[union-attr]
+            except (AttributeError, ValueError, OSError):
+                width = 80
+        super().__init__(prog, indent_increment, max_help_position, width - 2)
 
 
 def _global_options(parser: argparse.ArgumentParser, *, on_command: bool) -> None:
@@ -66,35 +83,81 @@ def _global_options(parser: argparse.ArgumentParser, *, on_command: bool) -> Non
     parser.add_argument(
         "--no-legend", action="store_true", default=default(False), help="no header line, for scripts"
     )
+    parser.add_argument(
+        "--timeout",
+        type=_positive(float),
+        metavar="SECONDS",
+        default=default(10.0),
+        help="give up on a broker that does not answer within this time [default: 10]",
+    )
 
 
-def _parser() -> argparse.ArgumentParser:
+_COMMANDS = {
+    "ls": "one row per buffer",
+    "show": "everything about one buffer, by id or name",
+    "devices": "one row per device (client connection)",
+    "bufinfo": "the buffers in the kernel's debugfs dma_buf/bufinfo format",
+    "stats": "totals, limits and their use, uptime",
+    "top": "the buffers, redrawn in place until q or Ctrl-C",
+    "install-units": "write the systemd units, pointed at this installation's bufbrokerd",
+}
+_VALUED = ("--socket", "--timeout")  # global options that take a value
+
+
+def _chosen(argv: list[str]) -> str | None:
+    """The command named in ``argv``, found without parsing it (see ``_parser``)."""
+    skip = False
+    for token in argv:
+        if skip:
+            skip = False
+        elif token in _VALUED:
+            skip = True
+        elif not token.startswith("-"):
+            return token
+    return None
+
+
+def _parser(argv: list[str]) -> argparse.ArgumentParser:
+    """The parser; only the command ``argv`` names gets its options.
+
+    Start-up time is mostly argparse's: every option costs a formatter and gettext look-ups.
+    The other commands are listed (for ``--help`` and the error for a wrong name) but left
+    bare, since they will parse nothing.
+    """
+    from .. import __version__
+
     parser = argparse.ArgumentParser(
         prog=_PROG,
+        formatter_class=_Formatter,
         description="Inspect a running bufbroker broker: its buffers, devices and limits.",
     )
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     _global_options(parser, on_command=False)
-    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-
-    def command(name: str, help: str) -> argparse.ArgumentParser:
-        sub = commands.add_parser(name, help=help, description=help)
+    # An explicit prog spares argparse a HelpFormatter (and its import of shutil) at start-up.
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND", prog=_PROG)
+    chosen = _chosen(argv)
+    for name, help in _COMMANDS.items():
+        if name != chosen:
+            commands.add_parser(name, help=help, add_help=False)
+            continue
+        sub = commands.add_parser(name, help=help, description=help, formatter_class=_Formatter)
         _global_options(sub, on_command=True)
-        return sub
-
-    command("ls", "one row per buffer")
-    command("show", "everything about one buffer").add_argument("id", type=int, metavar="ID")
-    command("devices", "one row per device (client connection)")
-    command("bufinfo", "the buffers in the kernel's debugfs dma_buf/bufinfo format")
-    command("stats", "totals, limits and their use, uptime")
-    top = command("top", "the buffers, redrawn in place until Ctrl-C")
-    top.add_argument(
-        "--sort", choices=("size", "age", "id", "handles", "mapped"), default="size", help="[default: size]"
-    )
-    top.add_argument("--interval", type=_positive(float), default=1.0, metavar="SECONDS", help="[default: 1]")
-    top.add_argument("--iterations", type=_positive(int), metavar="N", help="stop after N refreshes")
-    units = command("install-units", "write the systemd units, pointed at this installation's bufbrokerd")
-    units.add_argument("--user", action="store_true", help="units for the user's own manager")
-    units.add_argument("--dest", metavar="DIR", help="write here instead of the manager's directory")
+        if name == "show":
+            sub.add_argument("buffer", metavar="ID|NAME", help="a buffer id, or a buffer's name")
+        elif name == "top":
+            sub.add_argument(
+                "--sort",
+                choices=("size", "age", "id", "handles", "mapped"),
+                default="size",
+                help="[default: size]",
+            )
+            sub.add_argument(
+                "--interval", type=_positive(float), default=1.0, metavar="SECONDS", help="[default: 1]"
+            )
+            sub.add_argument("--iterations", type=_positive(int), metavar="N", help="stop after N refreshes")
+        elif name == "install-units":
+            sub.add_argument("--user", action="store_true", help="units for the user's own manager")
+            sub.add_argument("--dest", metavar="DIR", help="write here instead of the manager's directory")
     return parser
 
 
@@ -104,16 +167,21 @@ def _describe(e: OSError) -> str:
     return f"{e.filename}: {text}" if e.filename else text
 
 
-def _connect(socket: str | None) -> Device:
-    from .._paths import default_socket_path
+def _connect(socket: str | None, timeout: float = 10.0) -> Device:
     from ..client import connect
+    from ..protocol import BrokerError
 
-    path = socket or default_socket_path()
     try:
-        return connect("bufbroker-cli", socket=path)
-    except PermissionError as e:  # the socket exists; its mode or group keeps us out
+        # The socket the user named, or None: the error then explains the default rule.
+        return connect("bufbroker-cli", socket=socket, timeout=timeout)
+    except BrokerError as e:
+        if e.errno != errno.EACCES:
+            raise
+        from .._paths import default_socket_path
+
+        path = socket or default_socket_path()
         raise _Fail(
-            f"cannot connect to {path}: {e.strerror}; the system broker admits members of the "
+            f"cannot connect to {path}: permission denied; the system broker admits members of the "
             "bufbroker group (docs/SYSTEMD.md)"
         ) from None
 
@@ -130,7 +198,7 @@ def _inspect(args: argparse.Namespace, source: Device) -> str | None:
             return render.render_json(rows) if args.json else render.render_buffers(rows, legend=legend)
         case "show":
             try:
-                data = commands.show_buffer(source, args.id)
+                data = commands.show_buffer(source, args.buffer)
             except commands.NoSuchBuffer as e:
                 raise _Fail(str(e)) from None
             return render.render_json(data) if args.json else render.render_show(data, legend=legend)
@@ -175,7 +243,7 @@ def _run(args: argparse.Namespace) -> None:
     if args.command == "install-units":
         text: str | None = _install_units(args)
     else:
-        with _connect(args.socket) as source:
+        with _connect(args.socket, timeout=args.timeout) as source:
             text = _inspect(args, source)
     if text is not None:
         sys.stdout.write(text + "\n")
@@ -186,7 +254,8 @@ def _run(args: argparse.Namespace) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     """The ``bufbroker`` command; returns the exit status (docs/CLI.md lists them)."""
-    parser = _parser()
+    argv = sys.argv[1:] if argv is None else argv
+    parser = _parser(argv)
     args = parser.parse_args(argv)
     if args.command == "top" and args.json:  # a usage error, found before any connection
         parser.error("top has no --json; for scripts, `bufbroker ls --json` in a loop")

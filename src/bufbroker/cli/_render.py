@@ -7,10 +7,14 @@ a column is a key, upper-cased, and a cell is its value in human units.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any
 
-from ._commands import BufferRow, DeviceRow
 from ._format import age, iec, styled, table
+
+TYPE_CHECKING = False  # typing costs start-up time at run time
+if TYPE_CHECKING:
+    from typing import Any
+
+    from ._commands import BufferRow, DeviceRow
 
 __all__ = [
     "BUFFER_COLUMNS",

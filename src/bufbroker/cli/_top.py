@@ -15,9 +15,13 @@ import sys
 import time
 from collections.abc import Callable
 
-from ._commands import BufferRow, Source, list_buffers
+from ._commands import list_buffers
 from ._format import iec
 from ._render import render_buffers
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from ._commands import BufferRow, Source
 
 __all__ = ["SORT_KEYS", "frame", "top"]
 

@@ -13,11 +13,14 @@ import errno
 import itertools
 import math
 import os
-from typing import Any
 
 from .. import protocol as p
 from ..protocol import Access, BrokerError, BrokerUnavailable, Constraints, Direction, Segment
 from ._memory import MappedMemory, segments_from_wire
+
+TYPE_CHECKING = False  # typing is not imported at run time: it costs the CLI start-up time
+if TYPE_CHECKING:
+    from typing import Any
 
 __all__ = [
     "DEFAULT_TIMEOUT",

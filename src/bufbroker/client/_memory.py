@@ -20,9 +20,12 @@ import mmap
 import os
 import sys
 from collections.abc import Sequence
-from typing import Any
 
 from ..protocol import BrokerError, ProtocolError, Segment, close_all
+
+TYPE_CHECKING = False  # typing is not imported at run time: it costs the CLI start-up time
+if TYPE_CHECKING:
+    from typing import Any
 
 __all__ = ["MappedMemory", "segments_from_wire"]
 

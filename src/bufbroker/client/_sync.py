@@ -6,14 +6,13 @@ short-lived scripts depend on that.
 
 from __future__ import annotations
 
+import _socket  # the C module: socket.py costs start-up time
 import mmap
 import os
-import socket as _socket
 import struct
 import threading
 import time
 from collections.abc import Sequence
-from typing import Any, Self
 
 from .. import protocol as p
 from .._paths import default_socket_path
@@ -35,6 +34,10 @@ from ._core import (
     take_one_fd,
     unclosed,
 )
+
+TYPE_CHECKING = False  # typing is not imported at run time: it costs the CLI start-up time
+if TYPE_CHECKING:
+    from typing import Any, Self
 
 __all__ = ["Attachment", "Buffer", "CpuAccess", "Device", "Mapping", "connect"]
 

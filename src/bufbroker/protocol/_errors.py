@@ -16,7 +16,10 @@ from __future__ import annotations
 
 import errno as _errno
 import os
-from typing import Any
+
+TYPE_CHECKING = False  # typing is not imported at run time: it costs the CLI start-up time
+if TYPE_CHECKING:
+    from typing import Any
 
 __all__ = ["BrokerError", "BrokerUnavailable", "ProtocolError", "errno_code", "errno_from_code"]
 

@@ -10,7 +10,14 @@ attributes after ``__init__``. Type checkers see it as a dataclass (``dataclass_
 
 from __future__ import annotations
 
-from typing import Any, ClassVar, dataclass_transform
+TYPE_CHECKING = False  # typing is not imported at run time: it costs the CLI start-up time
+if TYPE_CHECKING:
+    from typing import Any, ClassVar, dataclass_transform
+else:
+
+    def dataclass_transform(**_: object) -> object:
+        return lambda cls: cls
+
 
 __all__ = ["Record"]
 
