@@ -64,8 +64,12 @@ if TYPE_CHECKING:
         age: float
 
     class DeviceRow(TypedDict):
-        """One ``devices`` row: PID UID NAME COMMAND BUFFERS BYTES PSS ATTACHMENTS MAPPINGS."""
+        """One ``devices`` row: ID PID UID NAME COMMAND BUFFERS BYTES PSS ATTACHMENTS MAPPINGS.
 
+        ``id`` is the device id that ``show`` lists holders by.
+        """
+
+        id: int
         pid: int
         uid: int
         name: str
@@ -163,6 +167,7 @@ def device_rows(devices: list[dict[str, Any]], buffers: list[dict[str, Any]]) ->
         seen.update(mine)
         rows.append(
             {
+                "id": d["id"],
                 "pid": d["pid"],
                 "uid": d["uid"],
                 "name": d["name"],

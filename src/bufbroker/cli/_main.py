@@ -163,8 +163,11 @@ def _parser(argv: list[str]) -> argparse.ArgumentParser:
 
 def _describe(e: OSError) -> str:
     """One line for an OSError: BrokerError carries its whole message in ``strerror``."""
+    from ._format import printable
+
     text = e.strerror or str(e)
-    return f"{e.filename}: {text}" if e.filename else text
+    # Error messages may quote what a client named (a buffer name, a path).
+    return printable(f"{e.filename}: {text}" if e.filename else text)
 
 
 def _connect(socket: str | None, timeout: float = 10.0) -> Device:
@@ -208,9 +211,11 @@ def _inspect(args: argparse.Namespace, source: Device) -> str | None:
         case "bufinfo":
             from ._bufinfo import parse_bufinfo, render_bufinfo
 
-            text = render_bufinfo(source.buffers())
+            buffers = source.buffers()
+            if args.json:
+                return render.render_json(parse_bufinfo(render_bufinfo(buffers)))
             # The text already ends in a newline, as the kernel's file does.
-            return render.render_json(parse_bufinfo(text)) if args.json else text.removesuffix("\n")
+            return render_bufinfo(buffers, escape=True).removesuffix("\n")
         case "stats":
             stats = source.stats()
             return render.render_json(stats) if args.json else render.render_stats(stats, legend=legend)
@@ -236,7 +241,7 @@ def _install_units(args: argparse.Namespace) -> str:
         from ._render import render_json
 
         return render_json([str(path) for path in written])
-    return "\n".join(next_steps(written, user=args.user))
+    return "\n".join(next_steps(written, user=args.user, managed=args.dest is None))
 
 
 def _run(args: argparse.Namespace) -> None:

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from ._format import age, iec, styled, table
+from ._format import age, iec, printable, styled, table
 
 TYPE_CHECKING = False  # typing costs start-up time at run time
 if TYPE_CHECKING:
@@ -29,7 +29,7 @@ __all__ = [
 ]
 
 BUFFER_COLUMNS = ("ID", "NAME", "SIZE", "HEAP", "EXPORTER", "HANDLES", "ATTACHED", "MAPPED", "OWNER", "AGE")
-DEVICE_COLUMNS = ("PID", "UID", "NAME", "COMMAND", "BUFFERS", "BYTES", "PSS", "ATTACHMENTS", "MAPPINGS")
+DEVICE_COLUMNS = ("ID", "PID", "UID", "NAME", "COMMAND", "BUFFERS", "BYTES", "PSS", "ATTACHMENTS", "MAPPINGS")
 # Sizes and ages are text in the table but quantities all the same: flush right, like numbers.
 _RIGHT = {"SIZE", "AGE", "BYTES", "PSS", "LENGTH", "OFFSET"}
 _COMMAND_WIDTH = 40  # on a terminal only; piped output keeps the whole command line
@@ -84,6 +84,7 @@ def _command(text: str) -> str:
 def render_devices(rows: Sequence[DeviceRow], *, legend: bool = True) -> str:
     cells = [
         [
+            r["id"],
             r["pid"],
             r["uid"],
             r["name"],
@@ -113,9 +114,9 @@ def render_show(data: dict[str, Any], *, legend: bool = True) -> str:
     """``show ID``: a few lines of facts, then layout, holders, attachments and cpu access."""
     exporter = data["exporter"]
     lines = [
-        f"buffer {data['id']}: {data['name'] or '(no name)'}",
+        f"buffer {data['id']}: {printable(data['name']) if data['name'] else '(no name)'}",
         f"size: {iec(data['size'])} ({data['size']} bytes), heap {data['heap']}",
-        f"exporter: {exporter['name']} (device {exporter['device']}, pid {exporter['pid']})",
+        f"exporter: {printable(exporter['name'])} (device {exporter['device']}, pid {exporter['pid']})",
         f"owner: {user_name(data['owner'])} (uid {data['owner']}), age {age(data['age'])}",
         f"handles: {data['handles']} live",
     ]
