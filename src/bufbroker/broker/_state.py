@@ -5,7 +5,7 @@ every method either applies whole or raises before changing anything. Descriptor
 through here: handles are known by their inode key (the server mints and watches the sockets)
 and backing storage comes from, and goes back to, the functions given to the constructor.
 
-Where DESIGN.md is silent we follow drivers/dma-buf/dma-buf.c, and docs/PROTOCOL.md records it:
+Where no rule is written down we follow drivers/dma-buf/dma-buf.c, and docs/PROTOCOL.md records it:
 a buffer id this device does not hold is EBADF (like a closed fd); a name already taken by a
 live buffer is EEXIST; an unknown heap is ENODEV; releasing a buffer with cpu access still
 begun is EBUSY, as releasing one still attached is.
