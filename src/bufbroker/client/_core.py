@@ -8,7 +8,6 @@ same names in the same order (like httpx's Client and AsyncClient).
 
 from __future__ import annotations
 
-import contextlib
 import errno
 import itertools
 import math
@@ -250,8 +249,10 @@ def exportable(memfd: int) -> None:
         return
     mode = os.fstat(memfd).st_mode & 0o7777
     if mode & 0o022:
-        with contextlib.suppress(PermissionError):
+        try:  # noqa: SIM105 (contextlib costs the CLI start-up time)
             os.fchmod(memfd, mode & ~0o022)
+        except PermissionError:
+            pass
 
 
 def take_one_fd(fds: list[int]) -> int:
