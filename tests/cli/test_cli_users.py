@@ -154,3 +154,22 @@ def test_devices_json_ids_are_the_ones_show_uses(broker: Broker) -> None:
             assert [d["id"] for d in devices] == [dev.id]
             shown = json.loads(run("show", "f", "--json", socket_path=broker.socket).stdout)
             assert [a["device"] for a in shown["attachments"]] == [dev.id]
+
+
+def test_a_plain_command_line_imports_nothing_heavy(broker: Broker) -> None:
+    code = (
+        "import sys\nfrom bufbroker.cli import main\n"
+        "for command in ('ls', 'devices', 'show 1', 'bufinfo', 'stats', 'ls --json --socket "
+        + broker.socket
+        + "'):\n"
+        "    assert main(command.split()) == 0\n"
+        "heavy = {'argparse', 'typing', 'socket', 'dataclasses', 'trio', 'shutil'} & set(sys.modules)\n"
+        "assert not heavy, heavy\n"
+    )
+    with broker.connect() as dev:
+        dev.allocate(4096)
+        env = {**os.environ, "BUFBROKER_SOCKET": broker.socket}
+        out = subprocess.run(
+            [sys.executable, "-c", code], timeout=60, env=env, capture_output=True, text=True
+        )
+    assert out.returncode == 0, out.stderr

@@ -25,7 +25,10 @@ The parser reads ours and the kernel's, including older kernels whose lines lack
 from __future__ import annotations
 
 import re
-from typing import Any
+
+TYPE_CHECKING = False  # typing costs start-up time at run time
+if TYPE_CHECKING:
+    from typing import Any
 
 __all__ = ["FLAGS", "MODE", "parse_bufinfo", "render_bufinfo"]
 
