@@ -76,7 +76,7 @@ def render_bufinfo(buffers: list[dict[str, Any]], *, escape: bool = False) -> st
                 FLAGS,
                 MODE,
                 _count(b),
-                shown(b["exporter"]["name"]),
+                "-" if b["exporter"]["name"] is None else shown(b["exporter"]["name"]),
                 b["id"],
                 "<none>" if b["name"] is None else shown(b["name"]),
             )

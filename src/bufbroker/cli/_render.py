@@ -62,7 +62,7 @@ def buffer_cells(row: BufferRow) -> list[object]:
         row["name"],
         iec(row["size"]),
         row["heap"],
-        f"{exporter['name']}/{exporter['pid']}",
+        "-" if exporter["name"] is None else f"{exporter['name']}/{exporter['pid']}",  # another uid's
         row["handles"],
         row["attached"],
         row["mapped"],
@@ -116,7 +116,9 @@ def render_show(data: dict[str, Any], *, legend: bool = True) -> str:
     lines = [
         f"buffer {data['id']}: {printable(data['name']) if data['name'] else '(no name)'}",
         f"size: {iec(data['size'])} ({data['size']} bytes), heap {data['heap']}",
-        f"exporter: {printable(exporter['name'])} (device {exporter['device']}, pid {exporter['pid']})",
+        "exporter: (another user's device)"
+        if exporter["name"] is None
+        else f"exporter: {printable(exporter['name'])} (device {exporter['device']}, pid {exporter['pid']})",
         f"owner: {user_name(data['owner'])} (uid {data['owner']}), age {age(data['age'])}",
         f"handles: {data['handles']} live",
     ]
