@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
-from ._format import iec, printable, table
+from ._format import iec, table
 
 __all__ = ["HEAP_COLUMNS", "render_heaps"]
 
@@ -15,7 +15,7 @@ HEAP_COLUMNS = ("HEAP", "PAGE", "AVAILABLE", "BUFFERS", "BYTES", "BACKED", "POOL
 def _pool(heap: dict[str, Any]) -> str:
     """What the heap draws from, in a few words; why it cannot allocate, where it cannot."""
     if not heap["available"]:
-        return printable(str(heap.get("reason") or "unavailable"))
+        return str(heap.get("reason") or "unavailable")  # the table escapes every cell
     pool = heap.get("pool") or {}
     if "pages" in pool:
         return f"{pool['pages']} pages reserved, {max(pool['free_pages'], 0)} free"
@@ -27,7 +27,7 @@ def _pool(heap: dict[str, Any]) -> str:
 def render_heaps(heaps: Sequence[dict[str, Any]], *, legend: bool = True) -> str:
     rows = [
         [
-            printable(h["name"]),
+            h["name"],
             iec(h["page_size"]),
             "yes" if h["available"] else "no",
             h["buffers"],
