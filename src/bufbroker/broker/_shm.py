@@ -95,11 +95,19 @@ class ShmHeap(Heap):
         return None
 
     def allocate(self, buffer: Buffer) -> Backing:
+        """The object and its (empty) record, both made here (O_EXCL): /dev/shm is writable by
+        every user, and a record someone else made first must never be the one written to."""
         name = f"{self.prefix}{buffer.id}-{secrets.token_hex(4)}"
         try:
             fd = _open(name, posix_ipc.O_CREX, buffer.span)
         except (posix_ipc.Error, OSError) as e:
             raise BrokerError(errno.ENOMEM, f"cannot create shared memory {name}: {e}") from None
+        try:
+            os.close(_open(name + _RECORD, posix_ipc.O_CREX))
+        except (posix_ipc.Error, OSError) as e:
+            os.close(fd)
+            _unlink(name)  # the record's name was taken: by a squatter, or a crash long ago
+            raise BrokerError(errno.ENOMEM, f"cannot create the record of {name}: {e}") from None
         return ShmBacking(fd, buffer.span, name=name)
 
     def pool(self) -> dict[str, Any]:
@@ -147,8 +155,10 @@ class ShmRecords(Observer):
         if isinstance(backing, ShmBacking) and buffer.id in self._state.buffers:
             data = msgpack.packb(_record(buffer))
             try:
-                fd = _open(backing.name + _RECORD, posix_ipc.O_CREAT)
+                fd = _open(backing.name + _RECORD, 0)  # made with the object, by us
                 try:
+                    if os.fstat(fd).st_uid != os.geteuid():
+                        raise OSError(errno.EPERM, "the record is not the broker's own")
                     os.ftruncate(fd, len(data))
                     os.pwrite(fd, data, 0)
                 finally:
