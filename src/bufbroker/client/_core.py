@@ -36,6 +36,7 @@ __all__ = [
     "connect_error",
     "maybe_one_fd",
     "take_one_fd",
+    "teardown_for",
     "unclosed",
     "undo_for",
 ]
@@ -364,6 +365,7 @@ class BufferBase:
         self.readonly: bool = result["readonly"]
         self.handle = handle
         self.closed = False
+        self.mapping: MappingBase | None = None  # made with the buffer (``map=``), if asked
         device._buffers.add(self)
 
     def _close_handle(self) -> None:
@@ -489,6 +491,16 @@ def unclosed(error: BaseException | None, failure: BrokerError) -> None:
     if error is None:
         raise failure
     error.add_note(f"bufbroker: could not close on the way out: {failure.strerror}")
+
+
+def teardown_for(buffer_ref: int | p.Ref, attachment_ref: int | p.Ref) -> list[p.OpArgs]:
+    """What gives back a buffer mapped with it: unmap, detach, release, in that order (each
+    answered with an error, and harmless, where there is nothing to give back)."""
+    return [
+        p.Unmap(attachment=attachment_ref),
+        p.Detach(attachment=attachment_ref),
+        p.Release(buffer=buffer_ref),
+    ]
 
 
 def undo_for(args: p.OpArgs, result: Any) -> p.OpArgs | None:

@@ -32,6 +32,7 @@ from ._core import (
     exportable,
     maybe_one_fd,
     take_one_fd,
+    teardown_for,
     unclosed,
 )
 
@@ -170,10 +171,14 @@ class Device(DeviceBase, _Closing):
     ) -> tuple[Any, list[int]]:
         """One request: its result and the descriptors its reply carried (the caller's now)."""
         self._check_open()
-        session = self._session
-        if session.undo:
+        if self._session.undo:
             self._send_undo()
-        reset: OSError | None = None
+        id, reset = self._send(args, fds)
+        return self._answer(id, args, reset, timeout)
+
+    def _send(self, args: p.OpArgs, fds: Sequence[int] = ()) -> tuple[int, OSError | None]:
+        """Send one request; its id, and the reset the broker's hang-up left, if it hung up."""
+        session = self._session
         with self._send_lock:
             id, data = session.request(args)
             session.waiting.add(id)  # before sending: another thread may read the reply
@@ -183,13 +188,20 @@ class Device(DeviceBase, _Closing):
                 else:
                     self._sock.send(data)
             except (BrokenPipeError, ConnectionResetError) as e:
-                reset = e  # the broker hung up; what it sent before may say why
+                return id, e  # the broker hung up; what it sent before may say why
             except BlockingIOError:  # SO_SNDTIMEO: the broker has not read for that long
                 session.waiting.discard(id)
                 raise session.timed_out(args, session.timeout or 0) from None
             except OSError as e:
                 session.waiting.discard(id)
                 raise (session.sent_fds_error(args, e) or session.lost(e)) from None
+        return id, None
+
+    def _answer(
+        self, id: int, args: p.OpArgs, reset: OSError | None, timeout: float | None = None
+    ) -> tuple[Any, list[int]]:
+        """The answer to request ``id`` (sent with ``args``): its result and descriptors."""
+        session = self._session
         try:
             return self._await(id, args, session.wait_limit(args, timeout), reset)
         except BaseException as e:
@@ -270,30 +282,80 @@ class Device(DeviceBase, _Closing):
                 except OSError:
                     return  # the connection is ending: the broker drops everything it held
 
-    def _buffer(self, args: p.OpArgs, fds: Sequence[int] = ()) -> Buffer:
-        result, got = self._call(args, fds)
-        return Buffer(self, result, maybe_one_fd(got))
+    def _buffer(
+        self, args: p.OpArgs, fds: Sequence[int] = (), map: Direction | None = None
+    ) -> Buffer:
+        """The buffer ``args`` makes; with ``map``, attached and mapped in the same round trip."""
+        if map is None:
+            result, got = self._call(args, fds)
+            return Buffer(self, result, maybe_one_fd(got))
+        self._check_open()
+        if self._session.undo:
+            self._send_undo()
+        first, reset = self._send(args, fds)
+        attach = p.Attach(buffer=p.Ref(first))
+        second, _ = self._send(attach)
+        mapping = p.Map(attachment=p.Ref(second), direction=map)
+        third, _ = self._send(mapping)
+        answers: list[tuple[Any, list[int]]] = []
+        try:
+            for id, request in ((first, args), (second, attach), (third, mapping)):
+                answers.append(self._await(id, request, self._session.wait_limit(request), reset))
+        except BaseException:
+            self._give_back([first, second, third][len(answers) :], first, second, answers)
+            raise
+        (result, got), (attached, _), (mapped, backing) = answers
+        buffer = Buffer(self, result, maybe_one_fd(got))
+        attachment = Attachment(buffer, attached["attachment"])
+        buffer.mapping = Mapping(attachment, map, self._map_memory(mapped, backing))
+        return buffer
+
+    def _give_back(
+        self, unanswered: list[int], first: int, second: int, answers: list[tuple[Any, list[int]]]
+    ) -> None:
+        """A chain that failed part way: whatever it made is given back, without waiting."""
+        session = self._session
+        for id in unanswered:
+            if id in session.waiting:
+                session.waiting.discard(id)
+                session.abandoned[id] = None  # its reply is dropped when it comes
+        for _, fds in answers:
+            p.close_all(fds)
+        session.undo.extend(teardown_for(p.Ref(first), p.Ref(second)))
+        self._send_undo()
 
     def ping(self) -> None:
         """A request that does nothing: measures a round trip, proves the broker is alive."""
         self._call(_PING)
 
-    def allocate(self, size: int, *, name: str | None = None, heap: str = "memfd") -> Buffer:
-        """A new buffer of ``size`` bytes (rounded up to pages); its memory comes at first map."""
-        return self._buffer(p.Allocate(size=size, name=name, heap=heap))
+    def allocate(
+        self, size: int, *, name: str | None = None, heap: str = "memfd", map: Direction | None = None
+    ) -> Buffer:
+        """A new buffer of ``size`` bytes (rounded up to pages); its memory comes at first map.
 
-    def import_handle(self, fd: int) -> Buffer:
-        """The buffer behind handle ``fd``; the caller keeps (and should close) ``fd``."""
-        return self._buffer(p.Import(), [fd])
+        With ``map``, the buffer comes attached and mapped for that direction (``.mapping``),
+        in one round trip; closing it unmaps, detaches and releases it without waiting.
+        """
+        return self._buffer(p.Allocate(size=size, name=name, heap=heap), map=map)
 
-    def open(self, name: str, *, timeout: float | None = None, uid: int | None = None) -> Buffer:
+    def import_handle(self, fd: int, *, map: Direction | None = None) -> Buffer:
+        """The buffer behind handle ``fd``; the caller keeps (and should close) ``fd``.
+
+        With ``map``, attached and mapped too, in one round trip (see ``allocate``).
+        """
+        return self._buffer(p.Import(), [fd], map=map)
+
+    def open(
+        self, name: str, *, timeout: float | None = None, uid: int | None = None, map: Direction | None = None
+    ) -> Buffer:
         """The buffer this uid named ``name``; waits up to ``timeout`` s for it to appear.
 
         Each uid has names of its own; root opens another uid's by saying whose (``uid``).
         Interrupted (Ctrl-C) or timed out while waiting, the open is undone when its late
-        reply comes, so the device holds nothing without an object.
+        reply comes, so the device holds nothing without an object. With ``map``, attached
+        and mapped too, in one round trip (see ``allocate``).
         """
-        return self._buffer(p.Open(name=name, timeout=timeout, uid=uid))
+        return self._buffer(p.Open(name=name, timeout=timeout, uid=uid), map=map)
 
     def export_memfd(self, memfd: int, *, name: str | None = None) -> Buffer:
         """A buffer over this process's own sealed memfd, without a copy (udmabuf).
@@ -352,9 +414,24 @@ class Buffer(BufferBase, _Closing):
         return CpuAccess(self, access)
 
     def close(self) -> None:
-        """Release this device's hold (EBUSY while attached) and close its own handle."""
-        if not self.closed and not self._device.closed:
-            self._device._call(p.Release(buffer=self.id))
+        """Release this device's hold (EBUSY while attached) and close its own handle.
+
+        A buffer that came mapped (``map=``) is unmapped, detached and released without
+        waiting for the broker (EBUSY, changing nothing, while views of its memory are alive).
+        """
+        device = self._device
+        if self.closed or device.closed:
+            self._released()
+            return
+        if self.mapping is not None:
+            attachment = self.mapping.attachment
+            mapped = device._unmap_memory(self.mapping._memory)
+            teardown = teardown_for(self.id, attachment.id)
+            device._session.undo.extend(teardown if mapped else teardown[1:])
+            device._send_undo()
+            attachment.detached = True
+        else:
+            device._call(p.Release(buffer=self.id))
         self._released()
 
 
