@@ -201,3 +201,29 @@ async def test_trio_local_mistakes(broker: Broker) -> None:
         await dev.ping()
         with trio.fail_after(5):
             await dev.ping()
+
+
+def test_threads_sharing_a_device_each_get_their_own_replies(broker: Broker) -> None:
+    with broker.connect() as dev:
+        errors: list[BaseException] = []
+
+        def work(n: int) -> None:
+            try:
+                for i in range(40):
+                    if i % 3:
+                        dev.ping()
+                    else:
+                        buf = dev.allocate(4096 * (n + 1), name=f"t{n}-{i}")
+                        assert buf.size == 4096 * (n + 1) and buf.name == f"t{n}-{i}"
+                        assert buf.handle is not None and os.fstat(buf.handle)
+                        buf.close()
+            except BaseException as e:
+                errors.append(e)
+
+        threads = [threading.Thread(target=work, args=(n,)) for n in range(4)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(60)
+        assert errors == []
+        assert dev.buffers() == []
