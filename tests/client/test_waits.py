@@ -227,3 +227,26 @@ def test_threads_sharing_a_device_each_get_their_own_replies(broker: Broker) -> 
             t.join(60)
         assert errors == []
         assert dev.buffers() == []
+
+
+async def test_a_trio_send_to_a_full_socket_times_out_too(broker: Broker) -> None:
+    async with bufbroker.open_device("t", socket=broker.socket, timeout=0.5) as dev:
+        os.kill(broker.pid, signal.SIGSTOP)
+        got: list[int | None] = []
+
+        async def ping() -> None:
+            try:
+                await dev.ping()
+            except bufbroker.BrokerError as e:
+                got.append(e.errno)
+
+        try:
+            with trio.fail_after(30):
+                async with trio.open_nursery() as nursery:
+                    for _ in range(2000):  # more than the broker's receive queue holds
+                        nursery.start_soon(ping)
+        finally:
+            os.kill(broker.pid, signal.SIGCONT)
+        assert got == [errno.ETIMEDOUT] * 2000
+        with trio.fail_after(10):
+            await dev.ping()
