@@ -250,3 +250,29 @@ async def test_a_trio_send_to_a_full_socket_times_out_too(broker: Broker) -> Non
         assert got == [errno.ETIMEDOUT] * 2000
         with trio.fail_after(10):
             await dev.ping()
+
+
+def test_connect_to_a_full_listener_times_out(tmp_path: pathlib.Path) -> None:
+    path = str(tmp_path / "full.sock")
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    listener.bind(path)
+    listener.listen(0)
+    queued = []
+    try:
+        while True:  # fill the accept queue: the next connect would wait for room
+            s = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+            s.setblocking(False)
+            queued.append(s)
+            try:
+                s.connect(path)
+            except BlockingIOError:
+                break
+        start = time.monotonic()
+        with pytest.raises(bufbroker.BrokerError) as e:
+            bufbroker.connect("late", socket=path, timeout=0.3)
+        expect_timeout(e, path)
+        assert time.monotonic() - start < 10
+    finally:
+        for s in queued:
+            s.close()
+        listener.close()
