@@ -36,6 +36,7 @@ __all__ = [
     "connect_error",
     "maybe_one_fd",
     "take_one_fd",
+    "teardown_for",
     "unclosed",
     "undo_for",
 ]
@@ -65,6 +66,9 @@ def connect_error(path: str, error: OSError, *, default: bool) -> BrokerError:
                 errno.ETIMEDOUT, f"the broker at {path} accepts no connection (it may be stopped)"
             )
     return BrokerError(error.errno or errno.EIO, f"cannot connect to {path}: {error.strerror or error}")
+
+
+_NAMED = frozenset(cls for cls in p.OP_NAMES if "name" in cls._fields)  # ops that carry a name
 
 
 class Session:
@@ -103,10 +107,13 @@ class Session:
         Names are checked locally because an oversized one would not even reach the broker
         whole; encoding errors (an int beyond 64 bits) are the caller's, not the connection's.
         """
-        name = getattr(args, "name", None)
-        if name is not None and (type(name) is not str or len(name.encode()) > p.MAX_NAME_BYTES):
-            op = p.OP_NAMES[type(args)]
-            raise BrokerError(errno.EINVAL, f"{op}: name must be at most {p.MAX_NAME_BYTES} bytes of UTF-8")
+        if type(args) in _NAMED:
+            name = args.name  # type: ignore[attr-defined]
+            if name is not None and (type(name) is not str or len(name.encode()) > p.MAX_NAME_BYTES):
+                op = p.OP_NAMES[type(args)]
+                raise BrokerError(
+                    errno.EINVAL, f"{op}: name must be at most {p.MAX_NAME_BYTES} bytes of UTF-8"
+                )
         id = next(self._ids)
         try:
             return id, p.encode_request(id, args)
@@ -373,6 +380,7 @@ class BufferBase:
         self.immutable: bool = result.get("immutable", False)  # as of the last reply about it
         self.handle = handle
         self.closed = False
+        self.mapping: MappingBase | None = None  # made with the buffer (``map=``), if asked
         device._buffers.add(self)
 
     def _close_handle(self) -> None:
@@ -503,6 +511,16 @@ def unclosed(error: BaseException | None, failure: BrokerError) -> None:
     if error is None:
         raise failure
     error.add_note(f"bufbroker: could not close on the way out: {failure.strerror}")
+
+
+def teardown_for(buffer_ref: int | p.Ref, attachment_ref: int | p.Ref) -> list[p.OpArgs]:
+    """What gives back a buffer mapped with it: unmap, detach, release, in that order (each
+    answered with an error, and harmless, where there is nothing to give back)."""
+    return [
+        p.Unmap(attachment=attachment_ref),
+        p.Detach(attachment=attachment_ref),
+        p.Release(buffer=buffer_ref),
+    ]
 
 
 def undo_for(args: p.OpArgs, result: Any) -> p.OpArgs | None:

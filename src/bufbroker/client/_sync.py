@@ -32,6 +32,7 @@ from ._core import (
     exportable,
     maybe_one_fd,
     take_one_fd,
+    teardown_for,
     unclosed,
 )
 
@@ -118,8 +119,9 @@ class Device(DeviceBase, _Closing):
         super().__init__(session)
         self._sock = sock
         self._send_lock = threading.Lock()
-        self._state = threading.Condition(threading.Lock())  # guards _reading, parked replies
-        self._reading = False  # a thread is in recv for everyone
+        self._reader = threading.Lock()  # held by the thread reading the socket for everyone
+        self._state = threading.Condition(threading.Lock())  # where the other threads wait
+        self._idle = 0  # threads waiting on _state
         self._recv_limit = session.timeout  # what SO_RCVTIMEO is set to
         self._lost: BrokerError | None = None
         self._ancbuf = p.ancillary_space(MAX_REPLY_FDS)
@@ -170,10 +172,14 @@ class Device(DeviceBase, _Closing):
     ) -> tuple[Any, list[int]]:
         """One request: its result and the descriptors its reply carried (the caller's now)."""
         self._check_open()
-        session = self._session
-        if session.undo:
+        if self._session.undo:
             self._send_undo()
-        reset: OSError | None = None
+        id, reset = self._send(args, fds)
+        return self._answer(id, args, reset, timeout)
+
+    def _send(self, args: p.OpArgs, fds: Sequence[int] = ()) -> tuple[int, OSError | None]:
+        """Send one request; its id, and the reset the broker's hang-up left, if it hung up."""
+        session = self._session
         with self._send_lock:
             id, data = session.request(args)
             session.waiting.add(id)  # before sending: another thread may read the reply
@@ -183,15 +189,28 @@ class Device(DeviceBase, _Closing):
                 else:
                     self._sock.send(data)
             except (BrokenPipeError, ConnectionResetError) as e:
-                reset = e  # the broker hung up; what it sent before may say why
+                return id, e  # the broker hung up; what it sent before may say why
             except BlockingIOError:  # SO_SNDTIMEO: the broker has not read for that long
                 session.waiting.discard(id)
                 raise session.timed_out(args, session.timeout or 0) from None
             except OSError as e:
                 session.waiting.discard(id)
                 raise (session.sent_fds_error(args, e) or session.lost(e)) from None
+        return id, None
+
+    def _answer(
+        self, id: int, args: p.OpArgs, reset: OSError | None, timeout: float | None = None
+    ) -> tuple[Any, list[int]]:
+        """The answer to request ``id`` (sent with ``args``): its result and descriptors."""
+        session = self._session
+        # The device's own limit unless the call has one (open waits in the broker too).
+        limit = (
+            session.timeout
+            if timeout is None and type(args) is not p.Open
+            else session.wait_limit(args, timeout)
+        )
         try:
-            return self._await(id, args, session.wait_limit(args, timeout), reset)
+            return self._await(id, args, limit, reset)
         except BaseException as e:
             if id in session.waiting:  # a timeout, Ctrl-C: the reply will be undone
                 session.abandon(id, args)
@@ -202,35 +221,53 @@ class Device(DeviceBase, _Closing):
     def _await(
         self, id: int, args: p.OpArgs, limit: float | None, reset: OSError | None
     ) -> tuple[Any, list[int]]:
-        session, state = self._session, self._state
+        """Wait for request ``id``'s answer: read the socket if no other thread is, else wait
+        for the reader to park it or to leave the socket to us.
+
+        The lone caller's path takes one uncontended lock. A waiting thread counts
+        itself in ``_idle`` under ``_state`` and tries the reader's lock once more before it
+        sleeps, and the reader looks at ``_idle`` after letting go of the lock, so no wake-up
+        is lost between the two.
+        """
+        session = self._session
         deadline = None if limit is None else time.monotonic() + limit
         wait = limit
-        with state:
-            while True:
+        while True:
+            if self._reader.acquire(False):
+                try:
+                    parked = session.parked.pop(id, None)
+                    if parked is not None:
+                        session.waiting.discard(id)
+                        return session.outcome(parked)
+                    if self._lost is not None:
+                        session.waiting.discard(id)
+                        raise self._lost
+                    answer = self._read_one(id, args, reset, wait)
+                finally:
+                    self._reader.release()
+                    if self._idle:
+                        with self._state:
+                            self._state.notify_all()
+                if answer is not None:
+                    return answer
+            else:
+                with self._state:
+                    self._idle += 1
+                    try:
+                        if not self._reader.locked() or id in session.parked:
+                            pass  # the socket is free, or our answer came: no sleep
+                        else:
+                            self._state.wait(wait)
+                    finally:
+                        self._idle -= 1
                 parked = session.parked.pop(id, None)
                 if parked is not None:
                     session.waiting.discard(id)
                     return session.outcome(parked)
-                if self._lost is not None:
-                    session.waiting.discard(id)
-                    raise self._lost
-                if self._reading:  # another thread reads; it wakes us when it stops
-                    state.wait(wait)
-                else:
-                    self._reading = True
-                    state.release()
-                    try:
-                        answer = self._read_one(id, args, reset, wait)
-                    finally:
-                        state.acquire()
-                        self._reading = False
-                        state.notify_all()
-                    if answer is not None:
-                        return answer
-                if deadline is not None:
-                    wait = deadline - time.monotonic()
-                    if wait <= 0:
-                        raise session.timed_out(args, limit or 0)
+            if deadline is not None:
+                wait = deadline - time.monotonic()
+                if wait <= 0:
+                    raise session.timed_out(args, limit or 0)
 
     def _read_one(
         self, id: int, args: p.OpArgs, reset: OSError | None, limit: float | None
@@ -253,9 +290,13 @@ class Device(DeviceBase, _Closing):
             raise
         if answer is not None:
             session.waiting.discard(id)
-        elif session.undo:
+            return answer
+        if session.parked and self._idle:  # another thread's answer: wake it
+            with self._state:
+                self._state.notify_all()
+        if session.undo:
             self._send_undo()
-        return answer
+        return None
 
     def _send_undo(self) -> None:
         """Send the requests that take back what abandoned ones created; their replies are
@@ -270,35 +311,94 @@ class Device(DeviceBase, _Closing):
                 except OSError:
                     return  # the connection is ending: the broker drops everything it held
 
-    def _buffer(self, args: p.OpArgs, fds: Sequence[int] = ()) -> Buffer:
-        result, got = self._call(args, fds)
-        return Buffer(self, result, maybe_one_fd(got))
+    def _buffer(
+        self, args: p.OpArgs, fds: Sequence[int] = (), map: Direction | None = None
+    ) -> Buffer:
+        """The buffer ``args`` makes; with ``map``, attached and mapped in the same round trip."""
+        if map is None:
+            result, got = self._call(args, fds)
+            return Buffer(self, result, maybe_one_fd(got))
+        self._check_open()
+        if self._session.undo:
+            self._send_undo()
+        first, reset = self._send(args, fds)
+        attach = p.Attach(buffer=p.Ref(first))
+        second, _ = self._send(attach)
+        mapping = p.Map(attachment=p.Ref(second), direction=map)
+        third, _ = self._send(mapping)
+        answers: list[tuple[Any, list[int]]] = []
+        try:
+            for id, request in ((first, args), (second, attach), (third, mapping)):
+                answers.append(self._await(id, request, self._session.wait_limit(request), reset))
+        except BaseException:
+            self._give_back([first, second, third][len(answers) :], first, second, answers)
+            raise
+        (result, got), (attached, _), (mapped, backing) = answers
+        buffer = Buffer(self, result, maybe_one_fd(got))
+        attachment = Attachment(buffer, attached["attachment"])
+        buffer.mapping = Mapping(attachment, map, self._map_memory(mapped, backing))
+        return buffer
+
+    def _give_back(
+        self, unanswered: list[int], first: int, second: int, answers: list[tuple[Any, list[int]]]
+    ) -> None:
+        """A chain that failed part way: whatever it made is given back, without waiting."""
+        session = self._session
+        for id in unanswered:
+            if id in session.waiting:
+                session.waiting.discard(id)
+                session.abandoned[id] = None  # its reply is dropped when it comes
+        for _, fds in answers:
+            p.close_all(fds)
+        session.undo.extend(teardown_for(p.Ref(first), p.Ref(second)))
+        self._send_undo()
 
     def ping(self) -> None:
         """A request that does nothing: measures a round trip, proves the broker is alive."""
         self._call(_PING)
 
     def allocate(
-        self, size: int, *, name: str | None = None, heap: str = "memfd", sealable: bool = False
+        self,
+        size: int,
+        *,
+        name: str | None = None,
+        heap: str = "memfd",
+        sealable: bool = False,
+        map: Direction | None = None,
     ) -> Buffer:
-        """A new buffer of ``size`` bytes (rounded up to pages); its memory comes at first map."""
-        return self._buffer(p.Allocate(size=size, name=name, heap=heap, sealable=sealable))
+        """A new buffer of ``size`` bytes (its backing: whole pages of ``heap``); its memory
+        comes at first map. ``sealable``: it can be sealed (``seal``).
 
-    def import_handle(self, fd: int) -> Buffer:
-        """The buffer behind handle ``fd``; the caller keeps (and should close) ``fd``."""
-        return self._buffer(p.Import(), [fd])
+        With ``map``, the buffer comes attached and mapped for that direction (``.mapping``),
+        in one round trip; closing it unmaps, detaches and releases it without waiting.
+        """
+        return self._buffer(p.Allocate(size=size, name=name, heap=heap, sealable=sealable), map=map)
+
+    def import_handle(self, fd: int, *, map: Direction | None = None) -> Buffer:
+        """The buffer behind handle ``fd``; the caller keeps (and should close) ``fd``.
+
+        With ``map``, attached and mapped too, in one round trip (see ``allocate``).
+        """
+        return self._buffer(p.Import(), [fd], map=map)
 
     def open(
-        self, name: str, *, timeout: float | None = None, sealed: bool = False, uid: int | None = None
+        self,
+        name: str,
+        *,
+        timeout: float | None = None,
+        sealed: bool = False,
+        uid: int | None = None,
+        map: Direction | None = None,
     ) -> Buffer:
         """The buffer this uid named ``name``; waits up to ``timeout`` s for it to appear.
 
         Each uid has names of its own; root opens another uid's by saying whose (``uid``).
         With ``sealed``, only once it is sealed (Plasma's get): EAGAIN if it is not by then.
         Interrupted (Ctrl-C) or timed out while waiting, the open is undone when its late
-        reply comes, so the device holds nothing without an object.
+        reply comes, so the device holds nothing without an object. With ``map``, attached
+        and mapped too, in one round trip (see ``allocate``).
         """
-        return self._buffer(p.Open(name=name, timeout=timeout, sealed=sealed, uid=uid))
+        return self._buffer(p.Open(name=name, timeout=timeout, sealed=sealed, uid=uid), map=map)
 
     def export_memfd(self, memfd: int, *, name: str | None = None) -> Buffer:
         """A buffer over this process's own sealed memfd, without a copy (udmabuf).
@@ -371,9 +471,24 @@ class Buffer(BufferBase, _Closing):
         return CpuAccess(self, access)
 
     def close(self) -> None:
-        """Release this device's hold (EBUSY while attached) and close its own handle."""
-        if not self.closed and not self._device.closed:
-            self._device._call(p.Release(buffer=self.id))
+        """Release this device's hold (EBUSY while attached) and close its own handle.
+
+        A buffer that came mapped (``map=``) is unmapped, detached and released without
+        waiting for the broker (EBUSY, changing nothing, while views of its memory are alive).
+        """
+        device = self._device
+        if self.closed or device.closed:
+            self._released()
+            return
+        if self.mapping is not None:
+            attachment = self.mapping.attachment
+            mapped = device._unmap_memory(self.mapping._memory)
+            teardown = teardown_for(self.id, attachment.id)
+            device._session.undo.extend(teardown if mapped else teardown[1:])
+            device._send_undo()
+            attachment.detached = True
+        else:
+            device._call(p.Release(buffer=self.id))
         self._released()
 
 
