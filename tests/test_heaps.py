@@ -147,3 +147,18 @@ def test_hugetlb_memory_is_huge_pages(broker: Broker, huge_pages: Callable[..., 
             mem[:] = b"\x02" * len(mem)
         buf.close()
         broker.wait_for(lambda: _meminfo("HugePages_Free") == free)
+
+
+def test_one_round_trip_on_every_heap(broker: Broker, heap: str) -> None:
+    """allocate(..., map=) in one round trip: on hugetlb and shm the map's memory is committed
+    before its reply all the same."""
+    with broker.connect() as dev, broker.connect("reader") as reader:
+        buf = dev.allocate(10_000, name="trip", heap=heap, sealable=heap != "shm", map=Direction.BIDIRECTIONAL)
+        assert buf.mapping is not None and len(buf.mapping.memory) == 10_000
+        buf.mapping.memory[:4] = b"trip"
+        if heap != "shm":
+            buf.mapping.unmap()
+            buf.seal()
+        seen = reader.open("trip", sealed=heap != "shm", timeout=5, map=Direction.TO_DEVICE)
+        assert seen.mapping is not None and bytes(seen.mapping.memory[:4]) == b"trip"
+        seen.close()
