@@ -153,12 +153,13 @@ def test_one_round_trip_on_every_heap(broker: Broker, heap: str) -> None:
     """allocate(..., map=) in one round trip: on hugetlb and shm the map's memory is committed
     before its reply all the same."""
     with broker.connect() as dev, broker.connect("reader") as reader:
-        buf = dev.allocate(10_000, name="trip", heap=heap, sealable=heap != "shm", map=Direction.BIDIRECTIONAL)
+        sealable = heap != "shm"
+        buf = dev.allocate(10_000, name="trip", heap=heap, sealable=sealable, map=Direction.BIDIRECTIONAL)
         assert buf.mapping is not None and len(buf.mapping.memory) == 10_000
         buf.mapping.memory[:4] = b"trip"
-        if heap != "shm":
+        if sealable:
             buf.mapping.unmap()
             buf.seal()
-        seen = reader.open("trip", sealed=heap != "shm", timeout=5, map=Direction.TO_DEVICE)
+        seen = reader.open("trip", sealed=sealable, timeout=5, map=Direction.TO_DEVICE)
         assert seen.mapping is not None and bytes(seen.mapping.memory[:4]) == b"trip"
         seen.close()
