@@ -61,11 +61,11 @@ class Service:
         return self.proc.returncode
 
 
-def start_service(socket: str, *flags: str) -> Service:
+def start_service(socket: str, *flags: str, scheme: str = "grpc") -> Service:
     """``bufbroker-flight`` in front of the broker at ``socket``, on a free loopback port."""
     fd, log = tempfile.mkstemp(prefix="bufbroker-flight-", suffix=".log")
     proc = subprocess.Popen(
-        [sys.executable, "-m", "bufbroker.flight", "--listen", "grpc://127.0.0.1:0", "--socket", socket, *flags],
+        [sys.executable, "-m", "bufbroker.flight", "--listen", f"{scheme}://127.0.0.1:0", "--socket", socket, *flags],
         stdout=subprocess.PIPE,
         stderr=fd,
     )
@@ -73,7 +73,7 @@ def start_service(socket: str, *flags: str) -> Service:
     assert proc.stdout is not None
     ready, _, _ = select.select([proc.stdout], [], [], 30)
     line = proc.stdout.readline().decode() if ready else ""
-    if not line.startswith("listening on grpc://127.0.0.1:"):
+    if not line.startswith(f"listening on {scheme}://127.0.0.1:"):
         proc.kill()
         proc.wait()
         with open(log) as f:
@@ -93,8 +93,8 @@ def hosts(broker_factory: Callable[..., Broker]) -> Iterator[Hosts]:
     a, b = broker_factory(), broker_factory()
     services: list[Service] = []
 
-    def serve(*flags: str, broker: Broker = a) -> Service:
-        services.append(start_service(broker.socket, *flags))
+    def serve(*flags: str, broker: Broker = a, scheme: str = "grpc") -> Service:
+        services.append(start_service(broker.socket, *flags, scheme=scheme))
         return services[-1]
 
     yield Hosts(a, b, serve)
