@@ -23,6 +23,7 @@ import pytest
 
 import bufbroker
 from bufbroker import Access
+
 from conftest import Broker
 
 PAGE = os.sysconf("SC_PAGE_SIZE")
@@ -65,7 +66,16 @@ def start_service(socket: str, *flags: str, scheme: str = "grpc") -> Service:
     """``bufbroker-flight`` in front of the broker at ``socket``, on a free loopback port."""
     fd, log = tempfile.mkstemp(prefix="bufbroker-flight-", suffix=".log")
     proc = subprocess.Popen(
-        [sys.executable, "-m", "bufbroker.flight", "--listen", f"{scheme}://127.0.0.1:0", "--socket", socket, *flags],
+        [
+            sys.executable,
+            "-m",
+            "bufbroker.flight",
+            "--listen",
+            f"{scheme}://127.0.0.1:0",
+            "--socket",
+            socket,
+            *flags,
+        ],
         stdout=subprocess.PIPE,
         stderr=fd,
     )

@@ -13,6 +13,7 @@ import pytest
 
 import bufbroker
 import bufbroker.flight as bf
+
 from flight_fixtures import PAGE, Hosts, entries, hosts, idle, pattern, publish, wait_until
 
 __all__ = ["hosts"]
@@ -136,5 +137,9 @@ def test_tls(hosts: Hosts, tmp_path: Path) -> None:
     ],
 )
 def test_a_bad_command_line_is_one_line(argv: list[str]) -> None:
-    done = subprocess.run([sys.executable, "-m", "bufbroker.flight", *argv], capture_output=True, text=True, timeout=60)
-    assert done.returncode == 1 and done.stderr.count("\n") == 1 and done.stderr.startswith("bufbroker-flight: ")
+    done = subprocess.run(
+        [sys.executable, "-m", "bufbroker.flight", *argv], capture_output=True, text=True, timeout=60
+    )
+    assert (
+        done.returncode == 1 and done.stderr.count("\n") == 1 and done.stderr.startswith("bufbroker-flight: ")
+    )

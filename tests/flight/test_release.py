@@ -20,6 +20,7 @@ import pytest
 
 import bufbroker
 import bufbroker.flight as bf
+
 from flight_fixtures import Hosts, entries, entry, flight_devices, hosts, idle, pattern, publish, wait_until
 
 __all__ = ["hosts"]
@@ -42,7 +43,9 @@ def test_the_service_sends_from_its_mapping_without_a_copy(hosts: Hosts) -> None
             memory[:MiB] = pattern(MiB)
         before = service.status("RssAnon")
         peak = [before]
-        bf.fetch(service.location, "big", device=b, progress=lambda *_: peak.append(service.status("RssAnon")))
+        bf.fetch(
+            service.location, "big", device=b, progress=lambda *_: peak.append(service.status("RssAnon"))
+        )
         peak.append(service.status("RssAnon"))
         grown = (max(peak) - before) << 10
         assert grown < size // 8, f"the service's anonymous memory grew by {grown >> 20} MiB"

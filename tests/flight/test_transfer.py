@@ -10,6 +10,7 @@ import pytest
 
 import bufbroker.flight as bf
 from bufbroker.flight import CHUNK
+
 from flight_fixtures import PAGE, Hosts, contents, entry, hosts, idle, pattern, publish, wait_until
 
 __all__ = ["hosts"]
@@ -80,7 +81,9 @@ def test_small_chunks_of_the_service(hosts: Hosts) -> None:
     with hosts.a.connect("camera") as a, hosts.b.connect("encoder") as b:
         source = publish(a, "odd", data)
         seen: list[tuple[int, int]] = []
-        fetched = bf.fetch(service.location, "odd", device=b, progress=lambda done, total: seen.append((done, total)))
+        fetched = bf.fetch(
+            service.location, "odd", device=b, progress=lambda done, total: seen.append((done, total))
+        )
         assert contents(fetched) == contents(source)
         assert seen[0] == (PAGE + 1, source.size) and seen[-1] == (source.size, source.size)
 
@@ -125,7 +128,10 @@ def test_listing_and_description(hosts: Hosts) -> None:
         a.allocate(PAGE)  # unnamed: never listed
         client = fl.connect(service.location)
         listed = {info.descriptor.path[0].decode(): info.total_bytes for info in client.list_flights()}
-        assert listed == {"shown-1": entry(hosts.a, "shown-1")["size"], "shown-2": entry(hosts.a, "shown-2")["size"]}
+        assert listed == {
+            "shown-1": entry(hosts.a, "shown-1")["size"],
+            "shown-2": entry(hosts.a, "shown-2")["size"],
+        }
         info = client.get_flight_info(fl.FlightDescriptor.for_path("shown-2"))
         assert info.total_bytes == 3 * PAGE and info.endpoints[0].ticket.ticket == b"shown-2"
         wait_until(lambda: idle(hosts.a, "shown-2"))
