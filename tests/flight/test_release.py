@@ -40,15 +40,22 @@ def test_the_service_sends_from_its_mapping_without_a_copy(hosts: Hosts) -> None
         bf.fetch(service.location, "warm", device=b).close()  # pyarrow and gRPC warmed up
         source = a.allocate(size, name="big")
         with source.cpu_access() as memory:
-            memory[:MiB] = pattern(MiB)
+            block = pattern(16 * MiB)
+            for offset in range(0, size, len(block)):
+                memory[offset : offset + len(block)] = block
         before = service.status("RssAnon")
-        peak = [before]
-        bf.fetch(
-            service.location, "big", device=b, progress=lambda *_: peak.append(service.status("RssAnon"))
-        )
-        peak.append(service.status("RssAnon"))
-        grown = (max(peak) - before) << 10
+        anon, shared = [before], [0]
+
+        def sample(*_: int) -> None:
+            anon.append(service.status("RssAnon"))
+            shared.append(service.status("RssShmem"))
+
+        bf.fetch(service.location, "big", device=b, progress=sample)
+        sample()
+        grown = (max(anon) - before) << 10
         assert grown < size // 8, f"the service's anonymous memory grew by {grown >> 20} MiB"
+        # The bytes were read through the mapping: its pages showed as the service's shared memory.
+        assert max(shared) << 10 > size // 2
         wait_until(lambda: idle(hosts.a, "big"))
 
 
