@@ -206,3 +206,15 @@ def test_received_buffers_are_held_until_dropped_or_the_service_stops(hosts: Hos
         assert service.stop() == 0
         wait_until(lambda: entries(hosts.a) == [])
         assert json.dumps(entries(hosts.b))  # the pushing side still has its own buffer
+
+
+def test_the_service_stops_with_a_stalled_client_and_releases_it(hosts: Hosts) -> None:
+    service = hosts.serve("--allow", "*", "--grace", "1")
+    with hosts.a.connect("camera") as a:
+        publish(a, "frame", pattern(64 * MiB))
+        client = fl.connect(service.location)
+        reader = client.do_get(fl.Ticket(b"frame"))
+        reader.read_chunk()  # and reads no more: gRPC's shutdown alone would wait for ever
+        assert service.stop() == 0
+        wait_until(lambda: idle(hosts.a, "frame"))
+        client.close()

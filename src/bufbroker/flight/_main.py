@@ -2,6 +2,9 @@
 
 Prints one line, ``listening on LOCATION`` (with the port the kernel chose for port 0), once
 it accepts calls; SIGTERM or Ctrl-C stops it, and it lets go of every buffer it received.
+gRPC's shutdown waits for every call to finish, and a client that stops reading never lets a
+fetch finish: after ``--grace`` seconds the process exits anyway, and the kernel closes its
+broker connections, which releases whatever those transfers held.
 """
 
 from __future__ import annotations
@@ -72,6 +75,13 @@ def _parser() -> argparse.ArgumentParser:
         metavar="N",
         help="transfers at once; more are refused with EAGAIN (default 16)",
     )
+    parser.add_argument(
+        "--grace",
+        type=float,
+        default=5.0,
+        metavar="SECONDS",
+        help="at shutdown, how long transfers in flight may take to finish (default 5)",
+    )
     return parser
 
 
@@ -94,8 +104,8 @@ def _service(args: argparse.Namespace) -> FlightService:
             certificates.append((cert.read(), key.read()))
     elif args.tls_cert or args.tls_key:
         raise ValueError("--tls-cert and --tls-key need a grpc+tls:// address")
-    if args.chunk <= 0 or args.max_transfers <= 0:
-        raise ValueError("--chunk and --max-transfers must be positive")
+    if args.chunk <= 0 or args.max_transfers <= 0 or args.grace < 0:
+        raise ValueError("--chunk and --max-transfers must be positive, --grace not negative")
     return FlightService(
         args.listen,
         policy=Policy(read=tuple(args.allow), write=tuple(args.allow_write)),
@@ -125,6 +135,15 @@ def main(argv: list[str] | None = None) -> int:
         while not stop.wait(1.0):
             pass
     finally:
-        service.shutdown()
+        stopping = threading.Thread(target=service.shutdown, daemon=True)
+        stopping.start()
+        stopping.join(args.grace)
         service.close_kept()
+    if stopping.is_alive():
+        print(
+            f"bufbroker-flight: transfers still running after {args.grace:g} s: left to the kernel",
+            file=sys.stderr,
+        )
+        sys.stderr.flush()
+        os._exit(0)  # past gRPC's wait for them; the interpreter's own exit would wait too
     return 0
