@@ -17,6 +17,8 @@ from ._fds import (
     one_handle,
 )
 from ._messages import (
+    MAX_REPLY_BYTES,
+    MAX_REPLY_FDS,
     PROTOCOL_VERSION,
     Error,
     Event,
@@ -62,6 +64,8 @@ from ._types import PAGE_SIZE, Access, Constraints, Direction, Segment, page_rou
 __all__ = [
     "HANDLE_MARK",
     "MAX_NAME_BYTES",
+    "MAX_REPLY_BYTES",
+    "MAX_REPLY_FDS",
     "MSG_TRUNC",
     "OPS",
     "OP_NAMES",

@@ -122,6 +122,7 @@ _CHECKS: dict[str, Callable[[Any], Any]] = {
     "Access": _access,
     "Constraints": _constraints,
     "str | None": _optional(_str),
+    "int | None": _optional(_int),
 }
 _BY_NAME: dict[tuple[str, str], Callable[[Any], Any]] = {
     ("name", "str"): _name,
@@ -242,6 +243,7 @@ class Import(OpArgs):
 class Open(OpArgs):
     name: str
     timeout: float | None = None
+    uid: int | None = None  # whose name: the caller's own unless root says another
 
 
 @op("share", reply_fds=True)
