@@ -62,23 +62,20 @@ class Service:
         return self.proc.returncode
 
 
-def start_service(socket: str, *flags: str, scheme: str = "grpc") -> Service:
-    """``bufbroker-flight`` in front of the broker at ``socket``, on a free loopback port."""
+def start_service(socket: str, *flags: str, scheme: str = "grpc", user: int | None = None) -> Service:
+    """``bufbroker-flight`` in front of the broker at ``socket``, on a free loopback port.
+
+    As ``user`` if given: started as root, it drops to that uid once its modules are loaded (the
+    interpreter may live where only root can read), as the test brokers do.
+    """
     fd, log = tempfile.mkstemp(prefix="bufbroker-flight-", suffix=".log")
-    proc = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "bufbroker.flight",
-            "--listen",
-            f"{scheme}://127.0.0.1:0",
-            "--socket",
-            socket,
-            *flags,
-        ],
-        stdout=subprocess.PIPE,
-        stderr=fd,
+    drop = "" if user is None else f"os.setgroups([]); os.setgid({user}); os.setuid({user}); "
+    warm = "_parser().format_help(); " if user is not None else ""  # imports argparse makes lazily
+    code = (
+        f"import os; from bufbroker.flight._main import _parser, main; {warm}{drop}raise SystemExit(main())"
     )
+    argv = ["--listen", f"{scheme}://127.0.0.1:0", "--socket", socket, *flags]
+    proc = subprocess.Popen([sys.executable, "-c", code, *argv], stdout=subprocess.PIPE, stderr=fd)
     os.close(fd)
     assert proc.stdout is not None
     ready, _, _ = select.select([proc.stdout], [], [], 30)
@@ -103,8 +100,8 @@ def hosts(broker_factory: Callable[..., Broker]) -> Iterator[Hosts]:
     a, b = broker_factory(), broker_factory()
     services: list[Service] = []
 
-    def serve(*flags: str, broker: Broker = a, scheme: str = "grpc") -> Service:
-        services.append(start_service(broker.socket, *flags, scheme=scheme))
+    def serve(*flags: str, broker: Broker = a, scheme: str = "grpc", user: int | None = None) -> Service:
+        services.append(start_service(broker.socket, *flags, scheme=scheme, user=user))
         return services[-1]
 
     yield Hosts(a, b, serve)

@@ -14,7 +14,7 @@ import pytest
 import bufbroker
 import bufbroker.flight as bf
 
-from flight_fixtures import PAGE, Hosts, entries, hosts, idle, pattern, publish, wait_until
+from flight_fixtures import PAGE, Hosts, contents, entries, hosts, idle, pattern, publish, wait_until
 
 __all__ = ["hosts"]
 
@@ -143,3 +143,27 @@ def test_a_bad_command_line_is_one_line(argv: list[str]) -> None:
     assert (
         done.returncode == 1 and done.stderr.count("\n") == 1 and done.stderr.startswith("bufbroker-flight: ")
     )
+
+
+def test_the_service_reaches_only_its_own_uids_names(hosts: Hosts, other_uid: int) -> None:
+    """A service run as another user neither lists nor serves root's buffers, whatever it allows."""
+    service = hosts.serve("--allow", "*", "--allow-write", "*", user=other_uid)
+    with hosts.a.connect("camera") as a, hosts.b.connect("encoder") as b:
+        publish(a, "roots", pattern(PAGE))
+        assert list(fl.connect(service.location).list_flights()) == []
+        assert _errno(bf.fetch, service.location, "roots", device=b) == errno.ENOENT
+        # What it receives is its own uid's, charged to that uid, and it serves that back.
+        local = publish(b, "local", pattern(2 * PAGE, seed=5))
+        bf.push(service.location, local, name="theirs")
+        assert [(e["name"], e["owner"]) for e in entries(hosts.a) if e["name"] == "theirs"] == [
+            ("theirs", other_uid)
+        ]
+        assert [i.descriptor.path[0] for i in fl.connect(service.location).list_flights()] == [b"theirs"]
+        assert contents(bf.fetch(service.location, "theirs", device=b)) == contents(local)
+
+
+def test_the_client_side_of_bufbroker_never_imports_pyarrow() -> None:
+    code = (
+        "import sys, bufbroker, bufbroker.cli._main; bufbroker.connect; assert 'pyarrow' not in sys.modules"
+    )
+    assert subprocess.run([sys.executable, "-c", code], timeout=60).returncode == 0
