@@ -160,6 +160,7 @@ def _raw_put(location: str, name: str, announced: int, chunks: list[bytes], comm
         (8192, [b"x" * 4096], True, errno.EPROTO),  # a commit too early
         (4096, [b"x" * 4096, b"y"], True, errno.EMSGSIZE),  # more than announced
         (0, [], True, errno.EPROTO),  # no size
+        (1 << 40, [b"x"], True, errno.EINVAL),  # more than the broker allows in one buffer
     ],
 )
 def test_an_incomplete_push_names_nothing(
