@@ -6,7 +6,7 @@
 - ``echo FD``: the floor of Python, a blocking socketpair ping-pong;
 - ``tcp-sender BROKER_SOCKET NAME``: the floor of the Flight cases, a raw TCP copy over loopback:
   prints its port, then sends the named buffer's bytes, straight from a mapping, to every
-  connection;
+  connection (each on a thread of its own, so that connections at once are served at once);
 - ``load KIND SOCKET SECONDS START``: a client doing round trips for a while, printing its count
   (KIND: ``broker``, our client; ``bare``, the floor's client against the bare server;
   ``broker-bare-client``, the floor's client against the broker, once registered).
@@ -18,6 +18,7 @@ import mmap
 import os
 import socket
 import sys
+import threading
 import time
 from collections.abc import Callable
 from multiprocessing import resource_tracker, shared_memory
@@ -163,8 +164,12 @@ def tcp_sender(broker_socket: str, name: str) -> None:
             print(listener.getsockname()[1], flush=True)
             while True:
                 conn, _ = listener.accept()
-                with conn:
-                    conn.sendall(data)
+                threading.Thread(target=_send_all, args=(conn, data), daemon=True).start()
+
+
+def _send_all(conn: socket.socket, data: memoryview) -> None:
+    with conn:
+        conn.sendall(data)
 
 
 if __name__ == "__main__":

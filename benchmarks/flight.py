@@ -6,15 +6,18 @@ of B into a new buffer of A through the same service. The baseline, ``raw TCP co
 same bytes from a mapping of the same buffer of A, over one loopback TCP connection, into a new
 buffer of B: the bytes a transfer must move, with nothing of gRPC, Arrow or the service. Every
 case includes allocating and mapping the new buffer. Rates are MiB/s; the p99 column is the
-slowest run.
+slowest run. The "4 at once" rows run four of the same transfer at once, from four threads, and
+give their aggregate rate.
 """
 
 from __future__ import annotations
 
+import functools
 import socket
 import statistics
 import subprocess
 import sys
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -51,9 +54,13 @@ class _Cases:
     local: Any  # a buffer of B to push
 
     def tcp(self) -> float:
+        start = time.perf_counter()
+        self._tcp()
+        return self.size / (time.perf_counter() - start) / MiB
+
+    def _tcp(self, index: int = 0) -> None:
         from bufbroker import Direction
 
-        start = time.perf_counter()
         target = self.b.allocate(self.size)
         with (
             target.attach() as att,
@@ -67,27 +74,58 @@ class _Cases:
                     raise RuntimeError("the sender hung up early")
                 got += n
             del view
-        elapsed = time.perf_counter() - start
         target.close()
-        return self.size / elapsed / MiB
 
     def fetch(self) -> float:
+        start = time.perf_counter()
+        self._fetch()
+        return self.size / (time.perf_counter() - start) / MiB
+
+    def _fetch(self, index: int = 0) -> None:
         import bufbroker.flight as bf
 
-        start = time.perf_counter()
-        fetched = bf.fetch(self.location, self.name, device=self.b)
-        elapsed = time.perf_counter() - start
-        fetched.close()
-        return self.size / elapsed / MiB
+        bf.fetch(self.location, self.name, device=self.b).close()
 
     def push(self) -> float:
         import bufbroker.flight as bf
 
         start = time.perf_counter()
-        bf.push(self.location, self.local, name="bench-pushed")
+        bf.push(self.location, self.local, name="bench-pushed-0")
         elapsed = time.perf_counter() - start
-        bf.drop(self.location, "bench-pushed")
+        bf.drop(self.location, "bench-pushed-0")
         return self.size / elapsed / MiB
+
+    def _push(self, index: int = 0) -> None:
+        import bufbroker.flight as bf
+
+        bf.push(self.location, self.local, name=f"bench-pushed-{index}")
+
+    def together(self, transfer: str, n: int = 4) -> float:
+        """``n`` transfers at once (threads); their aggregate rate."""
+        import bufbroker.flight as bf
+
+        how = {"tcp": self._tcp, "fetch": self._fetch, "push": self._push}[transfer]
+        failures: list[BaseException] = []
+
+        def one(index: int) -> None:
+            try:
+                how(index)
+            except BaseException as e:
+                failures.append(e)
+
+        threads = [threading.Thread(target=one, args=(i,)) for i in range(n)]
+        start = time.perf_counter()
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+        elapsed = time.perf_counter() - start
+        if failures:
+            raise failures[0]
+        if transfer == "push":
+            for i in range(n):
+                bf.drop(self.location, f"bench-pushed-{i}")
+        return n * self.size / elapsed / MiB
 
 
 def _filled(device: Any, size: int, name: str | None = None) -> Any:
@@ -122,10 +160,24 @@ def _rows(param: str, samples: dict[str, list[float]]) -> list[Row]:
     return rows
 
 
+def _measure(cases: _Cases, settings: Settings) -> list[Row]:
+    """One at a time at every size but 64 MiB; at 64 MiB, four at once (the quick run: both)."""
+    rounds = settings.n(8 if cases.size <= 16 * MiB else 4, 2)
+    param = f"{cases.size >> 20} MiB"
+    rows = []
+    if cases.size != 64 * MiB or settings.quick:
+        one = {key: getattr(cases, key) for key in CASES}
+        rows += _rows(param, interleave(one, rounds, warmup=1))
+    if cases.size == 64 * MiB or settings.quick:
+        four = {key: functools.partial(cases.together, key) for key in CASES}
+        rows += _rows(f"{param}, 4 at once", interleave(four, rounds, warmup=1))
+    return rows
+
+
 def run(settings: Settings) -> list[Row]:
     import bufbroker
 
-    sizes = [1 * MiB] if settings.quick else [16 * MiB, 256 * MiB]
+    sizes = [1 * MiB] if settings.quick else [16 * MiB, 64 * MiB, 256 * MiB]
     rows: list[Row] = []
     with broker() as host_a, broker() as host_b:
         flags = ["--socket", host_a.socket, "--allow", "bench-*", "--allow-write", "bench-*"]
@@ -139,16 +191,13 @@ def run(settings: Settings) -> list[Row]:
                     source, local = _filled(a, size, name), _filled(b, size)
                     sender, port = _start("-m", "benchmarks._workers", "tcp-sender", host_a.socket, name)
                     try:
-                        cases = _Cases(a, b, line.split()[-1], name, size, int(port), local)
-                        rounds = settings.n(8 if size <= 16 * MiB else 4, 2)
-                        samples = interleave(
-                            {"tcp": cases.tcp, "fetch": cases.fetch, "push": cases.push}, rounds, warmup=1
+                        rows += _measure(
+                            _Cases(a, b, line.split()[-1], name, size, int(port), local), settings
                         )
                     finally:
                         _stop(sender)
                     source.close()
                     local.close()
-                    rows += _rows(f"{size >> 20} MiB", samples)
         finally:
             _stop(service)
     return rows
