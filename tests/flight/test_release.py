@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import errno
 import json
+import signal
 import struct
 import subprocess
 import sys
@@ -115,6 +116,40 @@ def test_a_client_killed_mid_stream_is_released(hosts: Hosts) -> None:
                 if pipe:
                     pipe.close()
         wait_until(lambda: idle(hosts.a, "frame"))
+
+
+INTERRUPTED = """
+import json, sys, time, bufbroker, bufbroker.flight as bf
+with bufbroker.connect("interrupted", socket=sys.argv[2]) as dev:
+    def slowly(done, total):
+        if done == bf.CHUNK:
+            print("started", flush=True)
+        time.sleep(0.2)
+    try:
+        bf.fetch(sys.argv[1], "frame", device=dev, progress=slowly)
+    except KeyboardInterrupt:
+        print(json.dumps(dev.buffers()), flush=True)
+"""
+
+
+def test_a_fetch_interrupted_by_ctrl_c_leaves_nothing(hosts: Hosts) -> None:
+    service = hosts.serve("--allow", "*")
+    with hosts.a.connect("camera") as a:
+        publish(a, "frame", pattern(64 * MiB))
+        child = subprocess.Popen(
+            [sys.executable, "-c", INTERRUPTED, service.location, hosts.b.socket], stdout=subprocess.PIPE
+        )
+        try:
+            assert child.stdout is not None and child.stdout.readline() == b"started\n"
+            child.send_signal(signal.SIGINT)
+            assert json.loads(child.stdout.readline()) == []  # what the receiving device holds
+            assert child.wait(30) == 0
+        finally:
+            child.kill()
+            child.wait()
+            if child.stdout:
+                child.stdout.close()
+        wait_until(lambda: entries(hosts.b) == [] and idle(hosts.a, "frame"))
 
 
 def test_push_cancelled_by_the_caller_names_nothing(hosts: Hosts) -> None:
