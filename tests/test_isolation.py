@@ -13,6 +13,7 @@ import fcntl
 import json
 import mmap
 import os
+import signal
 import socket
 import struct
 import threading
@@ -63,9 +64,13 @@ def _lingering_socket(seconds: int) -> Iterator[int]:
     try:
         client.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
         client.setblocking(False)
-        with contextlib.suppress(BlockingIOError):
-            while True:
-                client.send(b"x" * 65536)  # nobody accepts, so nobody reads: it stays unsent
+        sent = -1
+        while sent:  # nobody accepts, so nobody reads: fill until the peer's window is shut
+            sent = 0
+            with contextlib.suppress(BlockingIOError):
+                while True:
+                    sent += client.send(b"x" * 65536)
+            time.sleep(0.1)
         client.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, seconds))
         yield client.detach()
     finally:
@@ -73,16 +78,36 @@ def _lingering_socket(seconds: int) -> Iterator[int]:
         client.close()
 
 
+@contextlib.contextmanager
+def _stopped(broker: Broker) -> Iterator[None]:
+    """The broker stopped (SIGSTOP) for the block: what is sent meanwhile waits in its socket."""
+    os.kill(broker.pid, signal.SIGSTOP)
+    try:
+        yield
+    finally:
+        os.kill(broker.pid, signal.SIGCONT)
+
+
+def _send_last_copy(broker: Broker, client: RawClient, id: int, fd: int) -> None:
+    """Send ``fd`` as a surplus descriptor with a ping, so that the broker's copy is the last one."""
+    with _stopped(broker):
+        client.request(id, "ping", {}, (fd,))
+        os.close(fd)  # before the broker can close its own: its close() is the last
+
+
 def test_a_lingering_socket_sent_as_a_surplus_descriptor_stalls_nobody(
     broker: Broker, raw: Callable[[Broker], RawClient]
 ) -> None:
-    """Its close() blocks for the linger (30 s here); the broker closes it off its loop."""
+    """Its last close() blocks for the linger; the broker closes it off its loop."""
+    with _lingering_socket(2) as fd:  # the attack is real: such a close waits out the linger
+        start = time.perf_counter()
+        os.close(fd)
+        assert time.perf_counter() - start > 1.5
     with broker.connect("bystander") as bystander, _lingering_socket(30) as fd:
         bystander.ping()
         attack = raw(broker)
         attack.hello()
-        attack.request(1, "ping", {}, (fd,))
-        os.close(fd)  # the broker's copy is the last one now
+        _send_last_copy(broker, attack, 1, fd)
         assert attack.recv()[:2] == [1, 1]
         assert _ping_time(bystander) < 5  # the loop would be stuck for 30 s
         with broker.connect("newcomer") as dev:
@@ -104,7 +129,7 @@ def test_a_populated_memfd_sent_as_a_surplus_descriptor_stalls_nobody(
     """Closing the last reference to written memory frees it inside close(), on the caller's time.
 
     The stall it would cause is measured here first, by closing an identical memfd; a
-    bystander's ping sent right after the broker received the attack must take well under it.
+    bystander's ping sent right after the broker answered the attack must take well under it.
     """
     size = 512 << 20
     fd = _populated_memfd(size)
@@ -116,9 +141,7 @@ def test_a_populated_memfd_sent_as_a_surplus_descriptor_stalls_nobody(
         attack.hello()
         pings = []
         for n in range(3):
-            fd = _populated_memfd(size)
-            attack.request(n, "ping", {}, (fd,))
-            os.close(fd)
+            _send_last_copy(broker, attack, n, _populated_memfd(size))
             assert attack.recv()[:2] == [1, n]
             pings.append(_ping_time(bystander))
         assert min(pings) < stall / 2, (pings, stall)

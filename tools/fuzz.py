@@ -51,6 +51,10 @@ VALUES: list[object] = [
     [],
     {},
     {"max_segments": 0},
+    {"ref": 1},
+    {"ref": 0},
+    {"ref": -1},
+    {"ref": 1, "x": 2},
     b"\x00" * 8,
 ]
 KEYS = [
@@ -63,6 +67,7 @@ KEYS = [
     "access",
     "readonly",
     "timeout",
+    "uid",
     "after",
     "version",
     "constraints",

@@ -23,17 +23,18 @@ import trio
 
 from .. import protocol as p
 from ..protocol import BrokerError, ProtocolError, RequestError
-from ._discard import Discard
+from ._chain import Chain
 from ._handles import handle_key
 from ._heap import adopt_memfd
 from ._introspect import buffer_page, device_page, stats
+from ._packets import NO_FDS, FdBag, inbox, packet
 from ._records import Buffer, Device
 from ._state import Mapped
 
 if TYPE_CHECKING:
     from ._server import Server
 
-__all__ = ["Awake", "Connection", "FdBag", "inbox", "receive"]
+__all__ = ["Awake", "Connection"]
 
 log = logging.getLogger("bufbroker.broker")
 
@@ -41,31 +42,6 @@ FAIRNESS = 16  # requests served without yielding to other tasks, at most
 # Ops whose answer depends on which buffers are still alive (quotas, names, listings): before
 # them, handles the peer closed before sending are counted as closed, as the kernel would.
 _SETTLE_FIRST = frozenset({p.Allocate, p.ExportMemfd, p.Open, p.SetName, p.Buffers, p.Devices, p.Stats})
-
-
-class FdBag:
-    """Received descriptors: each is taken on purpose, or discarded (closed off the loop)."""
-
-    def __init__(self, fds: Sequence[int], discard: Discard | None = None, uid: int = 0) -> None:
-        self.fds = list(fds)
-        self._discard = discard
-        self._uid = uid
-
-    def take(self, index: int) -> int:
-        fd, self.fds[index] = self.fds[index], -1
-        return fd
-
-    def close(self) -> None:
-        if self.fds:
-            left = [fd for fd in self.fds if fd >= 0]
-            self.fds.clear()
-            if self._discard is not None:
-                self._discard.close(self._uid, left)
-            else:
-                p.close_all(left)
-
-
-_NO_FDS = FdBag(())  # shared by the packets that carry none (most): nothing to take or close
 
 
 class Awake:
@@ -86,35 +62,6 @@ class Awake:
         self.count = 0
 
 
-def inbox(size: int) -> mmap.mmap:
-    """A receive buffer for one connection.
-
-    Reused for every packet (a fresh max_message_size bytes per request would be an
-    allocation on the hot path), and anonymous memory, so that only the pages packets really
-    touch count against the broker's RSS: a 64 KiB buffer costs one page for small requests.
-    """
-    return mmap.mmap(-1, size)
-
-
-async def receive(
-    sock: trio.socket.SocketType, inbox: mmap.mmap, max_fds: int
-) -> tuple[memoryview, list[int], bool]:
-    """One packet into ``inbox``: (data, fds, truncated). FdOverflow comes with its fds open.
-
-    ``data`` is a view of ``inbox``, valid until the next receive into it. The handshake's
-    way; a connection's requests come in through ``Connection._receive``.
-    """
-    n, ancdata, flags, _ = await sock.recvmsg_into([inbox], p.ancillary_space(max_fds), p.RECV_FLAGS)
-    return _packet(inbox, n, ancdata, flags, max_fds)
-
-
-def _packet(
-    inbox: mmap.mmap, n: int, ancdata: list[tuple[int, int, bytes]], flags: int, max_fds: int
-) -> tuple[memoryview, list[int], bool]:
-    fds = p.fds_from_ancillary(ancdata, flags, max_fds, close=False) if ancdata or flags else []
-    return memoryview(inbox)[:n], fds, bool(flags & p.MSG_TRUNC)
-
-
 class Connection:
     def __init__(self, server: Server, sock: trio.socket.SocketType, device: Device) -> None:
         self.server = server
@@ -123,6 +70,7 @@ class Connection:
         self.sock = sock
         self.device = device
         self.pending = 0
+        self.chain = Chain()
         self.gone = False  # a send failed: the peer went away
         self._send_lock = trio.Lock()
         # The same socket as a plain non-blocking stdlib object, for sends and receives that
@@ -176,7 +124,7 @@ class Connection:
         while True:
             try:
                 n, ancdata, flags, _ = raw.recvmsg_into([inbox], space, p.RECV_FLAGS)
-                return _packet(inbox, n, ancdata, flags, max_fds)
+                return packet(inbox, n, ancdata, flags, max_fds)
             except BlockingIOError:
                 awake.count -= 1
                 try:
@@ -229,7 +177,7 @@ class Connection:
                         break  # end of file
                     await self.send(p.Error.from_exception(None, ProtocolError("an empty packet")))
                     break
-                bag = FdBag(fds, self.discard, uid) if fds else _NO_FDS
+                bag = FdBag(fds, self.discard, uid) if fds else NO_FDS
                 try:
                     if fds and not self.state.reserve.allows(uid, max(fds)):
                         try:
@@ -256,6 +204,10 @@ class Connection:
                     if type(message.args) is p.Open and message.args.timeout:
                         self._park_open(nursery, message)
                         continue
+                    if (blocker := self.chain.blocker(message.args)) is not None:
+                        self.chain.wait(message, blocker)  # its descriptors are discarded now
+                        self.pending += 1
+                        continue
                     await self._send(*self._answer(message, bag))
                 except RequestError as e:
                     await self.send(p.Error.from_exception(e.id, e))
@@ -270,13 +222,16 @@ class Connection:
     def _answer(self, request: p.Request, bag: FdBag) -> tuple[bytes, Sequence[int]]:
         """The packet that answers ``request``, and the descriptors to send with it."""
         try:
-            result, owned = self._handle(request, bag)
+            result, owned = self._handle(request, self.chain.resolve(request.args), bag)
         except OSError as e:  # BrokerError, or a syscall on the peer's descriptor that failed
             error = e if isinstance(e, BrokerError) else BrokerError(e.errno or errno.EIO, str(e))
+            self.chain.answered(request, None)
             return p.encode(p.Error.from_exception(request.id, error)), ()
         except Exception:
             log.exception("%s failed for %s", request.op, self.device.label)
+            self.chain.answered(request, None)
             return p.encode(p.Error(id=request.id, errno=errno.EIO, message="internal broker error")), ()
+        self.chain.answered(request, result)
         try:
             packet = p.encode_reply(request.id, result)
         except BaseException:
@@ -303,6 +258,7 @@ class Connection:
         except BrokerError as e:
             raise RequestError(request.id, e) from None
         self.pending += 1
+        self.chain.unanswered(request.id)
         nursery.start_soon(self._waiting_open, request, key)
 
     async def _waiting_open(self, request: p.Request, key: tuple[int, str]) -> None:
@@ -314,19 +270,28 @@ class Connection:
                 while key not in self.state.names:
                     await self.server.names.wait(key)
             answer = p.Request(id=request.id, op="open", args=p.Open(name=args.name, uid=args.uid))
-            await self._send(*self._answer(answer, _NO_FDS))
+            await self._send(*self._answer(answer, NO_FDS))
+            await self._answer_waiting(request)
         finally:
             self.pending -= 1
             self.state.quotas.end_wait(self.device.uid)
 
+    async def _answer_waiting(self, request: p.Request) -> None:
+        """Answer, in order, the requests that waited for ``request`` (just answered)."""
+        for follower in self.chain.take(request.id):
+            self.pending -= 1
+            await self._send(*self._answer(follower, NO_FDS))
+            await self._answer_waiting(follower)
+
     # --- the ops -------------------------------------------------------------------------
 
-    def _handle(self, request: p.Request, bag: FdBag) -> tuple[Any, list[int]]:
-        """Apply one request to the state; returns (result, descriptors to send and close)."""
+    def _handle(self, request: p.Request, args: p.OpArgs, bag: FdBag) -> tuple[Any, list[int]]:
+        """Apply one request (``args``: its arguments, references resolved) to the state;
+        returns (result, descriptors to send and close)."""
         state, dev = self.state, self.device
-        if type(request.args) in _SETTLE_FIRST:
+        if type(args) in _SETTLE_FIRST:
             self.server.handles.settle()
-        match request.args:
+        match args:
             case p.Ping():
                 return {}, []
             case p.Allocate(size=size, name=name, heap=heap):
@@ -353,31 +318,31 @@ class Connection:
             case p.Open(name=name, uid=uid):
                 buffer = state.open(dev, name, uid)
                 return self._with_handle(buffer, readonly=False, new_ref=True)
-            case p.Share(buffer=buffer_id, readonly=readonly):
+            case p.Share(buffer=int(buffer_id), readonly=readonly):
                 return self._with_handle(state.share(dev, buffer_id, readonly=readonly), readonly=readonly)
-            case p.SetName(buffer=buffer_id, name=name):
+            case p.SetName(buffer=int(buffer_id), name=name):
                 buffer = state.set_name(dev, buffer_id, name)
                 if name:
                     self.server.names.appeared((buffer.owner, name))
                 return {}, []
-            case p.Release(buffer=buffer_id):
+            case p.Release(buffer=int(buffer_id)):
                 state.release(dev, buffer_id)
                 return {}, []
-            case p.Attach(buffer=buffer_id):
+            case p.Attach(buffer=int(buffer_id)):
                 return {"attachment": state.attach(dev, buffer_id).id}, []
-            case p.Detach(attachment=att):
+            case p.Detach(attachment=int(att)):
                 state.detach(dev, att)
                 return {}, []
-            case p.Map(attachment=att, direction=direction):
+            case p.Map(attachment=int(att), direction=direction):
                 mapped = state.map(dev, att, direction)
                 return self._backing(mapped, lambda: state.unmap(dev, att))
-            case p.Unmap(attachment=att):
+            case p.Unmap(attachment=int(att)):
                 state.unmap(dev, att)
                 return {}, []
-            case p.CpuBegin(buffer=buffer_id, access=access):
+            case p.CpuBegin(buffer=int(buffer_id), access=access):
                 mapped = state.cpu_begin(dev, buffer_id, access)
                 return self._backing(mapped, lambda: state.cpu_end(dev, buffer_id, access))
-            case p.CpuEnd(buffer=buffer_id, access=access):
+            case p.CpuEnd(buffer=int(buffer_id), access=access):
                 state.cpu_end(dev, buffer_id, access)
                 return {}, []
             case p.Buffers(after=after):

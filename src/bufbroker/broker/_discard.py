@@ -8,11 +8,18 @@ socket with descriptors queued in it closes those too. So they are closed in wor
 one thread per uid at a time: a uid whose closes are slow waits behind its own, nobody else
 does. A uid with more than MOST descriptors waiting to be closed has its connections wait
 (``wait_room``) before reading their next request, so it cannot fill the broker's table.
+
+Sockets are closed abortively (SO_LINGER with a zero timeout, as a reset): the broker has no
+use for what a client queued in a socket it threw away, and a lingering close would keep the
+descriptor, which may be one of those kept for root, for as long as the client chose.
 """
 
 from __future__ import annotations
 
 import contextlib
+import os
+import socket
+import struct
 from collections import defaultdict
 
 import trio
@@ -22,6 +29,20 @@ from .. import protocol as p
 __all__ = ["MOST", "Discard"]
 
 MOST = 256  # descriptors of one uid waiting to be closed before its connections wait
+_ABORT = struct.pack("ii", 1, 0)  # struct linger: on, zero seconds
+
+
+def _close_all(fds: list[int]) -> None:
+    """Close each of ``fds``, a socket without lingering; runs in a worker thread."""
+    for fd in fds:
+        with contextlib.suppress(OSError):  # not a socket: a plain close
+            sock = socket.socket(fileno=fd)
+            try:
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _ABORT)
+            finally:
+                sock.detach()
+        with contextlib.suppress(OSError):
+            os.close(fd)
 
 
 class Discard:
@@ -61,7 +82,7 @@ class Discard:
         try:
             while fds := self._queued.pop(uid, None):
                 # Abandoned if the broker stops: the thread still closes every one of them.
-                await trio.to_thread.run_sync(p.close_all, fds, abandon_on_cancel=True)
+                await trio.to_thread.run_sync(_close_all, fds, abandon_on_cancel=True)
                 left = self._waiting[uid] - len(fds)
                 if left:
                     self._waiting[uid] = left

@@ -38,6 +38,7 @@ __all__ = [
     "OpSpec",
     "Open",
     "Ping",
+    "Ref",
     "Release",
     "SetName",
     "Share",
@@ -108,6 +109,24 @@ def _constraints(value: Any) -> Constraints:
         raise ValueError(e.strerror) from None
 
 
+class Ref(Record, kw_only=False):
+    """``{"ref": request_id}`` in place of an id: what that earlier request of the connection
+    made (a buffer, an attachment), so that a chain of requests needs no round trip between them."""
+
+    request: int
+
+    def to_wire(self) -> dict[str, int]:
+        return {"ref": self.request}
+
+
+def _id_or_ref(value: Any) -> int | Ref:
+    if type(value) is dict:
+        if len(value) != 1 or "ref" not in value:
+            raise ValueError('an id, or {"ref": request id}')
+        return Ref(_int(value["ref"]))
+    return _int(value)
+
+
 def _optional(check: Callable[[Any], Any]) -> Callable[[Any], Any]:
     return lambda value: None if value is None else check(value)
 
@@ -123,6 +142,7 @@ _CHECKS: dict[str, Callable[[Any], Any]] = {
     "Constraints": _constraints,
     "str | None": _optional(_str),
     "int | None": _optional(_int),
+    "int | Ref": _id_or_ref,
 }
 _BY_NAME: dict[tuple[str, str], Callable[[Any], Any]] = {
     ("name", "str"): _name,
@@ -153,7 +173,7 @@ class OpArgs(Record):
                 continue
             if isinstance(value, Direction | Access):
                 value = value.value
-            elif isinstance(value, Constraints):
+            elif isinstance(value, Constraints | Ref):
                 value = value.to_wire()
             out[name] = value
         return out
@@ -248,51 +268,51 @@ class Open(OpArgs):
 
 @op("share", reply_fds=True)
 class Share(OpArgs):
-    buffer: int
+    buffer: int | Ref
     readonly: bool = False
 
 
 @op("set_name")
 class SetName(OpArgs):
-    buffer: int
+    buffer: int | Ref
     name: str | None = None
 
 
 @op("release")
 class Release(OpArgs):
-    buffer: int
+    buffer: int | Ref
 
 
 @op("attach")
 class Attach(OpArgs):
-    buffer: int
+    buffer: int | Ref
 
 
 @op("detach")
 class Detach(OpArgs):
-    attachment: int
+    attachment: int | Ref
 
 
 @op("map", reply_fds=True)
 class Map(OpArgs):
-    attachment: int
+    attachment: int | Ref
     direction: Direction
 
 
 @op("unmap")
 class Unmap(OpArgs):
-    attachment: int
+    attachment: int | Ref
 
 
 @op("cpu_begin", reply_fds=True)
 class CpuBegin(OpArgs):
-    buffer: int
+    buffer: int | Ref
     access: Access
 
 
 @op("cpu_end")
 class CpuEnd(OpArgs):
-    buffer: int
+    buffer: int | Ref
     access: Access
 
 
