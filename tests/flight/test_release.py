@@ -22,7 +22,18 @@ import pytest
 import bufbroker
 import bufbroker.flight as bf
 
-from flight_fixtures import Hosts, entries, entry, flight_devices, hosts, idle, pattern, publish, wait_until
+from flight_fixtures import (
+    PAGE,
+    Hosts,
+    entries,
+    entry,
+    flight_devices,
+    hosts,
+    idle,
+    pattern,
+    publish,
+    wait_until,
+)
 
 __all__ = ["hosts"]
 
@@ -254,3 +265,14 @@ def test_the_service_stops_with_a_stalled_client_and_releases_it(hosts: Hosts) -
         assert service.stop() == 0
         wait_until(lambda: idle(hosts.a, "frame"))
         client.close()
+
+
+def test_a_name_pushed_again_after_a_local_rename_lets_the_old_buffer_go(hosts: Hosts) -> None:
+    service = hosts.serve("--allow-write", "up")
+    with hosts.a.connect("camera") as a, hosts.b.connect("encoder") as b:
+        source = publish(b, "local", pattern(PAGE))
+        bf.push(service.location, source, name="up")
+        a.open("up").set_name("moved")  # our handle, and the service's
+        assert entry(hosts.a, "moved")["handles"] == 2
+        bf.push(service.location, source, name="up")
+        wait_until(lambda: entry(hosts.a, "moved")["handles"] == 1 and entry(hosts.a, "up")["handles"] == 1)

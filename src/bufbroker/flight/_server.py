@@ -157,7 +157,12 @@ class FlightService(fl.FlightServerBase):  # type: ignore[misc]
             os.close(handle)
             raise
         with self._lock:
+            # A buffer it kept under this name was renamed or unnamed locally since: the name
+            # now means this one, and the service lets go of the old one, as a drop would.
+            older = self._kept.pop(name, None)
             self._kept[name] = handle
+        if older is not None:
+            os.close(older)
         return buffer.id
 
     def list_actions(self, context: fl.ServerCallContext) -> list[tuple[str, str]]:
