@@ -71,6 +71,49 @@ def test_the_service_sends_from_its_mapping_without_a_copy(hosts: Hosts) -> None
         wait_until(lambda: idle(hosts.a, "big"))
 
 
+PUSHER = """
+import json, sys, bufbroker, bufbroker.flight as bf
+from bufbroker import Access
+
+def status(key):
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith(key + ":"))
+
+size = int(sys.argv[3])
+with bufbroker.connect("pusher", socket=sys.argv[2]) as dev:
+    buf = dev.allocate(size)
+    with buf.cpu_access(Access.WRITE) as memory:
+        for offset in range(0, size, 1 << 20):
+            memory[offset : offset + (1 << 20)] = bytes([offset >> 20 & 0xFF]) * (1 << 20)
+    bf.push(sys.argv[1], buf, name="warm", chunk=1 << 20)  # pyarrow and gRPC warmed up
+    anon, shared = [status("RssAnon")], [0]
+    def sample(done, total):
+        anon.append(status("RssAnon"))
+        shared.append(status("RssShmem"))
+    bf.push(sys.argv[1], buf, name="big", progress=sample)
+    print(json.dumps([anon[0], max(anon), max(shared)]))
+"""
+
+
+def test_push_sends_from_its_mapping_without_a_copy(hosts: Hosts) -> None:
+    """The pushing process's private memory does not grow by the buffer's size either."""
+    service = hosts.serve("--allow-write", "*")
+    size = 256 * MiB
+    out = subprocess.run(
+        [sys.executable, "-c", PUSHER, service.location, hosts.b.socket, str(size)],
+        capture_output=True,
+        timeout=120,
+        check=True,
+    )
+    before, peak, shared = json.loads(out.stdout)
+    assert (peak - before) << 10 < size // 8, (
+        f"the pusher's anonymous memory grew by {(peak - before) >> 10} MiB"
+    )
+    assert shared << 10 > size // 2  # it read the buffer through its mapping
+    with hosts.a.connect("check") as a, a.open("big").cpu_access() as memory:
+        assert bytes(memory[size - 1 : size]) == bytes([255])
+
+
 def test_fetch_cancelled_by_the_caller_leaves_nothing(hosts: Hosts) -> None:
     service = hosts.serve("--allow", "*")
     cancel = threading.Event()
