@@ -78,6 +78,9 @@ def test_names_are_checked(hosts: Hosts) -> None:
     service = hosts.serve("--allow", "*", "--allow-write", "*")
     with hosts.b.connect("encoder") as b:
         assert _errno(bf.fetch, service.location, "n" * 32, device=b) == errno.EINVAL
+        assert _errno(bf.fetch, "http://127.0.0.1:1", "frame", device=b) == errno.EINVAL
+        assert _errno(bf.fetch, "grpc://127.0.0.1:1", "frame", device=b) == errno.ECONNREFUSED  # nobody there
+        assert b.buffers() == []
         for ticket in (b"n" * 32, b"\xff", b""):
             with pytest.raises(fl.FlightServerError) as caught:
                 fl.connect(service.location).do_get(fl.Ticket(ticket)).read_all()

@@ -27,6 +27,8 @@ from ._policy import bearer
 
 __all__ = ["Progress", "drop", "fetch", "push"]
 
+_SCHEMES = ("grpc://", "grpc+tcp://", "grpc+tls://", "grpc+unix://")
+
 Progress = Callable[[int, int], None]
 """Called after each chunk with (bytes so far, total bytes)."""
 
@@ -34,6 +36,10 @@ Progress = Callable[[int, int], None]
 @contextmanager
 def _flight(location: str, tls_root_certs: bytes | None) -> Iterator[fl.FlightClient]:
     """A Flight client for one call; every Flight failure leaves as a ``BrokerError``."""
+    if not location.startswith(_SCHEMES):
+        raise BrokerError(
+            errno.EINVAL, f"a Flight location is grpc://HOST:PORT or grpc+tls://..., not {location!r}"
+        )
     client = None
     try:
         client = fl.connect(location, tls_root_certs=tls_root_certs)
