@@ -46,9 +46,9 @@ class Lease:
         if view is not None:
             with contextlib.suppress(BufferError):
                 view.release()
+        self._slot.release()  # first: once the broker sees the connection go, the slot is free
         with contextlib.suppress(BrokerError, OSError):
             device.close()
-        self._slot.release()
 
     def __del__(self, *_: Any) -> None:
         self.release()
