@@ -222,6 +222,36 @@ def test_push_cancelled_by_the_caller_names_nothing(hosts: Hosts) -> None:
         assert missing.value.errno == errno.ENOENT
 
 
+KILLED_PUSHER = """
+import sys, time, bufbroker, bufbroker.flight as bf
+from bufbroker import Access
+with bufbroker.connect("pusher", socket=sys.argv[2]) as dev:
+    buf = dev.allocate(64 << 20)
+    def slowly(done, total):
+        print("started", flush=True)
+        time.sleep(30)
+    bf.push(sys.argv[1], buf, name="up", progress=slowly)
+"""
+
+
+def test_a_pusher_killed_mid_upload_leaves_nothing(hosts: Hosts) -> None:
+    service = hosts.serve("--allow-write", "*")
+    child = subprocess.Popen(
+        [sys.executable, "-c", KILLED_PUSHER, service.location, hosts.b.socket], stdout=subprocess.PIPE
+    )
+    try:
+        assert child.stdout is not None and child.stdout.readline() == b"started\n"
+        wait_until(lambda: len(entries(hosts.a)) == 1)  # the upload's unnamed buffer
+        assert entries(hosts.a)[0]["name"] is None
+        child.kill()
+    finally:
+        child.kill()
+        child.wait()
+        if child.stdout:
+            child.stdout.close()
+    wait_until(lambda: entries(hosts.a) == [] and not flight_devices(hosts.a) and entries(hosts.b) == [])
+
+
 def _raw_put(location: str, name: str, announced: int, chunks: list[bytes], commit: bool) -> None:
     schema = pa.schema(
         [pa.field("bytes", pa.large_binary(), nullable=False)], metadata={"bufbroker.size": str(announced)}
