@@ -84,8 +84,14 @@ def fetch(
             size = wire.size_of(reader.schema)
             buffer = device.allocate(size)
             try:
-                with buffer.attach() as attachment, attachment.map(Direction.FROM_DEVICE) as mapping:
-                    _receive(reader, mapping.memory, size, cancel, progress)
+                # The view is released on every way out, before the unmap: a view that an
+                # exception's frames still held would make the unmap refuse (EBUSY).
+                with (
+                    buffer.attach() as attachment,
+                    attachment.map(Direction.FROM_DEVICE) as mapping,
+                    mapping.memory as memory,
+                ):
+                    _receive(reader, memory, size, cancel, progress)
             except BaseException:
                 buffer.close()
                 raise

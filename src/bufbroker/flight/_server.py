@@ -146,8 +146,12 @@ class FlightService(fl.FlightServerBase):  # type: ignore[misc]
         _check_free(device, name)
         size = wire.size_of(reader.schema)
         buffer = device.allocate(size)
-        with buffer.attach() as attachment, attachment.map(Direction.FROM_DEVICE) as mapping:
-            received, committed = _copy_in(reader, mapping.memory, size)
+        with (
+            buffer.attach() as attachment,
+            attachment.map(Direction.FROM_DEVICE) as mapping,
+            mapping.memory as memory,  # released on every way out, before the unmap
+        ):
+            received, committed = _copy_in(reader, memory, size)
         if received != size or not committed:
             raise BrokerError(errno.EPROTO, f"the upload ended after {received} of {size} bytes, uncommitted")
         handle = buffer.share()
