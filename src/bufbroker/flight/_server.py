@@ -111,9 +111,9 @@ class FlightService(fl.FlightServerBase):  # type: ignore[misc]
             slot.release()
             raise
         try:
-            buffer = device.open(name)
-            mapping = buffer.attach().map(Direction.TO_DEVICE)
-            return Lease(device, mapping.memory[: buffer.size], slot)
+            buffer = device.open(name, map=Direction.TO_DEVICE)  # opened, attached, mapped: one round trip
+            assert buffer.mapping is not None
+            return Lease(device, buffer.mapping.memory[: buffer.size], slot)
         except BaseException:
             device.close()
             slot.release()
