@@ -201,3 +201,78 @@ async def test_trio_local_mistakes(broker: Broker) -> None:
         await dev.ping()
         with trio.fail_after(5):
             await dev.ping()
+
+
+def test_threads_sharing_a_device_each_get_their_own_replies(broker: Broker) -> None:
+    with broker.connect() as dev:
+        errors: list[BaseException] = []
+
+        def work(n: int) -> None:
+            try:
+                for i in range(40):
+                    if i % 3:
+                        dev.ping()
+                    else:
+                        buf = dev.allocate(4096 * (n + 1), name=f"t{n}-{i}")
+                        assert buf.size == 4096 * (n + 1) and buf.name == f"t{n}-{i}"
+                        assert buf.handle is not None and os.fstat(buf.handle)
+                        buf.close()
+            except BaseException as e:
+                errors.append(e)
+
+        threads = [threading.Thread(target=work, args=(n,)) for n in range(4)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(60)
+        assert errors == []
+        assert dev.buffers() == []
+
+
+async def test_a_trio_send_to_a_full_socket_times_out_too(broker: Broker) -> None:
+    async with bufbroker.open_device("t", socket=broker.socket, timeout=0.5) as dev:
+        os.kill(broker.pid, signal.SIGSTOP)
+        got: list[int | None] = []
+
+        async def ping() -> None:
+            try:
+                await dev.ping()
+            except bufbroker.BrokerError as e:
+                got.append(e.errno)
+
+        try:
+            with trio.fail_after(30):
+                async with trio.open_nursery() as nursery:
+                    for _ in range(2000):  # more than the broker's receive queue holds
+                        nursery.start_soon(ping)
+        finally:
+            os.kill(broker.pid, signal.SIGCONT)
+        assert got == [errno.ETIMEDOUT] * 2000
+        with trio.fail_after(10):
+            await dev.ping()
+
+
+def test_connect_to_a_full_listener_times_out(tmp_path: pathlib.Path) -> None:
+    path = str(tmp_path / "full.sock")
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    listener.bind(path)
+    listener.listen(0)
+    queued = []
+    try:
+        while True:  # fill the accept queue: the next connect would wait for room
+            s = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+            s.setblocking(False)
+            queued.append(s)
+            try:
+                s.connect(path)
+            except BlockingIOError:
+                break
+        start = time.monotonic()
+        with pytest.raises(bufbroker.BrokerError) as e:
+            bufbroker.connect("late", socket=path, timeout=0.3)
+        expect_timeout(e, path)
+        assert time.monotonic() - start < 10
+    finally:
+        for s in queued:
+            s.close()
+        listener.close()

@@ -68,6 +68,9 @@ def connect_error(path: str, error: OSError, *, default: bool) -> BrokerError:
     return BrokerError(error.errno or errno.EIO, f"cannot connect to {path}: {error.strerror or error}")
 
 
+_NAMED = frozenset(cls for cls in p.OP_NAMES if "name" in cls._fields)  # ops that carry a name
+
+
 class Session:
     """One connection's protocol state, sans I/O."""
 
@@ -104,10 +107,13 @@ class Session:
         Names are checked locally because an oversized one would not even reach the broker
         whole; encoding errors (an int beyond 64 bits) are the caller's, not the connection's.
         """
-        name = getattr(args, "name", None)
-        if name is not None and (type(name) is not str or len(name.encode()) > p.MAX_NAME_BYTES):
-            op = p.OP_NAMES[type(args)]
-            raise BrokerError(errno.EINVAL, f"{op}: name must be at most {p.MAX_NAME_BYTES} bytes of UTF-8")
+        if type(args) in _NAMED:
+            name = args.name  # type: ignore[attr-defined]
+            if name is not None and (type(name) is not str or len(name.encode()) > p.MAX_NAME_BYTES):
+                op = p.OP_NAMES[type(args)]
+                raise BrokerError(
+                    errno.EINVAL, f"{op}: name must be at most {p.MAX_NAME_BYTES} bytes of UTF-8"
+                )
         id = next(self._ids)
         try:
             return id, p.encode_request(id, args)

@@ -34,7 +34,7 @@ __all__ = ["MappedMemory", "segments_from_wire"]
 _LENT_REFS = 3
 _IN_USE = (
     "the mapping's memory is still in use (a slice, an array or another view of it is alive); "
-    "release those views (del them, or call .release()), then unmap again"
+    "release those views (del them, or call .release()), then unmap (or end) again"
 )
 
 

@@ -119,8 +119,9 @@ class Device(DeviceBase, _Closing):
         super().__init__(session)
         self._sock = sock
         self._send_lock = threading.Lock()
-        self._state = threading.Condition(threading.Lock())  # guards _reading, parked replies
-        self._reading = False  # a thread is in recv for everyone
+        self._reader = threading.Lock()  # held by the thread reading the socket for everyone
+        self._state = threading.Condition(threading.Lock())  # where the other threads wait
+        self._idle = 0  # threads waiting on _state
         self._recv_limit = session.timeout  # what SO_RCVTIMEO is set to
         self._lost: BrokerError | None = None
         self._ancbuf = p.ancillary_space(MAX_REPLY_FDS)
@@ -202,8 +203,14 @@ class Device(DeviceBase, _Closing):
     ) -> tuple[Any, list[int]]:
         """The answer to request ``id`` (sent with ``args``): its result and descriptors."""
         session = self._session
+        # The device's own limit unless the call has one (open waits in the broker too).
+        limit = (
+            session.timeout
+            if timeout is None and type(args) is not p.Open
+            else session.wait_limit(args, timeout)
+        )
         try:
-            return self._await(id, args, session.wait_limit(args, timeout), reset)
+            return self._await(id, args, limit, reset)
         except BaseException as e:
             if id in session.waiting:  # a timeout, Ctrl-C: the reply will be undone
                 session.abandon(id, args)
@@ -214,35 +221,53 @@ class Device(DeviceBase, _Closing):
     def _await(
         self, id: int, args: p.OpArgs, limit: float | None, reset: OSError | None
     ) -> tuple[Any, list[int]]:
-        session, state = self._session, self._state
+        """Wait for request ``id``'s answer: read the socket if no other thread is, else wait
+        for the reader to park it or to leave the socket to us.
+
+        The lone caller's path takes one uncontended lock. A waiting thread counts
+        itself in ``_idle`` under ``_state`` and tries the reader's lock once more before it
+        sleeps, and the reader looks at ``_idle`` after letting go of the lock, so no wake-up
+        is lost between the two.
+        """
+        session = self._session
         deadline = None if limit is None else time.monotonic() + limit
         wait = limit
-        with state:
-            while True:
+        while True:
+            if self._reader.acquire(False):
+                try:
+                    parked = session.parked.pop(id, None)
+                    if parked is not None:
+                        session.waiting.discard(id)
+                        return session.outcome(parked)
+                    if self._lost is not None:
+                        session.waiting.discard(id)
+                        raise self._lost
+                    answer = self._read_one(id, args, reset, wait)
+                finally:
+                    self._reader.release()
+                    if self._idle:
+                        with self._state:
+                            self._state.notify_all()
+                if answer is not None:
+                    return answer
+            else:
+                with self._state:
+                    self._idle += 1
+                    try:
+                        if not self._reader.locked() or id in session.parked:
+                            pass  # the socket is free, or our answer came: no sleep
+                        else:
+                            self._state.wait(wait)
+                    finally:
+                        self._idle -= 1
                 parked = session.parked.pop(id, None)
                 if parked is not None:
                     session.waiting.discard(id)
                     return session.outcome(parked)
-                if self._lost is not None:
-                    session.waiting.discard(id)
-                    raise self._lost
-                if self._reading:  # another thread reads; it wakes us when it stops
-                    state.wait(wait)
-                else:
-                    self._reading = True
-                    state.release()
-                    try:
-                        answer = self._read_one(id, args, reset, wait)
-                    finally:
-                        state.acquire()
-                        self._reading = False
-                        state.notify_all()
-                    if answer is not None:
-                        return answer
-                if deadline is not None:
-                    wait = deadline - time.monotonic()
-                    if wait <= 0:
-                        raise session.timed_out(args, limit or 0)
+            if deadline is not None:
+                wait = deadline - time.monotonic()
+                if wait <= 0:
+                    raise session.timed_out(args, limit or 0)
 
     def _read_one(
         self, id: int, args: p.OpArgs, reset: OSError | None, limit: float | None
@@ -265,9 +290,13 @@ class Device(DeviceBase, _Closing):
             raise
         if answer is not None:
             session.waiting.discard(id)
-        elif session.undo:
+            return answer
+        if session.parked and self._idle:  # another thread's answer: wake it
+            with self._state:
+                self._state.notify_all()
+        if session.undo:
             self._send_undo()
-        return answer
+        return None
 
     def _send_undo(self) -> None:
         """Send the requests that take back what abandoned ones created; their replies are

@@ -325,8 +325,12 @@ class Device(DeviceBase):
                 else:
                     self._raw.send(data)
             except BlockingIOError:  # the socket is full: wait for room, the trio way
-                async with self._send_lock:
-                    await self._sock.sendmsg([data], p.ancillary(fds))
+                limit = self._session.timeout
+                with trio.move_on_after(float("inf") if limit is None else limit) as waited:
+                    async with self._send_lock:
+                        await self._sock.sendmsg([data], p.ancillary(fds))
+                if waited.cancelled_caught:  # not sent: the broker has not read for that long
+                    raise self._session.timed_out(args, limit or 0) from None
         except trio.Cancelled:  # not sent
             del self._waiting[id]
             if settle:
@@ -334,6 +338,10 @@ class Device(DeviceBase):
             raise
         except (OSError, trio.ClosedResourceError) as e:
             self._waiting.pop(id, None)
+            if isinstance(e, BrokerError):  # timed out waiting to send
+                if settle:
+                    self._send_unawaited(args)
+                raise
             self._check_open()  # closed by another task while this one waited to send
             local = self._session.sent_fds_error(args, e) if isinstance(e, OSError) else None
             if local is not None:  # the caller's mistake: the connection is fine
