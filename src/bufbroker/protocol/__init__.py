@@ -4,7 +4,7 @@ Broker and clients both speak through this package; nothing else touches msgpack
 docs/PROTOCOL.md is the description for implementers in other languages.
 """
 
-from ._errors import BrokerError, BrokerUnavailable, ProtocolError, errno_code
+from ._errors import BrokerError, BrokerUnavailable, ProtocolError, errno_code, errno_from_code
 from ._fds import (
     HANDLE_MARK,
     MSG_TRUNC,
@@ -120,6 +120,7 @@ __all__ = [
     "encode_reply",
     "encode_request",
     "errno_code",
+    "errno_from_code",
     "fds_from_ancillary",
     "one_handle",
     "packed_size",
