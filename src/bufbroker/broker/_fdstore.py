@@ -202,7 +202,9 @@ def restore(stored: list[tuple[int, str]], state: State, handles: HandleTable, n
         layout = _layout(info.get("layout"))
         heap = info.get("heap", "memfd")
         # The handles' names carry the size asked for; the backing, its page-rounded span.
-        span = state.heaps[heap].span(size) if heap in state.heaps else size
+        allocator = state.heaps.get(heap)
+        span = size if allocator is None else allocator.span(size)
+        lazy = allocator is not None and allocator.commits  # committed again before a map: cheap
         if entry.memfd is not None:
             span = os.fstat(entry.memfd).st_size
         buffer = state.restore(
@@ -215,7 +217,7 @@ def restore(stored: list[tuple[int, str]], state: State, handles: HandleTable, n
             name=info.get("name"),
             exporter=tuple(info.get("exporter", (0, "?", 0))),
             created=info.get("created", state.clock()),
-            backing=None if entry.memfd is None else Backing(entry.memfd, span, lazy=heap != "memfd"),
+            backing=None if entry.memfd is None else Backing(entry.memfd, span, lazy=lazy),
             layout=layout,
         )
         state.kernel_seals(buffer)

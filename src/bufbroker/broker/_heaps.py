@@ -37,6 +37,9 @@ class Heap:
     # Whether a uid other than the owner may get writable descriptors: not where the kernel
     # cannot forbid ftruncate to holders of one (POSIX shm: a shrink SIGBUSes other mappers).
     shared_writers: ClassVar[bool] = True
+    # Whether its memory must be committed (off the loop) before a client maps it: where a page
+    # that cannot be had at a fault would be a SIGBUS (huge pages, a full tmpfs).
+    commits: ClassVar[bool] = False
 
     def span(self, size: int) -> int:
         """The backing's length for a buffer of ``size`` bytes: whole pages of this heap."""
@@ -77,6 +80,7 @@ def _read_int(path: str) -> int:
 class HugetlbHeap(Heap):
     name = "hugetlb"
     page_size = HUGE_PAGE
+    commits = True
 
     def _counts(self) -> dict[str, int] | None:
         try:

@@ -73,7 +73,8 @@ class Sealing:
         """Raise unless ``device`` may get a new writable mapping of ``buffer``."""
         if buffer.sealing:
             raise BrokerError(errno.EPERM, f"buffer {buffer.id} is sealed: it can only be read")
-        if not self.heaps[buffer.heap].shared_writers and device.uid != buffer.owner:
+        heap = self.heaps.get(buffer.heap)
+        if heap is not None and not heap.shared_writers and device.uid != buffer.owner:
             raise BrokerError(
                 errno.EACCES,
                 f"only uid {buffer.owner} may write {buffer.heap} buffer {buffer.id}: the kernel "

@@ -85,6 +85,7 @@ class ShmHeap(Heap):
     name = "shm"
     sealable = False
     shared_writers = False
+    commits = True
 
     def __init__(self, prefix: str) -> None:
         self.prefix = prefix

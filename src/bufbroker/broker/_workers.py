@@ -75,13 +75,14 @@ async def prepare_backing(state: State, workers: Workers, device: Device, args: 
     Anything wrong with the request itself is left for the state model to refuse.
     """
     buffer = _buffer_of(device, args)
-    if buffer is None or (buffer.backing is not None and not buffer.backing.lazy):
+    heap = None if buffer is None else state.heaps.get(buffer.heap)
+    if buffer is None or heap is None or not heap.commits:
+        return  # a memfd's backing is made at map time, with nothing to commit
+    if buffer.backing is not None and not buffer.backing.lazy:
         return
-    if buffer.backing is None and buffer.heap == "memfd":
-        return  # made at map time, nothing to commit
     backing = state.materialize(buffer, device)
     if backing.lazy:
-        await workers.run(device.uid, commit(state.heaps[buffer.heap], backing))
+        await workers.run(device.uid, commit(heap, backing))
         backing.lazy = False
 
 
