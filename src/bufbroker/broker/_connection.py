@@ -2,8 +2,9 @@
 
 Every descriptor that arrives is owned by an ``FdBag`` until a handler takes it on purpose;
 whatever is left is closed when the request is done, on every path. Requests are answered in
-order, except ``open`` with a timeout, which waits in its own task (up to
-max_pending_requests at once) so that a waiting open does not stall the connection.
+order, except ``open`` with a timeout and requests an exporter must answer (``_forward``),
+which wait in their own tasks (up to max_pending_requests at once) so that they do not stall
+the connection. Events and notices for the device go out in order through ``post``.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ import errno
 import logging
 import mmap
 import socket
+from collections import deque
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
@@ -19,6 +21,7 @@ import trio
 
 from .. import protocol as p
 from ..protocol import BrokerError, ProtocolError, RequestError
+from ._exports import export_remote, revoke
 from ._handles import handle_key
 from ._heap import adopt_memfd
 from ._introspect import REPLY_BYTES, buffer_page, device_page, stats
@@ -35,7 +38,9 @@ log = logging.getLogger("bufbroker.broker")
 FAIRNESS = 16  # requests served without yielding to other tasks, at most
 # Ops whose answer depends on which buffers are still alive (quotas, names, listings): before
 # them, handles the peer closed before sending are counted as closed, as the kernel would.
-_SETTLE_FIRST = frozenset({p.Allocate, p.ExportMemfd, p.Open, p.SetName, p.Buffers, p.Devices, p.Stats})
+_SETTLE_FIRST = frozenset(
+    {p.Allocate, p.Export, p.ExportMemfd, p.Open, p.SetName, p.Buffers, p.Devices, p.Stats}
+)
 
 
 class FdBag:
@@ -47,6 +52,11 @@ class FdBag:
     def take(self, index: int) -> int:
         fd, self.fds[index] = self.fds[index], -1
         return fd
+
+    def take_all(self) -> list[int]:
+        fds = [fd for fd in self.fds if fd >= 0]
+        self.fds.clear()
+        return fds
 
     def close(self) -> None:
         if self.fds:
@@ -120,6 +130,63 @@ class Connection:
         # complete at once (most do); trio's own calls are used whenever one would block.
         self._raw = socket.socket(fileno=sock.fileno())
         self._raw.setblocking(False)
+        self._outbox: deque[bytes] = deque()  # posted packets waiting for room to send
+        self._outbox_ready = trio.Event()
+        self._scope = trio.CancelScope()
+
+    def post(self, message: p.Event | p.Call) -> None:
+        """Send ``message`` soon, after those posted before it; never waits.
+
+        Sent at once when the socket has room; otherwise queued for the connection's own
+        sending task. A peer that leaves max_queued_events unread is hung up on: the broker
+        does not keep an unbounded queue for anyone.
+        """
+        if self.gone:
+            return
+        data = p.encode(message)
+        if not self._outbox:
+            try:
+                self._raw.send(data)
+                return
+            except BlockingIOError:
+                pass
+            except OSError:
+                self.gone = True
+                self._scope.cancel()
+                return
+        if len(self._outbox) >= self.state.config.max_queued_events:
+            log.warning("closing %s: it left max_queued_events messages unread", self.device.label)
+            self.gone = True
+            self._scope.cancel()
+            return
+        self._outbox.append(data)
+        self._outbox_ready.set()
+
+    async def _drain(self) -> None:
+        while True:
+            await self._outbox_ready.wait()
+            self._outbox_ready = trio.Event()
+            while self._outbox:
+                await self._send(self._outbox[0], ())
+                self._outbox.popleft()
+
+    async def _forwarded(self, request: p.Request) -> None:
+        """A request an exporter must answer, in a task of its own (see ``_forward``)."""
+        owned: list[int] = []
+        try:
+            try:
+                result, owned = await self.server.forwarder.answer(self.device, request.args)
+                data = p.encode_reply(request.id, result)
+            except BrokerError as e:
+                data = p.encode(p.Error.from_exception(request.id, e))
+            except Exception:
+                log.exception("%s failed for %s", request.op, self.device.label)
+                data = p.encode(p.Error(id=request.id, errno=errno.EIO, message="internal broker error"))
+            sending, owned = owned, []
+            await self._send(data, sending)
+        finally:
+            p.close_all(owned)
+            self.pending -= 1
 
     async def send(self, message: p.Message, owned: Sequence[int] = ()) -> None:
         """Send ``message`` with the descriptors ``owned``, which are closed afterwards."""
@@ -187,57 +254,68 @@ class Connection:
             self._raw.detach()  # the descriptor is trio's socket's to close
 
     async def _serve(self, buffer: mmap.mmap) -> None:
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(self._drain)
+            with self._scope:
+                await self._serve_loop(buffer, nursery)
+            nursery.cancel_scope.cancel()
+
+    async def _serve_loop(self, buffer: mmap.mmap, nursery: trio.Nursery) -> None:
         cfg = self.state.config
+        forwarder = self.server.forwarder
         max_fds = cfg.max_fds_per_message
         served = 0
-        async with trio.open_nursery() as nursery:
-            while not self.gone:
-                served += 1
-                if served % FAIRNESS == 0:
-                    await trio.lowlevel.checkpoint()  # let others run, and cancellation in
-                try:
-                    data, fds, truncated = await self._receive(buffer, max_fds)
-                except p.FdOverflow as e:
-                    await self.send(p.Error.from_exception(None, e))
+        while not self.gone:
+            served += 1
+            if served % FAIRNESS == 0:
+                await trio.lowlevel.checkpoint()  # let others run, and cancellation in
+            try:
+                data, fds, truncated = await self._receive(buffer, max_fds)
+            except p.FdOverflow as e:
+                await self.send(p.Error.from_exception(None, e))
+                continue
+            except OSError:
+                break  # ECONNRESET and the like: the peer is gone
+            if not data and not fds:
+                break  # end of file
+            bag = FdBag(fds) if fds else _NO_FDS
+            try:
+                if truncated:
+                    raise RequestError(
+                        p.peek_request_id(data) or 0,
+                        BrokerError(errno.EMSGSIZE, f"a message may be at most {cfg.max_message_size} bytes"),
+                    )
+                message = p.decode(data, fds, max_items=cfg.max_message_size)
+                if type(message) in (p.Answer, p.Refusal) and self.device.exporter:
+                    forwarder.answered(self.device, message, bag)  # type: ignore[arg-type]
                     continue
-                except OSError:
-                    break  # ECONNRESET and the like: the peer is gone
-                if not data and not fds:
-                    break  # end of file
-                bag = FdBag(fds) if fds else _NO_FDS
-                try:
-                    if truncated:
-                        raise RequestError(
-                            p.peek_request_id(data) or 0,
-                            BrokerError(
-                                errno.EMSGSIZE, f"a message may be at most {cfg.max_message_size} bytes"
-                            ),
-                        )
-                    message = p.decode(data, fds, max_items=cfg.max_message_size)
-                    if type(message) is not p.Request:
-                        raise ProtocolError("clients send requests only")
-                    if self.pending >= cfg.max_pending_requests:
-                        raise RequestError(
-                            message.id,
-                            BrokerError(
-                                errno.EAGAIN, f"max_pending_requests ({cfg.max_pending_requests}) in flight"
-                            ),
-                        )
-                    if type(message.args) is p.Open and message.args.timeout:
-                        self.pending += 1
-                        nursery.start_soon(self._waiting_open, message, bag)
-                        bag = _NO_FDS
-                        continue
-                    await self._send(*self._answer(message, bag))
-                except RequestError as e:
-                    await self.send(p.Error.from_exception(e.id, e))
-                except ProtocolError as e:
-                    log.info("closing %s: %s", self.device.label, e.strerror)
-                    await self.send(p.Error.from_exception(None, e))
-                    break
-                finally:
-                    bag.close()
-            nursery.cancel_scope.cancel()
+                if type(message) is not p.Request:
+                    raise ProtocolError("clients send requests only")
+                if self.pending >= cfg.max_pending_requests:
+                    raise RequestError(
+                        message.id,
+                        BrokerError(
+                            errno.EAGAIN, f"max_pending_requests ({cfg.max_pending_requests}) in flight"
+                        ),
+                    )
+                if type(message.args) is p.Open and message.args.timeout:
+                    self.pending += 1
+                    nursery.start_soon(self._waiting_open, message, bag)
+                    bag = _NO_FDS
+                    continue
+                if forwarder.wants(self.device, message.args):
+                    self.pending += 1
+                    nursery.start_soon(self._forwarded, message)
+                    continue
+                await self._send(*self._answer(message, bag))
+            except RequestError as e:
+                await self.send(p.Error.from_exception(e.id, e))
+            except ProtocolError as e:
+                log.info("closing %s: %s", self.device.label, e.strerror)
+                await self.send(p.Error.from_exception(None, e))
+                break
+            finally:
+                bag.close()
 
     def _answer(self, request: p.Request, bag: FdBag) -> tuple[bytes, Sequence[int]]:
         """The packet that answers ``request``, and the descriptors to send with it."""
@@ -306,14 +384,14 @@ class Connection:
             case p.Release(buffer=buffer_id):
                 state.release(dev, buffer_id)
                 return {}, []
-            case p.Attach(buffer=buffer_id):
-                return {"attachment": state.attach(dev, buffer_id).id}, []
+            case p.Attach(buffer=buffer_id, dynamic=dynamic):
+                return {"attachment": state.attach(dev, buffer_id, dynamic=dynamic).id}, []
             case p.Detach(attachment=att):
                 state.detach(dev, att)
                 return {}, []
             case p.Map(attachment=att, direction=direction):
                 mapped = state.map(dev, att, direction)
-                return self._backing(mapped, lambda: state.unmap(dev, att))
+                return self._backing(mapped, lambda: state.unmap(dev, att))  # None: see _forward
             case p.Unmap(attachment=att):
                 state.unmap(dev, att)
                 return {}, []
@@ -331,6 +409,15 @@ class Connection:
                 return {"devices": entries, "more": more}, []
             case p.Stats():
                 return stats(state, dev.uid, self.server.version, self.server.connections), []
+            case p.Export(size=size, name=name):
+                buffer = export_remote(state, dev, size, name=name)
+                return self._with_handle(buffer, readonly=False, new_ref=True)
+            case p.Revoke(buffer=buffer_id):
+                buffer = revoke(state, dev, buffer_id)
+                self.server.forwarder.abort(
+                    BrokerError(errno.ENODEV, f"buffer {buffer_id} was revoked"), buffer=buffer
+                )
+                return {}, []
         raise BrokerError(errno.ENOTTY, f"{request.op} cannot be used after hello")
 
     def _describe(self, buffer: Buffer) -> dict[str, Any]:
@@ -341,6 +428,7 @@ class Connection:
             "heap": buffer.heap,
             "exporter": buffer.exporter[1],
             "readonly": not self.device.refs[buffer.id].writable,
+            "revoked": buffer.revoked,
         }
 
     def _with_handle(self, buffer: Buffer, *, readonly: bool, new_ref: bool = False) -> tuple[Any, list[int]]:
@@ -356,7 +444,10 @@ class Connection:
             self.server.names_changed.unpark_all()
         return (self._describe(buffer) if new_ref else {}), [fd]
 
-    def _backing(self, mapped: Mapped, undo: Any) -> tuple[Any, list[int]]:
+    def _backing(self, mapped: Mapped | None, undo: Any) -> tuple[Any, list[int]]:
+        if mapped is None:  # a remote buffer's, which _forward answers: a race with a revoke
+            undo()
+            raise BrokerError(errno.ENODEV, "the buffer's exporter is gone")
         segments = [s.to_wire() for s in mapped.layout]
         if len(segments) > _MAX_SEGMENTS:
             undo()

@@ -21,7 +21,7 @@ import os
 
 from ..protocol import PAGE_SIZE, BrokerError
 
-__all__ = ["HEAPS", "Backing", "adopt_memfd", "allocate_memfd", "seal_snapshot"]
+__all__ = ["HEAPS", "Backing", "adopt_memfd", "allocate_memfd", "check_memfd", "seal_snapshot"]
 
 F_SEAL_FUTURE_WRITE = 0x10  # linux/fcntl.h; Python has no constant for it
 _OURS = fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW | fcntl.F_SEAL_SEAL
@@ -67,6 +67,14 @@ def adopt_memfd(fd: int) -> Backing:
 
     On success the Backing owns ``fd``; on error the caller still does.
     """
+    return Backing(fd, check_memfd(fd))
+
+
+def check_memfd(fd: int) -> int:
+    """``fd``'s size, once it passes udmabuf's rules and is made safe to hand out (below).
+
+    Also the check of every memfd an exporter answers a map with. The caller keeps ``fd``.
+    """
     try:
         target = os.readlink(f"/proc/self/fd/{fd}")
         seals = fcntl.fcntl(fd, fcntl.F_GET_SEALS)
@@ -97,7 +105,7 @@ def adopt_memfd(fd: int) -> Backing:
         )
     if not seals & fcntl.F_SEAL_SEAL:
         fcntl.fcntl(fd, fcntl.F_ADD_SEALS, fcntl.F_SEAL_GROW)
-    return Backing(fd, size)
+    return size
 
 
 def seal_snapshot(data: bytes) -> int:

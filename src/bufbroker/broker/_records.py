@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from ..protocol import Access, Constraints, Direction, Segment
 from ._heap import Backing
 
-__all__ = ["Attachment", "Buffer", "Device", "Handle", "Key", "Ref", "Usage"]
+__all__ = ["Attachment", "Buffer", "Device", "Handle", "Key", "PendingCall", "Ref", "Usage"]
 
 Key = tuple[int, int]
 """A handle's identity: (st_dev, st_ino) of the client end of its socketpair."""
@@ -35,6 +35,8 @@ class Device:
     refs: dict[int, Ref] = field(default_factory=dict)  # by buffer id
     attachments: dict[int, Attachment] = field(default_factory=dict)  # by attachment id
     cpu: Counter[tuple[int, Access]] = field(default_factory=Counter)  # (buffer id, mode)
+    exporter: bool = False  # said so at hello: it may export buffers and is sent their calls
+    calls: dict[int, PendingCall] = field(default_factory=dict)  # forwarded to it, unanswered
 
     @property
     def label(self) -> str:
@@ -59,6 +61,8 @@ class Attachment:
     buffer: Buffer
     direction: Direction | None = None  # None while unmapped
     map_count: int = 0
+    dynamic: bool = False  # told of moves instead of pinning (dma_buf_attach_ops.move_notify)
+    stale: int = 0  # mappings of memory the exporter has since moved away from, not yet unmapped
 
 
 @dataclass(eq=False, slots=True, kw_only=True)
@@ -83,10 +87,25 @@ class Buffer:
     cpu: Counter[tuple[int, Access]] = field(default_factory=Counter)  # (device id, mode)
     layout: list[Segment] | None = None  # chosen at the first map or cpu access
     backing: Backing | None = None  # exists from export for adopted memfds, else with layout
+    remote: Device | None = None  # the exporter that supplies its memory and answers its ops
+    revoked: bool = False  # its exporter is gone or revoked it: no new attach, map, cpu access
+    moving: int = 0  # moves under way (waiting for dynamic importers to let go of old memory)
 
     @property
     def alive(self) -> bool:
         return bool(self.handles or self.holders)
+
+
+@dataclass(eq=False, slots=True, kw_only=True)
+class PendingCall:
+    """A call forwarded to an exporter whose answer the broker still waits for."""
+
+    id: int
+    op: str
+    exporter: Device
+    importer: Device
+    buffer: Buffer
+    started: float
 
 
 @dataclass(slots=True)

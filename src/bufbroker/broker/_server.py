@@ -12,6 +12,7 @@ import errno
 import logging
 import socket
 import struct
+from collections.abc import Iterable
 
 import trio
 
@@ -20,8 +21,10 @@ from ..protocol import BrokerError, ProtocolError
 from ._config import Config
 from ._connection import Awake, Connection, inbox, receive
 from ._fdstore import FdStore, Notifier, restore
+from ._forward import Forwarder
 from ._handles import HandleTable
-from ._reaper import Reaper
+from ._heap import Backing
+from ._reaper import LARGE, Reaper
 from ._records import Device
 from ._state import State
 
@@ -60,11 +63,30 @@ class Server:
             self._fdstore = FdStore(fdstore, self.state, self.handles, generation)
             self.state.observer = self._fdstore
         self.names_changed = trio.lowlevel.ParkingLot()
+        self.unmapped = trio.lowlevel.ParkingLot()  # a moved buffer's stale mapping went away
+        self.state.post = self.post
+        self.state.unmapped = lambda buffer: self._wake_moves()
+        self.forwarder = Forwarder(self)
         self.version = version
         self.connections = 0
         self._incomplete = 0
         self._live: set[Connection] = set()
+        self._by_device: dict[int, Connection] = {}
         self.awake = Awake()
+
+    def _wake_moves(self) -> None:
+        self.unmapped.unpark_all()
+
+    def post(self, device: Device, message: p.Event | p.Call) -> None:
+        """Queue ``message`` for ``device``'s connection, if it is still there."""
+        connection = self._by_device.get(device.id)
+        if connection is not None:
+            connection.post(message)
+
+    def close_later(self, fds: Iterable[int]) -> None:
+        """Close descriptors a client supplied in a worker thread (a close can block)."""
+        for fd in fds:
+            self._reaper.free(Backing(fd, LARGE))
 
     async def serve(
         self,
@@ -114,12 +136,19 @@ class Server:
                 log.debug("device %s connected", device.label)
                 connection = Connection(self, sock, device)
                 self._live.add(connection)
+                self._by_device[device.id] = connection
                 try:
                     await connection.run()
                 except Exception:  # a bug must cost one connection, never the broker
                     log.exception("connection of %s failed", device.label)
                 finally:
                     self._live.discard(connection)
+                    del self._by_device[device.id]
+                    if device.exporter:
+                        self.forwarder.abort(
+                            BrokerError(errno.ENODEV, f"the exporter {device.label} went away"),
+                            exporter=device,
+                        )
                     self.state.remove_device(device)
                     log.debug("device %s gone", device.label)
             finally:
@@ -171,6 +200,7 @@ class Server:
                     gid=gid,
                     command=_command(pid),
                     constraints=hello.constraints,
+                    exporter=hello.exporter,
                 )
                 reply = p.Reply(
                     id=message.id,
@@ -179,6 +209,7 @@ class Server:
                         "device": device.id,
                         "broker": self.version,
                         "page_size": p.PAGE_SIZE,
+                        "exporter": hello.exporter,
                     },
                 )
                 try:
