@@ -40,9 +40,11 @@ MAX_REPLY_FDS = 4
 class Session:
     """One connection's protocol state, sans I/O."""
 
-    def __init__(self, name: str, constraints: Constraints | None) -> None:
+    def __init__(self, name: str, constraints: Constraints | None, *, exporter: bool = False) -> None:
         self.name = name
         self.constraints = constraints or Constraints()
+        self.exporter = exporter
+        self.revoked: set[int] = set()  # buffers whose exporter revoked them (the "revoked" event)
         self._ids = itertools.count(1)
         self.device_id: int | None = None
         self.broker_version: str | None = None
@@ -53,7 +55,9 @@ class Session:
         return id, p.encode_request(id, args)
 
     def hello_args(self) -> p.Hello:
-        return p.Hello(version=p.PROTOCOL_VERSION, name=self.name, constraints=self.constraints)
+        return p.Hello(
+            version=p.PROTOCOL_VERSION, name=self.name, constraints=self.constraints, exporter=self.exporter
+        )
 
     def welcome(self, result: dict[str, Any]) -> None:
         self.device_id = result["device"]
@@ -98,6 +102,8 @@ class Session:
             p.close_all(message.fds)
             if message.name == "shutdown":
                 self.shutting_down = True
+            elif message.name == "revoked" and type(buffer := message.args.get("buffer")) is int:
+                self.revoked.add(buffer)
 
     @staticmethod
     def outcome(message: p.Reply | p.Error) -> tuple[Any, list[int]]:
@@ -241,6 +247,11 @@ class BufferBase:
         self.closed = True
         self._close_handle()
         self._device._buffers.discard(self)
+
+    @property
+    def revoked(self) -> bool:
+        """Whether its exporter revoked it (as far as events received so far say)."""
+        return self.id in self._device._session.revoked
 
     def __repr__(self) -> str:
         return f"<Buffer {self.id} {self.name!r} {self.size} bytes{' read-only' if self.readonly else ''}>"

@@ -9,7 +9,7 @@ from __future__ import annotations
 import mmap
 import socket as _socket
 import threading
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any, Self
 
 from .. import protocol as p
@@ -29,6 +29,8 @@ from ._core import (
     maybe_one_fd,
     take_one_fd,
 )
+from ._exporting import CallServer, Exporter, MoveCallbacks
+from ._threads import Served
 
 __all__ = ["Attachment", "Buffer", "CpuAccess", "Device", "Mapping", "connect"]
 
@@ -46,8 +48,18 @@ class _Closing:
         raise NotImplementedError
 
 
-def connect(name: str, *, constraints: Constraints | None = None, socket: str | None = None) -> Device:
-    """Register this process as a device named ``name`` with the broker at ``socket``."""
+def connect(
+    name: str,
+    *,
+    constraints: Constraints | None = None,
+    socket: str | None = None,
+    exporter: Exporter | None = None,
+) -> Device:
+    """Register this process as a device named ``name`` with the broker at ``socket``.
+
+    With ``exporter``, the device may ``export`` buffers whose memory and ops ``exporter``
+    supplies; it answers their calls on a thread of its own (see ``Exporter``).
+    """
     path = socket or default_socket_path()
     sock = _socket.socket(_socket.AF_UNIX, _socket.SOCK_SEQPACKET | _socket.SOCK_CLOEXEC)
     try:
@@ -58,10 +70,12 @@ def connect(name: str, *, constraints: Constraints | None = None, socket: str | 
     except BaseException:
         sock.close()
         raise
-    device = Device(sock, Session(name, constraints))
+    device = Device(sock, Session(name, constraints, exporter=exporter is not None))
     try:
         result, _ = device._call(device._session.hello_args())
         device._session.welcome(result)
+        if exporter is not None:
+            device._serve_in_threads(CallServer(exporter))
     except BaseException:
         device.close()
         raise
@@ -80,6 +94,19 @@ class Device(DeviceBase, _Closing):
         # mmap/munmap pair in malloc on every round trip), of anonymous memory so that only the
         # pages replies touch are resident.
         self._inbox = mmap.mmap(-1, MAX_REPLY)
+        self._served: Served | None = None  # reader and server threads (exporters, dynamic attachments)
+        self._moves = MoveCallbacks()
+
+    def _serve_in_threads(self, calls: CallServer | None = None) -> None:
+        """From now on a thread reads the socket, and another runs calls and move callbacks."""
+        with self._lock:  # no call is reading the socket meanwhile
+            if self._served is None:
+                self._served = Served(self._sock, self._session, threading.Lock(), calls, self._on_event)
+
+    def _on_event(self, event: p.Event) -> None:
+        callback = self._moves.callback(event)
+        if callback is not None:
+            callback()
 
     def _receive(self, reset: OSError | None, with_fds: bool) -> tuple[memoryview, list[int]]:
         """The next packet and its descriptors.
@@ -114,8 +141,12 @@ class Device(DeviceBase, _Closing):
     def _call(self, args: p.OpArgs, fds: Sequence[int] = ()) -> tuple[Any, list[int]]:
         """One request: its result and the descriptors its reply carried (the caller's now)."""
         self._check_open()
+        if self._served is not None:
+            return self._served.call(args, fds)
         session = self._session
         with self._lock:
+            if self._served is not None:  # started while this call waited for the lock
+                return self._served.call(args, fds)
             id, data = session.request(args)
             reset: OSError | None = None
             try:
@@ -161,6 +192,10 @@ class Device(DeviceBase, _Closing):
         exportable(memfd)
         return self._buffer(p.ExportMemfd(name=name), [memfd])
 
+    def export(self, size: int, *, name: str | None = None) -> Buffer:
+        """A buffer whose memory and ops this device's exporter supplies (``connect(exporter=)``)."""
+        return self._buffer(p.Export(size=size, name=name))
+
     def _listing(self, pager: Pager) -> list[dict[str, Any]]:
         while pager.take(self._call(pager.request())[0]):
             pass
@@ -185,6 +220,8 @@ class Device(DeviceBase, _Closing):
         """Disconnect; the broker releases everything this device still held."""
         if not self.closed:
             self._forget_local()
+            if self._served is not None:
+                self._served.stop()
             self._sock.close()
 
 
@@ -200,10 +237,35 @@ class Buffer(BufferBase, _Closing):
         self._device._call(p.SetName(buffer=self.id, name=name))
         self.name = name or None
 
-    def attach(self) -> Attachment:
-        """Link this device to the buffer with its constraints (EINVAL/EBUSY if they cannot be met)."""
-        result, _ = self._device._call(p.Attach(buffer=self.id))
-        return Attachment(self, result["attachment"])
+    def attach(self, *, on_move: Callable[[Attachment], Any] | None = None) -> Attachment:
+        """Link this device to the buffer with its constraints (EINVAL/EBUSY if they cannot be met).
+
+        With ``on_move``, the attachment is dynamic: when the exporter moves the buffer,
+        ``on_move(attachment)`` runs (on the device's own thread) and should unmap and map
+        again; without, the attachment pins the buffer where it is.
+        """
+        device = self._device
+        if on_move is not None:
+            device._serve_in_threads()
+        result, _ = device._call(p.Attach(buffer=self.id, dynamic=on_move is not None))
+        attachment = Attachment(self, result["attachment"])
+        if on_move is not None:
+            device._moves.add(attachment, on_move)
+        return attachment
+
+    def revoke(self) -> None:
+        """Take an exported buffer back: importers keep their mappings, get ENODEV for new ones."""
+        self._device._call(p.Revoke(buffer=self.id))
+
+    def move(self, *, timeout: float | None = None) -> list[dict[str, Any]]:
+        """Tell dynamic importers the memory moved; returns once none maps the old memory.
+
+        Returns the attachments still mapping it after ``timeout`` s (the broker's
+        exporter_call_timeout by default): late ones. EBUSY while a static attachment pins it.
+        """
+        result, _ = self._device._call(p.Move(buffer=self.id, timeout=timeout))
+        late: list[dict[str, Any]] = result["late"]
+        return late
 
     def cpu_access(self, access: Access = Access.RW) -> CpuAccess:
         """``with buffer.cpu_access(Access.WRITE) as memory:`` (DMA_BUF_IOCTL_SYNC begin/end)."""
@@ -229,6 +291,7 @@ class Attachment(AttachmentBase, _Closing):
         """Unlink the device (EBUSY while mapped)."""
         if not self.detached and not self.buffer._device.closed:
             self.buffer._device._call(p.Detach(attachment=self.id))
+        self.buffer._device._moves.discard(self.id)
         self.detached = True
 
     def close(self) -> None:
