@@ -48,6 +48,8 @@ from ._core import (
     take_one_fd,
     undo_for,
 )
+from ._exporting import CallServer, Exporter, MoveCallbacks
+from ._trio_serving import dispatch
 
 __all__ = [
     "Attachment",
@@ -108,14 +110,19 @@ class _Waiter:
 
 @asynccontextmanager
 async def open_device(
-    name: str, *, constraints: Constraints | None = None, socket: str | None = None
+    name: str,
+    *,
+    constraints: Constraints | None = None,
+    socket: str | None = None,
+    exporter: Exporter | None = None,
 ) -> AsyncIterator[Device]:
     """``async with open_device("camera") as dev``: this program as a device named ``name``.
 
     Connects to the broker at ``socket`` (see ``bufbroker.connect``), registers with
     ``constraints``, and runs the task that receives replies until the block ends; on exit the
     connection closes and the broker releases whatever the device still held. Raises
-    ``BrokerUnavailable`` if no broker listens there.
+    ``BrokerUnavailable`` if no broker listens there. With ``exporter``, the device may
+    ``export`` buffers whose calls ``exporter`` answers, in a task of this block's nursery.
     """
     path = socket or default_socket_path()
     sock = trio.socket.socket(AF_UNIX, SOCK_SEQPACKET | SOCK_CLOEXEC)
@@ -133,7 +140,8 @@ async def open_device(
     error: BaseException | None = None
     try:
         async with trio.open_nursery() as nursery:
-            device = Device(sock, Session(name, constraints), nursery)
+            device = Device(sock, Session(name, constraints, exporter=exporter is not None), nursery)
+            device._calls = CallServer(exporter) if exporter is not None else None
             nursery.start_soon(device._read)
             try:
                 result, _ = await device._call(device._session.hello_args())
@@ -170,6 +178,9 @@ class Device(DeviceBase):
         self._unawaited_sent = 0  # unawaited requests written to the socket so far
         self._lost: BrokerError | None = None
         self._gone = trio.Event()  # set with _lost
+        self._calls: CallServer | None = None  # an exporter's
+        self._moves = MoveCallbacks()
+        self._jobs: trio.MemorySendChannel[p.Call | p.Event] | None = None  # see _trio_serving
 
     # --- the connection: the only part that differs from the blocking client
 
@@ -204,6 +215,8 @@ class Device(DeviceBase):
                         return
                     if isinstance(message, p.Reply | p.Error):
                         self._deliver(message)
+                    elif isinstance(message, p.Call) or (self._moves and isinstance(message, p.Event)):
+                        dispatch(self, message)
         finally:
             inbox.close()
 
@@ -401,6 +414,10 @@ class Device(DeviceBase):
         exportable(memfd)
         return await self._buffer(p.ExportMemfd(name=name), [memfd])
 
+    async def export(self, size: int, *, name: str | None = None) -> Buffer:
+        """A buffer whose memory and ops this device's exporter supplies (``exporter=``)."""
+        return await self._buffer(p.Export(size=size, name=name))
+
     async def _listing(self, pager: Pager) -> list[dict[str, Any]]:
         while pager.take((await self._call(pager.request()))[0]):
             pass
@@ -436,14 +453,31 @@ class Buffer(BufferBase, _AsyncClosing):
         await self._device._call(p.SetName(buffer=self.id, name=name))
         self.name = name or None
 
-    def attach(self) -> _Opening[Attachment]:
-        """``att = await buf.attach()``, or ``async with buf.attach() as att`` (detached on exit)."""
+    def attach(self, *, on_move: Callable[[Attachment], Any] | None = None) -> _Opening[Attachment]:
+        """``att = await buf.attach()``, or ``async with buf.attach() as att`` (detached on exit).
+
+        With ``on_move`` (a function or coroutine function), the attachment is dynamic: see
+        the blocking ``Buffer.attach``.
+        """
 
         async def start() -> Attachment:
-            result, _ = await self._device._call(p.Attach(buffer=self.id))
-            return Attachment(self, result["attachment"])
+            result, _ = await self._device._call(p.Attach(buffer=self.id, dynamic=on_move is not None))
+            attachment = Attachment(self, result["attachment"])
+            if on_move is not None:
+                self._device._moves.add(attachment, on_move)
+            return attachment
 
         return _Opening(start)
+
+    async def revoke(self) -> None:
+        """Take an exported buffer back (see the blocking ``Buffer.revoke``)."""
+        await self._device._call(p.Revoke(buffer=self.id))
+
+    async def move(self, *, timeout: float | None = None) -> list[dict[str, Any]]:
+        """Tell dynamic importers the memory moved (see the blocking ``Buffer.move``)."""
+        result, _ = await self._device._call(p.Move(buffer=self.id, timeout=timeout))
+        late: list[dict[str, Any]] = result["late"]
+        return late
 
     def cpu_access(self, access: Access = Access.RW) -> CpuAccess:
         """``async with buf.cpu_access(Access.WRITE) as memory:`` (DMA_BUF_IOCTL_SYNC)."""
@@ -479,6 +513,7 @@ class Attachment(AttachmentBase, _AsyncClosing):
 
     def _detached(self) -> None:
         self.detached = True
+        self.buffer._device._moves.discard(self.id)
 
     async def close(self) -> None:
         await self.detach()
