@@ -37,7 +37,9 @@ def _buffer(state: State, buffer: Buffer) -> dict[str, Any]:
         "name": buffer.name,
         "size": buffer.size,
         "heap": buffer.heap,
-        "exporter": {"device": device_id, "name": name, "pid": pid},
+        "exporter": {"device": device_id, "name": name, "pid": pid, "supplies": buffer.remote is not None},
+        "revoked": buffer.revoked,
+        "pending_calls": _pending(buffer),
         "owner": buffer.owner,
         "created": buffer.created,
         "handles": len(buffer.handles),
@@ -54,6 +56,8 @@ def _buffer(state: State, buffer: Buffer) -> dict[str, Any]:
                 "pid": a.device.pid,
                 "direction": a.direction.value if a.direction else None,
                 "map_count": a.map_count,
+                "dynamic": a.dynamic,
+                "stale": a.stale,
             }
             for a in buffer.attachments.values()
         ],
@@ -84,7 +88,20 @@ def _device(device: Device) -> dict[str, Any]:
         "bytes": sum(ref.buffer.size for ref in device.refs.values()),
         "attachments": len(device.attachments),
         "mappings": sum(a.map_count for a in device.attachments.values()),
+        "exporter": device.exporter,
+        "pending_calls": len(device.calls),
     }
+
+
+def _pending(buffer: Buffer) -> list[dict[str, Any]]:
+    """The calls its exporter has not answered yet (at most max_exporter_calls)."""
+    if buffer.remote is None:
+        return []
+    return [
+        {"id": c.id, "op": c.op, "device": c.importer.id, "pid": c.importer.pid, "started": c.started}
+        for c in buffer.remote.calls.values()
+        if c.buffer is buffer
+    ]
 
 
 def buffer_page(state: State, viewer: int, after: int) -> tuple[list[dict[str, Any]], bool]:

@@ -154,6 +154,11 @@ class CallServer:
         assert call.id is not None
         return p.encode(p.Refusal(call.id, errno.EIO, f"the exporter's answer could not be sent: {error}"))
 
+    def event(self, event: p.Event) -> None:
+        """An event for the exporter: the broker refused one of its answers."""
+        if event.name == "exporter_error":
+            self.exporter.error(event.args)
+
     @staticmethod
     def run(method: Callable[[], Any]) -> tuple[Any, BaseException | None]:
         """Run a synchronous method: (value, None) or (None, the exception)."""

@@ -140,6 +140,8 @@ class Served:
         while (job := self._jobs.get()) is not None:
             if isinstance(job, p.Event):
                 try:
+                    if self._calls is not None:
+                        self._calls.event(job)
                     self._on_event(job)
                 except Exception:
                     log.exception("a callback for the %s event failed", job.name)

@@ -215,7 +215,9 @@ class Device(DeviceBase):
                         return
                     if isinstance(message, p.Reply | p.Error):
                         self._deliver(message)
-                    elif isinstance(message, p.Call) or (self._moves and isinstance(message, p.Event)):
+                    elif isinstance(message, p.Call) or (
+                        isinstance(message, p.Event) and (self._moves or self._calls)
+                    ):
                         dispatch(self, message)
         finally:
             inbox.close()

@@ -49,6 +49,8 @@ async def _run(method: Any) -> tuple[Any, BaseException | None]:
 async def _serve(device: Device, jobs: trio.MemoryReceiveChannel[p.Call | p.Event]) -> None:
     async for job in jobs:
         if isinstance(job, p.Event):
+            if device._calls is not None:
+                device._calls.event(job)
             callback = device._moves.callback(job)
             if callback is not None:
                 _, error = await _run(callback)
