@@ -13,8 +13,7 @@ import socket
 import statistics
 import threading
 import time
-from collections.abc import Callable, Iterator
-from pathlib import Path
+from collections.abc import Callable
 from typing import Any
 
 import pytest
@@ -24,23 +23,7 @@ from bufbroker import Access, BrokerError, Direction
 
 from conftest import Broker, Peer
 
-EXPORTER = str(Path(__file__).with_name("exporter_peer.py"))
 SIZE = 2 * 4096
-
-
-@pytest.fixture
-def exporter() -> Iterator[Callable[..., Peer]]:
-    started: list[Peer] = []
-
-    def start(broker: Broker, name: str, mode: str = "good", **env: str) -> Peer:
-        peer = Peer.start(EXPORTER, broker.socket, name, mode, env=env)
-        started.append(peer)
-        assert json.loads(peer.line())["ready"]
-        return peer
-
-    yield start
-    for peer in started:
-        peer.stop()
 
 
 def said(peer: Peer) -> dict[str, Any]:

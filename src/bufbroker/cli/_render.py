@@ -25,7 +25,18 @@ __all__ = [
 ]
 
 BUFFER_COLUMNS = ("ID", "NAME", "SIZE", "HEAP", "EXPORTER", "HANDLES", "ATTACHED", "MAPPED", "OWNER", "AGE")
-DEVICE_COLUMNS = ("PID", "UID", "NAME", "COMMAND", "BUFFERS", "BYTES", "PSS", "ATTACHMENTS", "MAPPINGS")
+DEVICE_COLUMNS = (
+    "PID",
+    "UID",
+    "NAME",
+    "COMMAND",
+    "BUFFERS",
+    "BYTES",
+    "PSS",
+    "ATTACHMENTS",
+    "MAPPINGS",
+    "CALLS",
+)
 # Sizes and ages are text in the table but quantities all the same: flush right, like numbers.
 _RIGHT = {"SIZE", "AGE", "BYTES", "PSS", "LENGTH", "OFFSET"}
 _COMMAND_WIDTH = 40  # on a terminal only; piped output keeps the whole command line
@@ -58,7 +69,7 @@ def buffer_cells(row: BufferRow) -> list[object]:
         row["name"],
         iec(row["size"]),
         row["heap"],
-        f"{exporter['name']}/{exporter['pid']}",
+        f"{exporter['name']}/{exporter['pid']}{',revoked' if exporter['revoked'] else ''}",
         row["handles"],
         row["attached"],
         row["mapped"],
@@ -89,6 +100,7 @@ def render_devices(rows: Sequence[DeviceRow], *, legend: bool = True) -> str:
             iec(r["pss"]),
             r["attachments"],
             r["mappings"],
+            r["calls"],
         ]
         for r in rows
     ]
@@ -111,10 +123,13 @@ def render_show(data: dict[str, Any], *, legend: bool = True) -> str:
     lines = [
         f"buffer {data['id']}: {data['name'] or '(no name)'}",
         f"size: {iec(data['size'])} ({data['size']} bytes), heap {data['heap']}",
-        f"exporter: {exporter['name']} (device {exporter['device']}, pid {exporter['pid']})",
+        f"exporter: {exporter['name']} (device {exporter['device']}, pid {exporter['pid']})"
+        + (", which supplies the memory and answers the ops" if exporter["supplies"] else ""),
         f"owner: {user_name(data['owner'])} (uid {data['owner']}), age {age(data['age'])}",
         f"handles: {data['handles']} live",
     ]
+    if exporter["revoked"]:
+        lines.append("revoked: no new attach, map or cpu access (ENODEV); mappings made before stay")
     if data["layout"] is None:
         lines.append("layout: not allocated yet (backing comes at the first map or cpu access)")
     else:
@@ -122,12 +137,16 @@ def render_show(data: dict[str, Any], *, legend: bool = True) -> str:
         title = f"layout ({count} segment{'s' if count != 1 else ''})"
         lines += _section(title, data["layout"], ("fd", "offset", "length"), legend)
     lines += _section("held by", data["importers"], ("device", "name", "pid", "count"), legend)
+    attachments = [{**a, "dynamic": "yes" if a["dynamic"] else "no"} for a in data["attachments"]]
     lines += _section(
         "attachments",
-        data["attachments"],
-        ("id", "device", "name", "pid", "direction", "map_count"),
+        attachments,
+        ("id", "device", "name", "pid", "direction", "map_count", "dynamic", "stale"),
         legend,
     )
+    if exporter["supplies"]:
+        calls = [{**c, "waiting": age(c["waiting"])} for c in data["pending_calls"]]
+        lines += _section("calls to the exporter", calls, ("id", "op", "device", "pid", "waiting"), legend)
     lines += _section("cpu access", data["cpu_access"], ("device", "name", "pid", "access", "count"), legend)
     return "\n".join(lines)
 
