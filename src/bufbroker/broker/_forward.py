@@ -151,8 +151,10 @@ class Forwarder:
             if isinstance(answer, p.Refusal):
                 raise _Refused(answer.errno, f"the exporter refused {call.op}: {answer.message}")
             if type(answer.result) is not dict:
-                p.close_all(answer.fds)
+                self.server.close_later(answer.fds)
                 raise self._garbage(call, BrokerError(errno.EIO, "the exporter's answer is not a map"))
+            if answer.fds and not isinstance(args, p.MapCall | p.BeginCpuCall):
+                self.server.close_later(answer.fds)  # only memory answers carry descriptors
             return answer
         finally:
             del self._slots[call.id]
