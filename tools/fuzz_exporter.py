@@ -86,7 +86,8 @@ def _answer(
     rng: random.Random, call_id: int, memfd: int, random_fds: Callable[[], list[int]]
 ) -> tuple[str, bytes, list[int]]:
     """One answer of a random kind: (its kind, the packet, fresh descriptors to close after)."""
-    kind = rng.choice([*["good"] * 4, "refuse", "twice", "stranger", "garbage", "garbage", "garbage", "noise"])
+    kinds = ["good"] * 4 + ["garbage"] * 3 + ["refuse", "twice", "stranger", "noise"]
+    kind = rng.choice(kinds)
     if kind in ("good", "twice"):
         return kind, _packb([5, call_id, {}]), [os.dup(memfd)]
     if kind == "refuse":
