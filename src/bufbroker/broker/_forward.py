@@ -213,9 +213,10 @@ class Forwarder:
     def answered(self, exporter: Device, message: p.Answer | p.Refusal, bag: FdBag) -> None:
         """An exporter's answer: to its waiting call, or dropped (late, or not its call)."""
         slot = self._slots.get(message.id)
-        if slot is None or slot.call.exporter is not exporter or slot.done.is_set():
-            return  # the bag closes its descriptors
         fds = bag.take_all()
+        if slot is None or slot.call.exporter is not exporter or slot.done.is_set():
+            self.server.close_later(fds)  # a close of a client's descriptor can block
+            return
         slot.answer = type(message)(**{**message.__dict__, "fds": fds})
         slot.done.set()
 

@@ -45,6 +45,20 @@ def _command(pid: int) -> str:
     return " ".join(" ".join(a.decode(errors="replace").split()) for a in argv)[:200]
 
 
+class _Descriptors(Backing):
+    """Descriptors a client sent, for the reaper to close together in its worker thread."""
+
+    __slots__ = ("fds",)
+
+    def __init__(self, fds: list[int]) -> None:
+        super().__init__(-1, LARGE)
+        self.fds = fds
+
+    def close(self) -> None:
+        p.close_all(self.fds)
+        self.fds = []
+
+
 class Server:
     def __init__(
         self,
@@ -85,8 +99,9 @@ class Server:
 
     def close_later(self, fds: Iterable[int]) -> None:
         """Close descriptors a client supplied in a worker thread (a close can block)."""
-        for fd in fds:
-            self._reaper.free(Backing(fd, LARGE))
+        fds = list(fds)
+        if fds:
+            self._reaper.free(_Descriptors(fds))
 
     async def serve(
         self,
