@@ -19,7 +19,7 @@ import errno
 import inspect
 import logging
 from collections.abc import Awaitable, Callable, Sequence
-from typing import Any
+from typing import Any, cast
 
 from .. import protocol as p
 from ..protocol import Access, BrokerError, Constraints, Direction, Segment
@@ -116,9 +116,18 @@ class CallServer:
                 return lambda: ex.release(buffer)
         raise p.ProtocolError(f"the broker sent an unknown call {call.op!r}")
 
-    def _attach(self, att: ExporterAttachment) -> None:
-        self.exporter.attach(att)
+    def _attach(self, att: ExporterAttachment) -> Any:
+        """The exporter's attach; the attachment is remembered once it accepted."""
+        value = cast(Callable[[ExporterAttachment], Any], self.exporter.attach)(att)
+        if inspect.isawaitable(value):  # the trio client's exporter may be a coroutine
+
+            async def accepted() -> None:
+                await value
+                self._attachments[att.id] = att
+
+            return accepted()
         self._attachments[att.id] = att
+        return None
 
     def _known(self, att_id: int, buffer: int, *, forget: bool = False) -> ExporterAttachment:
         known = self._attachments.pop(att_id, None) if forget else self._attachments.get(att_id)
