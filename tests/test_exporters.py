@@ -294,7 +294,8 @@ def test_a_static_attachment_pins_the_buffer(broker: Broker, exporter: Any) -> N
         assert [said(peer) for _ in range(2)][-1] == {"moved": False, "errno": errno.EBUSY}
         att.detach()
         peer.send("move")
-        assert [said(peer) for _ in range(2)] == [{"call": "detach", "attachment": att.id}, {"moved": True}]
+        lines = [said(peer) for _ in range(2)]  # printed by two threads of the exporter: any order
+        assert {"call": "detach", "attachment": att.id} in lines and {"moved": True} in lines
 
 
 def test_answers_from_a_device_that_is_no_exporter_are_a_protocol_error(broker: Broker, raw: Any) -> None:
