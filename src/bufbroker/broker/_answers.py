@@ -18,26 +18,25 @@ from typing import Any
 
 from ..protocol import PAGE_SIZE, BrokerError, Constraints, Segment, close_all
 from ._heap import Backing, check_memfd
-from ._introspect import REPLY_BYTES
-from ._layout import plan, satisfies
+from ._layout import Layout, plan
 
-__all__ = ["MAX_SEGMENTS", "backing", "check_segments"]
-
-MAX_SEGMENTS = REPLY_BYTES // 20  # as many as one reply can always carry (see _connection)
+__all__ = ["backing", "check_segments"]
 
 
-def check_segments(raw: Any, size: int, constraints: Constraints) -> list[Segment]:
-    """The scatter list an answer's ``segments`` stands for, or BrokerError(EIO) saying why.
+def check_segments(raw: Any, size: int, constraints: Constraints, most: int) -> Layout:
+    """The layout an answer's ``segments`` stands for, or BrokerError(EIO) saying why.
 
     Missing: the broker lays the memfd out for the importer, as it does its own buffers.
+    Given: at most ``most`` (max_layout_segments), each as long as the first but the last,
+    the layouts the broker itself makes, so that every reply stays within its bounds.
     """
     if raw is None:
         planned = plan(size, constraints)
-        if planned is None:
+        if planned is None or planned.count > most:
             raise BrokerError(errno.EIO, "no layout of the exporter's memory suits the importer")
         return planned
-    if type(raw) is not list or not 0 < len(raw) <= MAX_SEGMENTS:
-        raise BrokerError(errno.EIO, f"the exporter's segments are not a list of 1 to {MAX_SEGMENTS}")
+    if type(raw) is not list or not 0 < len(raw) <= most:
+        raise BrokerError(errno.EIO, f"the exporter's segments are not a list of 1 to {most}")
     layout: list[Segment] = []
     at = 0
     for entry in raw:
@@ -57,14 +56,17 @@ def check_segments(raw: Any, size: int, constraints: Constraints) -> list[Segmen
         at += entry[2]
     if at != size:
         raise BrokerError(errno.EIO, f"the exporter's segments cover {at} bytes of a {size}-byte buffer")
-    if not satisfies(layout, constraints):
+    uniform = Layout.from_segments(layout)
+    if uniform is None:
+        raise BrokerError(errno.EIO, "the exporter's segments are not all as long as the first but the last")
+    if not uniform.satisfies(constraints):
         raise BrokerError(errno.EIO, "the exporter's segments break the importer's constraints")
-    return layout
+    return uniform
 
 
 def backing(
-    result: Any, fds: Sequence[int], size: int, constraints: Constraints, writable: bool
-) -> tuple[list[Segment], int]:
+    result: Any, fds: Sequence[int], size: int, constraints: Constraints, writable: bool, most: int
+) -> tuple[Layout, int]:
     """The layout and a new descriptor for the importer (read-only unless ``writable``).
 
     Closes ``fds`` (the exporter's) on every path: the importer gets the broker's own
@@ -81,7 +83,7 @@ def backing(
             raise BrokerError(errno.EIO, f"the exporter's memfd is refused: {e.strerror}") from None
         if held != size:
             raise BrokerError(errno.EIO, f"the exporter's memfd holds {held} bytes, the buffer {size}")
-        layout = check_segments(result.get("segments"), size, constraints)
+        layout = check_segments(result.get("segments"), size, constraints, most)
         try:
             fd = Backing(fds[0], size).descriptors(writable)[0]
         except OSError as e:

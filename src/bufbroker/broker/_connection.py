@@ -1,10 +1,13 @@
 """One client connection: receive a packet, hand it to the state model, send the answer.
 
 Every descriptor that arrives is owned by an ``FdBag`` until a handler takes it on purpose;
-whatever is left is closed when the request is done, on every path. Requests are answered in
-order, except ``open`` with a timeout and requests an exporter must answer (``_forward``),
-which wait in their own tasks (up to max_pending_requests at once) so that they do not stall
-the connection. Events and notices for the device go out in order through ``post``.
+whatever is left goes to the server's ``Discard`` when the request is done, on every path, to
+be closed off the loop (a client's descriptor can make close() wait). Requests are answered
+in order, except ``open`` with a timeout, which waits in its own task (up to
+max_pending_requests at once, and max_waiting_opens_per_uid for the uid) so that a waiting
+open does not stall the connection; it gives up its request's descriptors before it waits.
+So do requests an exporter must answer (``_forward``). Events and notices for the device go
+out in order through ``post``.
 """
 
 from __future__ import annotations
@@ -12,6 +15,8 @@ from __future__ import annotations
 import errno
 import logging
 import mmap
+import os
+import select
 import socket
 from collections import deque
 from collections.abc import Sequence
@@ -21,17 +26,19 @@ import trio
 
 from .. import protocol as p
 from ..protocol import BrokerError, ProtocolError, RequestError
+from ._chain import Chain
 from ._exports import export_remote, revoke
 from ._handles import handle_key
 from ._heap import adopt_memfd
-from ._introspect import REPLY_BYTES, buffer_page, device_page, stats
+from ._introspect import buffer_page, device_page, stats
+from ._packets import NO_FDS, FdBag, inbox, packet
 from ._records import Buffer, Device
 from ._state import Mapped
 
 if TYPE_CHECKING:
     from ._server import Server
 
-__all__ = ["Awake", "Connection", "FdBag", "inbox", "receive"]
+__all__ = ["Awake", "Connection"]
 
 log = logging.getLogger("bufbroker.broker")
 
@@ -41,33 +48,6 @@ FAIRNESS = 16  # requests served without yielding to other tasks, at most
 _SETTLE_FIRST = frozenset(
     {p.Allocate, p.Export, p.ExportMemfd, p.Open, p.SetName, p.Buffers, p.Devices, p.Stats}
 )
-
-
-class FdBag:
-    """Received descriptors: each is taken on purpose or closed when the bag closes."""
-
-    def __init__(self, fds: Sequence[int]) -> None:
-        self.fds = list(fds)
-
-    def take(self, index: int) -> int:
-        fd, self.fds[index] = self.fds[index], -1
-        return fd
-
-    def take_all(self) -> list[int]:
-        fds = [fd for fd in self.fds if fd >= 0]
-        self.fds.clear()
-        return fds
-
-    def close(self) -> None:
-        if self.fds:
-            p.close_all(fd for fd in self.fds if fd >= 0)
-            self.fds.clear()
-
-
-# A segment packs into at most 20 bytes ([fd, offset, length]: a header and two 64-bit ints),
-# so this many always fit one reply: counted, not packed, on every map.
-_MAX_SEGMENTS = REPLY_BYTES // 20
-_NO_FDS = FdBag(())  # shared by the packets that carry none (most): nothing to take or close
 
 
 class Awake:
@@ -88,42 +68,15 @@ class Awake:
         self.count = 0
 
 
-def inbox(size: int) -> mmap.mmap:
-    """A receive buffer for one connection.
-
-    Reused for every packet (a fresh max_message_size bytes per request would be an
-    allocation on the hot path), and anonymous memory, so that only the pages packets really
-    touch count against the broker's RSS: a 64 KiB buffer costs one page for small requests.
-    """
-    return mmap.mmap(-1, size)
-
-
-async def receive(
-    sock: trio.socket.SocketType, inbox: mmap.mmap, max_fds: int
-) -> tuple[memoryview, list[int], bool]:
-    """One packet into ``inbox``: (data, fds, truncated). FdOverflow comes with its fds closed.
-
-    ``data`` is a view of ``inbox``, valid until the next receive into it. The handshake's
-    way; a connection's requests come in through ``Connection._receive``.
-    """
-    n, ancdata, flags, _ = await sock.recvmsg_into([inbox], p.ancillary_space(max_fds), p.RECV_FLAGS)
-    return _packet(inbox, n, ancdata, flags, max_fds)
-
-
-def _packet(
-    inbox: mmap.mmap, n: int, ancdata: list[tuple[int, int, bytes]], flags: int, max_fds: int
-) -> tuple[memoryview, list[int], bool]:
-    fds = p.fds_from_ancillary(ancdata, flags, max_fds) if ancdata or flags else []
-    return memoryview(inbox)[:n], fds, bool(flags & p.MSG_TRUNC)
-
-
 class Connection:
     def __init__(self, server: Server, sock: trio.socket.SocketType, device: Device) -> None:
         self.server = server
         self.state = server.state
+        self.discard = server.discard
         self.sock = sock
         self.device = device
         self.pending = 0
+        self.chain = Chain()
         self.gone = False  # a send failed: the peer went away
         self._send_lock = trio.Lock()
         # The same socket as a plain non-blocking stdlib object, for sends and receives that
@@ -170,23 +123,32 @@ class Connection:
                 await self._send(self._outbox[0], ())
                 self._outbox.popleft()
 
-    async def _forwarded(self, request: p.Request) -> None:
-        """A request an exporter must answer, in a task of its own (see ``_forward``)."""
+    async def _forwarded(self, request: p.Request, args: p.OpArgs) -> None:
+        """A request an exporter must answer (``args``: resolved), in a task of its own."""
+        try:
+            await self._forward(request, args)
+            await self._answer_waiting(request)
+        finally:
+            self.pending -= 1
+
+    async def _forward(self, request: p.Request, args: p.OpArgs) -> None:
+        """Answer ``request`` once its exporter has (see ``_forward``)."""
         owned: list[int] = []
+        result: Any = None
         try:
             try:
-                result, owned = await self.server.forwarder.answer(self.device, request.args)
+                result, owned = await self.server.forwarder.answer(self.device, args)
                 data = p.encode_reply(request.id, result)
             except BrokerError as e:
                 data = p.encode(p.Error.from_exception(request.id, e))
             except Exception:
                 log.exception("%s failed for %s", request.op, self.device.label)
                 data = p.encode(p.Error(id=request.id, errno=errno.EIO, message="internal broker error"))
+            self.chain.answered(request, result)
             sending, owned = owned, []
             await self._send(data, sending)
         finally:
             p.close_all(owned)
-            self.pending -= 1
 
     async def send(self, message: p.Message, owned: Sequence[int] = ()) -> None:
         """Send ``message`` with the descriptors ``owned``, which are closed afterwards."""
@@ -234,13 +196,22 @@ class Connection:
         while True:
             try:
                 n, ancdata, flags, _ = raw.recvmsg_into([inbox], space, p.RECV_FLAGS)
-                return _packet(inbox, n, ancdata, flags, max_fds)
+                return packet(inbox, n, ancdata, flags, max_fds)
             except BlockingIOError:
                 awake.count -= 1
                 try:
                     await trio.lowlevel.wait_readable(raw)
                 finally:
                     awake.count += 1
+
+    def _hung_up(self) -> bool:
+        """After a read of nothing: end of file, or an empty packet from a peer still there?
+
+        SOCK_SEQPACKET reads both as zero bytes; only the shutdown of the peer's side tells.
+        """
+        poll = select.poll()
+        poll.register(self._raw.fileno(), select.POLLRDHUP)
+        return any(events & (select.POLLRDHUP | select.POLLHUP) for _, events in poll.poll(0))
 
     async def run(self) -> None:
         cfg = self.state.config
@@ -254,106 +225,173 @@ class Connection:
             self._raw.detach()  # the descriptor is trio's socket's to close
 
     async def _serve(self, buffer: mmap.mmap) -> None:
+        cfg = self.state.config
+        max_fds = cfg.max_fds_per_message
+        uid = self.device.uid
+        forwarder = self.server.forwarder
+        served = 0
         async with trio.open_nursery() as nursery:
             nursery.start_soon(self._drain)
             with self._scope:
-                await self._serve_loop(buffer, nursery)
+                while not self.gone:
+                    served += 1
+                    if served % FAIRNESS == 0:
+                        await trio.lowlevel.checkpoint()  # let others run, and cancellation in
+                    if self.discard.pending(uid):
+                        await self.discard.wait_room(uid)  # this uid's closes first, nobody else's
+                    try:
+                        data, fds, truncated = await self._receive(buffer, max_fds)
+                    except p.FdOverflow as e:
+                        self.discard.close(uid, e.fds)
+                        await self.send(p.Error.from_exception(None, e))
+                        continue
+                    except OSError:
+                        break  # ECONNRESET and the like: the peer is gone
+                    if not data and not fds:
+                        if self._hung_up():
+                            break  # end of file
+                        await self.send(p.Error.from_exception(None, ProtocolError("an empty packet")))
+                        break
+                    bag = FdBag(fds, self.discard, uid) if fds else NO_FDS
+                    try:
+                        if fds and not self.state.reserve.allows(uid, max(fds)):
+                            try:
+                                self.state.reserve.check(uid, fds)
+                            except BrokerError as e:  # EMFILE: these are kept for root
+                                raise RequestError(p.peek_request_id(data) or 0, e) from None
+                        if truncated:
+                            raise RequestError(
+                                p.peek_request_id(data) or 0,
+                                BrokerError(
+                                    errno.EMSGSIZE, f"a message may be at most {cfg.max_message_size} bytes"
+                                ),
+                            )
+                        message = p.decode(data, fds, max_items=cfg.max_message_size)
+                        if type(message) in (p.Answer, p.Refusal) and self.device.exporter:
+                            forwarder.answered(self.device, message, bag)  # type: ignore[arg-type]
+                            continue
+                        if type(message) is not p.Request:
+                            raise ProtocolError("clients send requests only")
+                        if self.pending >= cfg.max_pending_requests:
+                            raise RequestError(
+                                message.id,
+                                BrokerError(
+                                    errno.EAGAIN,
+                                    f"max_pending_requests ({cfg.max_pending_requests}) in flight",
+                                ),
+                            )
+                        if type(message.args) is p.Open and message.args.timeout:
+                            self._park_open(nursery, message)
+                            continue
+                        if (blocker := self.chain.blocker(message.args)) is not None:
+                            self.chain.wait(message, blocker)  # its descriptors are discarded now
+                            self.pending += 1
+                            continue
+                        if forwarder.wants(self.device, message.args):
+                            self._start_forward(nursery, message)
+                            continue
+                        await self._send(*self._answer(message, bag))
+                    except RequestError as e:
+                        await self.send(p.Error.from_exception(e.id, e))
+                    except ProtocolError as e:
+                        log.info("closing %s: %s", self.device.label, e.strerror)
+                        await self.send(p.Error.from_exception(None, e))
+                        break
+                    finally:
+                        bag.close()
             nursery.cancel_scope.cancel()
-
-    async def _serve_loop(self, buffer: mmap.mmap, nursery: trio.Nursery) -> None:
-        cfg = self.state.config
-        forwarder = self.server.forwarder
-        max_fds = cfg.max_fds_per_message
-        served = 0
-        while not self.gone:
-            served += 1
-            if served % FAIRNESS == 0:
-                await trio.lowlevel.checkpoint()  # let others run, and cancellation in
-            try:
-                data, fds, truncated = await self._receive(buffer, max_fds)
-            except p.FdOverflow as e:
-                await self.send(p.Error.from_exception(None, e))
-                continue
-            except OSError:
-                break  # ECONNRESET and the like: the peer is gone
-            if not data and not fds:
-                break  # end of file
-            bag = FdBag(fds) if fds else _NO_FDS
-            try:
-                if truncated:
-                    raise RequestError(
-                        p.peek_request_id(data) or 0,
-                        BrokerError(errno.EMSGSIZE, f"a message may be at most {cfg.max_message_size} bytes"),
-                    )
-                message = p.decode(data, fds, max_items=cfg.max_message_size)
-                if type(message) in (p.Answer, p.Refusal) and self.device.exporter:
-                    forwarder.answered(self.device, message, bag)  # type: ignore[arg-type]
-                    continue
-                if type(message) is not p.Request:
-                    raise ProtocolError("clients send requests only")
-                if self.pending >= cfg.max_pending_requests:
-                    raise RequestError(
-                        message.id,
-                        BrokerError(
-                            errno.EAGAIN, f"max_pending_requests ({cfg.max_pending_requests}) in flight"
-                        ),
-                    )
-                if type(message.args) is p.Open and message.args.timeout:
-                    self.pending += 1
-                    nursery.start_soon(self._waiting_open, message, bag)
-                    bag = _NO_FDS
-                    continue
-                if forwarder.wants(self.device, message.args):
-                    self.pending += 1
-                    nursery.start_soon(self._forwarded, message)
-                    continue
-                await self._send(*self._answer(message, bag))
-            except RequestError as e:
-                await self.send(p.Error.from_exception(e.id, e))
-            except ProtocolError as e:
-                log.info("closing %s: %s", self.device.label, e.strerror)
-                await self.send(p.Error.from_exception(None, e))
-                break
-            finally:
-                bag.close()
 
     def _answer(self, request: p.Request, bag: FdBag) -> tuple[bytes, Sequence[int]]:
         """The packet that answers ``request``, and the descriptors to send with it."""
         try:
-            result, owned = self._handle(request, bag)
+            result, owned = self._handle(request, self.chain.resolve(request.args), bag)
         except OSError as e:  # BrokerError, or a syscall on the peer's descriptor that failed
             error = e if isinstance(e, BrokerError) else BrokerError(e.errno or errno.EIO, str(e))
+            self.chain.answered(request, None)
             return p.encode(p.Error.from_exception(request.id, error)), ()
         except Exception:
             log.exception("%s failed for %s", request.op, self.device.label)
+            self.chain.answered(request, None)
             return p.encode(p.Error(id=request.id, errno=errno.EIO, message="internal broker error")), ()
+        self.chain.answered(request, result)
         try:
-            return p.encode_reply(request.id, result), owned
+            packet = p.encode_reply(request.id, result)
         except BaseException:
             p.close_all(owned)
             raise
+        if len(packet) > p.MAX_REPLY_BYTES:  # a bug: never send what a client may not receive
+            p.close_all(owned)
+            log.error("%s for %s made a reply of %d bytes", request.op, self.device.label, len(packet))
+            refusal = p.Error(id=request.id, errno=errno.EMSGSIZE, message="the reply is too large")
+            return p.encode(refusal), ()
+        return packet, owned
 
-    async def _waiting_open(self, request: p.Request, bag: FdBag) -> None:
-        """``open`` that waits for the name to appear, like Plasma's get with a timeout."""
-        assert isinstance(request.args, p.Open)
+    def _park_open(self, nursery: trio.Nursery, request: p.Request) -> None:
+        """Start an ``open`` that waits for its name, charged to the uid.
+
+        Its request's descriptors stay with the caller's bag, which discards them at once: a
+        waiting request holds nothing but its place among the name's waiters.
+        """
+        args = request.args
+        assert isinstance(args, p.Open)
         try:
-            with trio.move_on_after(request.args.timeout or 0):
-                while request.args.name not in self.state.names:
-                    await self.server.names_changed.park()
-            answer = p.Request(id=request.id, op="open", args=p.Open(name=request.args.name))
-            await self._send(*self._answer(answer, bag))
+            key = self.state.name_key(self.device, args.name, args.uid)
+            self.state.quotas.begin_wait(self.device.uid)
+        except BrokerError as e:
+            raise RequestError(request.id, e) from None
+        self.pending += 1
+        self.chain.unanswered(request.id)
+        nursery.start_soon(self._waiting_open, request, key)
+
+    async def _waiting_open(self, request: p.Request, key: tuple[int, str]) -> None:
+        """``open`` that waits for the name to appear, like Plasma's get with a timeout."""
+        args = request.args
+        assert isinstance(args, p.Open)
+        try:
+            with trio.move_on_after(args.timeout or 0):
+                while key not in self.state.names:
+                    await self.server.names.wait(key)
+            answer = p.Request(id=request.id, op="open", args=p.Open(name=args.name, uid=args.uid))
+            await self._send(*self._answer(answer, NO_FDS))
+            await self._answer_waiting(request)
         finally:
             self.pending -= 1
-            bag.close()
+            self.state.quotas.end_wait(self.device.uid)
+
+    def _start_forward(self, nursery: trio.Nursery, request: p.Request) -> None:
+        """Start a request an exporter must answer; later ones that refer to it wait for it."""
+        try:
+            args = self.chain.resolve(request.args)
+        except BrokerError as e:
+            self.chain.answered(request, None)
+            raise RequestError(request.id, e) from None
+        self.pending += 1
+        self.chain.unanswered(request.id)
+        nursery.start_soon(self._forwarded, request, args)
+
+    async def _answer_waiting(self, request: p.Request) -> None:
+        """Answer, in order, the requests that waited for ``request`` (just answered)."""
+        for follower in self.chain.take(request.id):
+            self.pending -= 1
+            try:
+                args = self.chain.resolve(follower.args)
+            except BrokerError:
+                args = follower.args  # _answer says why
+            if self.server.forwarder.wants(self.device, args):
+                await self._forward(follower, args)
+            else:
+                await self._send(*self._answer(follower, NO_FDS))
+            await self._answer_waiting(follower)
 
     # --- the ops -------------------------------------------------------------------------
 
-    def _handle(self, request: p.Request, bag: FdBag) -> tuple[Any, list[int]]:
-        """Apply one request to the state; returns (result, descriptors to send and close)."""
+    def _handle(self, request: p.Request, args: p.OpArgs, bag: FdBag) -> tuple[Any, list[int]]:
+        """Apply one request (``args``: its arguments, references resolved) to the state;
+        returns (result, descriptors to send and close)."""
         state, dev = self.state, self.device
-        if type(request.args) in _SETTLE_FIRST:
+        if type(args) in _SETTLE_FIRST:
             self.server.handles.settle()
-        match request.args:
+        match args:
             case p.Ping():
                 return {}, []
             case p.Allocate(size=size, name=name, heap=heap):
@@ -369,36 +407,42 @@ class Connection:
                     raise
                 return self._with_handle(buffer, readonly=False, new_ref=True)
             case p.Import():
-                buffer = state.import_handle(dev, handle_key(bag.fds[0]))
+                try:
+                    key = handle_key(bag.fds[0])
+                except OSError:  # not a socket: no handle either
+                    raise BrokerError(errno.EINVAL, "the descriptor is not a bufbroker handle") from None
+                buffer = state.import_handle(dev, key)
+                # A live handle's client end: a quick close, its queue holds our byte at most.
+                os.close(bag.take(0))
                 return self._describe(buffer), []
-            case p.Open(name=name):
-                buffer = state.open(dev, name)
+            case p.Open(name=name, uid=uid):
+                buffer = state.open(dev, name, uid)
                 return self._with_handle(buffer, readonly=False, new_ref=True)
-            case p.Share(buffer=buffer_id, readonly=readonly):
+            case p.Share(buffer=int(buffer_id), readonly=readonly):
                 return self._with_handle(state.share(dev, buffer_id, readonly=readonly), readonly=readonly)
-            case p.SetName(buffer=buffer_id, name=name):
-                state.set_name(dev, buffer_id, name)
+            case p.SetName(buffer=int(buffer_id), name=name):
+                buffer = state.set_name(dev, buffer_id, name)
                 if name:
-                    self.server.names_changed.unpark_all()
+                    self.server.names.appeared((buffer.owner, name))
                 return {}, []
-            case p.Release(buffer=buffer_id):
+            case p.Release(buffer=int(buffer_id)):
                 state.release(dev, buffer_id)
                 return {}, []
-            case p.Attach(buffer=buffer_id, dynamic=dynamic):
+            case p.Attach(buffer=int(buffer_id), dynamic=dynamic):
                 return {"attachment": state.attach(dev, buffer_id, dynamic=dynamic).id}, []
-            case p.Detach(attachment=att):
+            case p.Detach(attachment=int(att)):
                 state.detach(dev, att)
                 return {}, []
-            case p.Map(attachment=att, direction=direction):
+            case p.Map(attachment=int(att), direction=direction):
                 mapped = state.map(dev, att, direction)
-                return self._backing(mapped, lambda: state.unmap(dev, att))  # None: see _forward
-            case p.Unmap(attachment=att):
+                return self._backing(mapped, lambda: state.unmap(dev, att))
+            case p.Unmap(attachment=int(att)):
                 state.unmap(dev, att)
                 return {}, []
-            case p.CpuBegin(buffer=buffer_id, access=access):
+            case p.CpuBegin(buffer=int(buffer_id), access=access):
                 mapped = state.cpu_begin(dev, buffer_id, access)
                 return self._backing(mapped, lambda: state.cpu_end(dev, buffer_id, access))
-            case p.CpuEnd(buffer=buffer_id, access=access):
+            case p.CpuEnd(buffer=int(buffer_id), access=access):
                 state.cpu_end(dev, buffer_id, access)
                 return {}, []
             case p.Buffers(after=after):
@@ -412,7 +456,7 @@ class Connection:
             case p.Export(size=size, name=name):
                 buffer = export_remote(state, dev, size, name=name)
                 return self._with_handle(buffer, readonly=False, new_ref=True)
-            case p.Revoke(buffer=buffer_id):
+            case p.Revoke(buffer=int(buffer_id)):
                 buffer = revoke(state, dev, buffer_id)
                 self.server.forwarder.abort(
                     BrokerError(errno.ENODEV, f"buffer {buffer_id} was revoked"), buffer=buffer
@@ -421,41 +465,47 @@ class Connection:
         raise BrokerError(errno.ENOTTY, f"{request.op} cannot be used after hello")
 
     def _describe(self, buffer: Buffer) -> dict[str, Any]:
+        uid = self.device.uid
+        theirs = uid != 0 and buffer.owner != uid  # names of other uids are theirs alone
         return {
             "id": buffer.id,
             "size": buffer.size,
-            "name": buffer.name,
+            "name": None if theirs else buffer.name,
             "heap": buffer.heap,
-            "exporter": buffer.exporter[1],
+            "exporter": None if theirs else buffer.exporter[1],
             "readonly": not self.device.refs[buffer.id].writable,
             "revoked": buffer.revoked,
         }
 
     def _with_handle(self, buffer: Buffer, *, readonly: bool, new_ref: bool = False) -> tuple[Any, list[int]]:
-        """A freshly minted handle for ``buffer``; if minting fails, the request is undone."""
+        """A freshly minted handle for ``buffer``, charged to this uid; if that fails, the
+        request is undone."""
+        dev, handles = self.device, self.server.handles
         try:
-            fd, key = self.server.handles.mint()
-        except OSError as e:
+            self.state.check_handle(dev)
+            try:
+                ours, theirs, key = handles.mint(dev.uid)
+            except OSError as e:
+                raise BrokerError(e.errno or errno.EMFILE, f"cannot mint a handle: {e.strerror}") from None
+            if not self.state.reserve.allows(dev.uid, ours):
+                os.close(theirs)
+                handles.discard(key)
+                self.state.reserve.check(dev.uid, [ours])
+        except BrokerError:
             if new_ref:
-                self.state.release(self.device, buffer.id)
-            raise BrokerError(e.errno or errno.EMFILE, f"cannot mint a handle: {e.strerror}") from None
-        self.state.add_handle(buffer, key, readonly=readonly)
+                self.state.release(dev, buffer.id)
+            raise
+        self.state.add_handle(buffer, key, readonly=readonly, uid=dev.uid)
         if new_ref and buffer.name:
-            self.server.names_changed.unpark_all()
-        return (self._describe(buffer) if new_ref else {}), [fd]
+            self.server.names.appeared((buffer.owner, buffer.name))
+        return (self._describe(buffer) if new_ref else {}), [theirs]
 
     def _backing(self, mapped: Mapped | None, undo: Any) -> tuple[Any, list[int]]:
         if mapped is None:  # a remote buffer's, which _forward answers: a race with a revoke
             undo()
             raise BrokerError(errno.ENODEV, "the buffer's exporter is gone")
-        segments = [s.to_wire() for s in mapped.layout]
-        if len(segments) > _MAX_SEGMENTS:
-            undo()
-            raise BrokerError(
-                errno.EMSGSIZE,
-                f"the layout has {len(segments)} segments, more than one reply can carry: "
-                "allow longer segments (max_segment_size)",
-            )
+        # attach refused any layout longer than max_layout_segments: this always fits a reply
+        segments = mapped.layout.to_wire()
         try:
             fds = mapped.backing.descriptors(mapped.writable)
         except OSError as e:

@@ -28,7 +28,7 @@ from ._exports import begin_call, end_call, move
 from ._records import Buffer, Device, PendingCall
 
 if TYPE_CHECKING:
-    from ._connection import FdBag
+    from ._packets import FdBag
     from ._server import Server
 
 __all__ = ["Forwarder"]
@@ -60,12 +60,12 @@ class Forwarder:
     # --- which requests come here
 
     def wants(self, device: Device, args: p.OpArgs) -> bool:
-        """Whether ``args`` needs an exporter's answer (or, for move, a wait)."""
+        """Whether ``args`` (references resolved) needs an exporter's answer, or a move's wait."""
         match args:
-            case p.Attach(buffer=buffer_id) | p.CpuBegin(buffer=buffer_id):
+            case p.Attach(buffer=int(buffer_id)) | p.CpuBegin(buffer=int(buffer_id)):
                 ref = device.refs.get(buffer_id)
                 return ref is not None and ref.buffer.remote is not None and not ref.buffer.revoked
-            case p.Map(attachment=att_id):
+            case p.Map(attachment=int(att_id)):
                 att = device.attachments.get(att_id)
                 return att is not None and att.buffer.remote is not None and not att.buffer.revoked
             case p.Move():
@@ -76,7 +76,7 @@ class Forwarder:
         """The reply (result, descriptors) to a request ``wants`` took."""
         state = self.state
         match args:
-            case p.Attach(buffer=buffer_id, dynamic=dynamic):
+            case p.Attach(buffer=int(buffer_id), dynamic=dynamic):
                 att = state.attach(device, buffer_id, dynamic=dynamic)
                 ask = p.AttachCall(
                     buffer=buffer_id,
@@ -92,7 +92,7 @@ class Forwarder:
                     state.drop_attachment(device, att.id, tell=not isinstance(e, _Refused))
                     raise
                 return {"attachment": att.id}, []
-            case p.Map(attachment=att_id, direction=direction):
+            case p.Map(attachment=int(att_id), direction=direction):
                 state.map(device, att_id, direction)
                 buffer = device.attachments[att_id].buffer
                 try:
@@ -102,7 +102,7 @@ class Forwarder:
                     if att_id in device.attachments and device.attachments[att_id].map_count:
                         state.unmap(device, att_id, tell=not isinstance(e, _Refused))
                     raise
-            case p.CpuBegin(buffer=buffer_id, access=access):
+            case p.CpuBegin(buffer=int(buffer_id), access=access):
                 state.cpu_begin(device, buffer_id, access)
                 buffer = device.refs[buffer_id].buffer
                 try:
@@ -151,16 +151,16 @@ class Forwarder:
             if isinstance(answer, p.Refusal):
                 raise _Refused(answer.errno, f"the exporter refused {call.op}: {answer.message}")
             if type(answer.result) is not dict:
-                self.server.close_later(answer.fds)
+                self.server.close_later(call.exporter.uid, answer.fds)
                 raise self._garbage(call, BrokerError(errno.EIO, "the exporter's answer is not a map"))
             if answer.fds and not isinstance(args, p.MapCall | p.BeginCpuCall):
-                self.server.close_later(answer.fds)  # only memory answers carry descriptors
+                self.server.close_later(call.exporter.uid, answer.fds)  # only memory answers carry any
             return answer
         finally:
             del self._slots[call.id]
             end_call(call)
             if slot.answer is not None:  # it came as this task was cancelled
-                self.server.close_later(slot.answer.fds)
+                self.server.close_later(call.exporter.uid, slot.answer.fds)
 
     async def _backing(
         self, importer: Device, buffer: Buffer, args: p.OpArgs, writable: bool, constraints: Constraints
@@ -181,11 +181,12 @@ class Forwarder:
                     buffer.size,
                     constraints,
                     writable,
+                    self.state.config.max_layout_segments,
                     limiter=limiter,
                 )
         except BrokerError as e:
             raise self._garbage(exporter, e, answer.id, args) from None
-        result = {"segments": [s.to_wire() for s in layout], "size": buffer.size, "writable": writable}
+        result = {"segments": layout.to_wire(), "size": buffer.size, "writable": writable}
         return result, [fd]
 
     def _garbage(
@@ -213,10 +214,9 @@ class Forwarder:
     def answered(self, exporter: Device, message: p.Answer | p.Refusal, bag: FdBag) -> None:
         """An exporter's answer: to its waiting call, or dropped (late, or not its call)."""
         slot = self._slots.get(message.id)
-        fds = bag.take_all()
         if slot is None or slot.call.exporter is not exporter or slot.done.is_set():
-            self.server.close_later(fds)  # a close of a client's descriptor can block
-            return
+            return  # the bag discards its descriptors, off the loop
+        fds = bag.take_all()
         slot.answer = type(message)(**{**message.__dict__, "fds": fds})
         slot.done.set()
 

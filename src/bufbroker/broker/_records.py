@@ -11,13 +11,18 @@ from __future__ import annotations
 from collections import Counter
 from dataclasses import dataclass, field
 
-from ..protocol import Access, Constraints, Direction, Segment
+from ..protocol import Access, Constraints, Direction
 from ._heap import Backing
+from ._layout import Layout
 
 __all__ = ["Attachment", "Buffer", "Device", "Handle", "Key", "PendingCall", "Ref", "Usage"]
 
-Key = tuple[int, int]
-"""A handle's identity: (st_dev, st_ino) of the client end of its socketpair."""
+Key = int
+"""A handle's identity: the SO_COOKIE of the client end of its socketpair (64 bits, never reused).
+
+Not its inode number: those come from a 32-bit counter that wraps, and a socket made later
+could then pass for the handle.
+"""
 
 
 @dataclass(eq=False, slots=True, kw_only=True)
@@ -70,6 +75,7 @@ class Handle:
     key: Key
     buffer: Buffer
     readonly: bool
+    uid: int  # charged for it: the uid of the device it was minted for
 
 
 @dataclass(eq=False, slots=True, kw_only=True)
@@ -84,8 +90,9 @@ class Buffer:
     handles: dict[Key, Handle] = field(default_factory=dict)
     holders: dict[int, Device] = field(default_factory=dict)  # by device id
     attachments: dict[int, Attachment] = field(default_factory=dict)
+    attached: Counter[int] = field(default_factory=Counter)  # attachments per device id
     cpu: Counter[tuple[int, Access]] = field(default_factory=Counter)  # (device id, mode)
-    layout: list[Segment] | None = None  # chosen at the first map or cpu access
+    layout: Layout | None = None  # chosen at the first map or cpu access
     backing: Backing | None = None  # exists from export for adopted memfds, else with layout
     remote: Device | None = None  # the exporter that supplies its memory and answers its ops
     revoked: bool = False  # its exporter is gone or revoked it: no new attach, map, cpu access
@@ -113,5 +120,8 @@ class Usage:
     """What one uid holds, against its quotas."""
 
     connections: int = 0
+    incomplete: int = 0  # connections that have not said hello yet
     buffers: int = 0
     bytes: int = 0
+    handles: int = 0
+    waiting: int = 0  # opens waiting for a name

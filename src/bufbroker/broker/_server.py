@@ -1,8 +1,9 @@
 """The trio server: accepts connections and moves messages between them and the state model.
 
 One task per connection (plus one for every ``open`` that waits); one task watches every
-handle. ``serve`` follows trio's convention for long-running entry points: it calls
-``task_status.started()`` once it is accepting, and returns only when cancelled.
+handle; one closes, off the loop, the descriptors clients gave and nobody keeps. ``serve``
+follows trio's convention for long-running entry points: it calls ``task_status.started()``
+once it is accepting, and returns only when cancelled.
 """
 
 from __future__ import annotations
@@ -19,14 +20,16 @@ import trio
 from .. import protocol as p
 from ..protocol import BrokerError, ProtocolError
 from ._config import Config
-from ._connection import Awake, Connection, inbox, receive
+from ._connection import Awake, Connection
+from ._discard import Discard
 from ._fdstore import FdStore, Notifier, restore
 from ._forward import Forwarder
 from ._handles import HandleTable
-from ._heap import Backing
-from ._reaper import LARGE, Reaper
+from ._packets import inbox, receive
+from ._reaper import Reaper
 from ._records import Device
 from ._state import State
+from ._waiters import NameWaiters
 
 __all__ = ["Server"]
 
@@ -36,27 +39,16 @@ _CRED = struct.Struct("3i")
 
 
 def _command(pid: int) -> str:
+    """The peer's command name (``comm``, at most 15 bytes).
+
+    Not its command line: reading /proc/<pid>/cmdline takes the peer's memory lock, which the
+    peer can hold to stall the reader (the whole loop); ``comm`` is kept beside the task.
+    """
     try:
-        with open(f"/proc/{pid}/cmdline", "rb") as f:
-            argv = f.read(4096).rstrip(b"\0").split(b"\0")
+        with open(f"/proc/{pid}/comm", "rb") as f:
+            return f.read(64).decode(errors="replace").strip()
     except OSError:
         return "?"
-    # One line, whatever the arguments held (a `python -c` script spans many).
-    return " ".join(" ".join(a.decode(errors="replace").split()) for a in argv)[:200]
-
-
-class _Descriptors(Backing):
-    """Descriptors a client sent, for the reaper to close together in its worker thread."""
-
-    __slots__ = ("fds",)
-
-    def __init__(self, fds: list[int]) -> None:
-        super().__init__(-1, LARGE)
-        self.fds = fds
-
-    def close(self) -> None:
-        p.close_all(self.fds)
-        self.fds = []
 
 
 class Server:
@@ -76,14 +68,14 @@ class Server:
             generation = restore(stored or [], self.state, self.handles, fdstore)
             self._fdstore = FdStore(fdstore, self.state, self.handles, generation)
             self.state.observer = self._fdstore
-        self.names_changed = trio.lowlevel.ParkingLot()
+        self.names = NameWaiters()
+        self.discard = Discard()
         self.unmapped = trio.lowlevel.ParkingLot()  # a moved buffer's stale mapping went away
         self.state.post = self.post
         self.state.unmapped = lambda buffer: self._wake_moves()
         self.forwarder = Forwarder(self)
         self.version = version
         self.connections = 0
-        self._incomplete = 0
         self._live: set[Connection] = set()
         self._by_device: dict[int, Connection] = {}
         self.awake = Awake()
@@ -97,11 +89,9 @@ class Server:
         if connection is not None:
             connection.post(message)
 
-    def close_later(self, fds: Iterable[int]) -> None:
-        """Close descriptors a client supplied in a worker thread (a close can block)."""
-        fds = list(fds)
-        if fds:
-            self._reaper.free(_Descriptors(fds))
+    def close_later(self, uid: int, fds: Iterable[int]) -> None:
+        """Close descriptors a client of ``uid`` gave, off the loop (a close can block)."""
+        self.discard.close(uid, list(fds))
 
     async def serve(
         self,
@@ -113,6 +103,7 @@ class Server:
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(self.handles.watch)
                 nursery.start_soon(self._reaper.run)
+                nursery.start_soon(self.discard.run)
                 if self._fdstore is not None:
                     nursery.start_soon(self._fdstore.run)
                 task_status.started()
@@ -127,6 +118,7 @@ class Server:
         finally:
             self.handles.close()
             self._reaper.close()
+            self.discard.close_now()
 
     async def announce_shutdown(self, grace: float = 0.5) -> None:
         """Tell every device the broker is stopping (the ``shutdown`` event), briefly."""
@@ -139,6 +131,7 @@ class Server:
         with sock:
             pid, uid, gid = _CRED.unpack(sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, _CRED.size))
             try:
+                self.state.reserve.check(uid, [sock.fileno()])
                 self.state.admit(uid)
             except BrokerError as e:
                 await self._refuse(sock, e)
@@ -177,17 +170,22 @@ class Server:
 
     async def _handshake(self, sock: trio.socket.SocketType, pid: int, uid: int, gid: int) -> Device | None:
         cfg = self.state.config
-        if self._incomplete >= cfg.max_incomplete_connections:
-            await self._refuse(sock, BrokerError(errno.EAGAIN, "too many connections are still handshaking"))
+        quotas = self.state.quotas
+        try:
+            quotas.begin_handshake(uid)
+        except BrokerError as e:
+            await self._refuse(sock, e)
             return None
-        self._incomplete += 1
         try:
             with trio.move_on_after(cfg.handshake_timeout):
                 try:
                     data, fds, _ = await receive(sock, inbox(cfg.max_message_size), cfg.max_fds_per_message)
+                except p.FdOverflow as e:
+                    self.discard.close(uid, e.fds)
+                    return None
                 except OSError:
                     return None
-                p.close_all(fds)  # hello carries none
+                self.discard.close(uid, fds)  # hello carries none
                 try:
                     message = p.decode(data)
                 except BrokerError as e:
@@ -236,4 +234,4 @@ class Server:
             log.info("pid %d did not say hello within %ss; dropped", pid, cfg.handshake_timeout)
             return None
         finally:
-            self._incomplete -= 1
+            quotas.end_handshake(uid)

@@ -69,7 +69,8 @@ def buffer_cells(row: BufferRow) -> list[object]:
         row["name"],
         iec(row["size"]),
         row["heap"],
-        f"{exporter['name']}/{exporter['pid']}{',revoked' if exporter['revoked'] else ''}",
+        ("-" if exporter["name"] is None else f"{exporter['name']}/{exporter['pid']}")  # "-": another uid's
+        + (",revoked" if exporter["revoked"] else ""),
         row["handles"],
         row["attached"],
         row["mapped"],
@@ -123,7 +124,11 @@ def render_show(data: dict[str, Any], *, legend: bool = True) -> str:
     lines = [
         f"buffer {data['id']}: {data['name'] or '(no name)'}",
         f"size: {iec(data['size'])} ({data['size']} bytes), heap {data['heap']}",
-        f"exporter: {exporter['name']} (device {exporter['device']}, pid {exporter['pid']})"
+        (
+            "exporter: (another user's device)"
+            if exporter["name"] is None
+            else f"exporter: {exporter['name']} (device {exporter['device']}, pid {exporter['pid']})"
+        )
         + (", which supplies the memory and answers the ops" if exporter["supplies"] else ""),
         f"owner: {user_name(data['owner'])} (uid {data['owner']}), age {age(data['age'])}",
         f"handles: {data['handles']} live",

@@ -8,9 +8,10 @@ do with a call and how to answer it is decided here, once, without I/O; the bloc
 runs it on a thread of its own and the trio client in its nursery (``CallServer``).
 
 What ``map`` and ``begin_cpu_access`` return: one memfd (the broker lays it out for the
-importer), or ``(memfd, segments)``. The memfd must hold exactly the buffer's page-rounded
-size, be sealed ``F_SEAL_SHRINK`` and not against writing, and be open read-write (the
-``export_memfd`` rules); it stays the exporter's: the library sends a copy and closes nothing.
+importer), or ``(memfd, segments)``, segments all as long as the first but the last. The memfd
+must hold exactly the buffer's page-rounded size, be sealed ``F_SEAL_SHRINK`` and
+``F_SEAL_GROW`` and not against writing, and be open read-write (the ``export_memfd`` rules);
+it stays the exporter's: the library sends a copy and closes nothing.
 """
 
 from __future__ import annotations

@@ -28,6 +28,8 @@ from ._fds import (
     one_handle,
 )
 from ._messages import (
+    MAX_REPLY_BYTES,
+    MAX_REPLY_FDS,
     PROTOCOL_VERSION,
     Answer,
     Call,
@@ -66,6 +68,7 @@ from ._ops import (
     OpArgs,
     Open,
     Ping,
+    Ref,
     Release,
     Revoke,
     SetName,
@@ -80,6 +83,8 @@ __all__ = [
     "CALLS",
     "HANDLE_MARK",
     "MAX_NAME_BYTES",
+    "MAX_REPLY_BYTES",
+    "MAX_REPLY_FDS",
     "MSG_TRUNC",
     "OPS",
     "OP_NAMES",
@@ -119,6 +124,7 @@ __all__ = [
     "Open",
     "Ping",
     "ProtocolError",
+    "Ref",
     "Refusal",
     "Release",
     "ReleaseCall",

@@ -40,6 +40,7 @@ __all__ = [
     "OpSpec",
     "Open",
     "Ping",
+    "Ref",
     "Release",
     "Revoke",
     "SetName",
@@ -112,6 +113,24 @@ def _constraints(value: Any) -> Constraints:
         raise ValueError(e.strerror) from None
 
 
+class Ref(Record, kw_only=False):
+    """``{"ref": request_id}`` in place of an id: what that earlier request of the connection
+    made (a buffer, an attachment), so that a chain of requests needs no round trip between them."""
+
+    request: int
+
+    def to_wire(self) -> dict[str, int]:
+        return {"ref": self.request}
+
+
+def _id_or_ref(value: Any) -> int | Ref:
+    if type(value) is dict:
+        if len(value) != 1 or "ref" not in value:
+            raise ValueError('an id, or {"ref": request id}')
+        return Ref(_int(value["ref"]))
+    return _int(value)
+
+
 def _optional(check: Callable[[Any], Any]) -> Callable[[Any], Any]:
     return lambda value: None if value is None else check(value)
 
@@ -126,6 +145,8 @@ _CHECKS: dict[str, Callable[[Any], Any]] = {
     "Access": _access,
     "Constraints": _constraints,
     "str | None": _optional(_str),
+    "int | None": _optional(_int),
+    "int | Ref": _id_or_ref,
 }
 _BY_NAME: dict[tuple[str, str], Callable[[Any], Any]] = {
     ("name", "str"): _name,
@@ -156,7 +177,7 @@ class OpArgs(Record):
                 continue
             if isinstance(value, Direction | Access):
                 value = value.value
-            elif isinstance(value, Constraints):
+            elif isinstance(value, Constraints | Ref):
                 value = value.to_wire()
             out[name] = value
         return out
@@ -251,56 +272,57 @@ class Import(OpArgs):
 class Open(OpArgs):
     name: str
     timeout: float | None = None
+    uid: int | None = None  # whose name: the caller's own unless root says another
 
 
 @op("share", reply_fds=True)
 class Share(OpArgs):
-    buffer: int
+    buffer: int | Ref
     readonly: bool = False
 
 
 @op("set_name")
 class SetName(OpArgs):
-    buffer: int
+    buffer: int | Ref
     name: str | None = None
 
 
 @op("release")
 class Release(OpArgs):
-    buffer: int
+    buffer: int | Ref
 
 
 @op("attach")
 class Attach(OpArgs):
-    buffer: int
+    buffer: int | Ref
     dynamic: bool = False  # told of moves (a "move" event) instead of pinning the buffer
 
 
 @op("detach")
 class Detach(OpArgs):
-    attachment: int
+    attachment: int | Ref
 
 
 @op("map", reply_fds=True)
 class Map(OpArgs):
-    attachment: int
+    attachment: int | Ref
     direction: Direction
 
 
 @op("unmap")
 class Unmap(OpArgs):
-    attachment: int
+    attachment: int | Ref
 
 
 @op("cpu_begin", reply_fds=True)
 class CpuBegin(OpArgs):
-    buffer: int
+    buffer: int | Ref
     access: Access
 
 
 @op("cpu_end")
 class CpuEnd(OpArgs):
-    buffer: int
+    buffer: int | Ref
     access: Access
 
 
