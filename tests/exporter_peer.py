@@ -19,6 +19,7 @@ import fcntl
 import json
 import os
 import sys
+import threading
 import time
 from typing import Any
 
@@ -28,8 +29,13 @@ from bufbroker import Access, BrokerError, Direction, Segment
 SIZE = 2 * 4096
 
 
+_printing = threading.Lock()  # two threads print: calls on the device's, commands on the main one
+
+
 def say(**values: object) -> None:
-    print(json.dumps(values), flush=True)
+    with _printing:
+        sys.stdout.write(json.dumps(values) + "\n")
+        sys.stdout.flush()
 
 
 def pool(text: bytes, size: int = SIZE, seal: bool = True) -> int:
