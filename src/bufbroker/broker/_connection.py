@@ -18,7 +18,6 @@ import mmap
 import os
 import select
 import socket
-from collections import deque
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
@@ -31,6 +30,7 @@ from ._exports import export_remote, revoke
 from ._handles import handle_key
 from ._heap import adopt_memfd
 from ._introspect import buffer_page, device_page, stats
+from ._outbox import Outbox
 from ._packets import NO_FDS, FdBag, inbox, packet
 from ._records import Buffer, Device
 from ._state import Mapped
@@ -83,45 +83,19 @@ class Connection:
         # complete at once (most do); trio's own calls are used whenever one would block.
         self._raw = socket.socket(fileno=sock.fileno())
         self._raw.setblocking(False)
-        self._outbox: deque[bytes] = deque()  # posted packets waiting for room to send
-        self._outbox_ready = trio.Event()
-        self._scope = trio.CancelScope()
+        self._scope = trio.CancelScope()  # the serving loop's: cancelled to hang up
+        self._outbox = Outbox(self._raw, self._send, self.state.config.max_queued_events, self._hang_up)
 
     def post(self, message: p.Event | p.Call) -> None:
-        """Send ``message`` soon, after those posted before it; never waits.
+        """Send ``message`` soon, in order, never waiting (see ``Outbox``)."""
+        if not self.gone:
+            self._outbox.post(message)
 
-        Sent at once when the socket has room; otherwise queued for the connection's own
-        sending task. A peer that leaves max_queued_events unread is hung up on: the broker
-        does not keep an unbounded queue for anyone.
-        """
-        if self.gone:
-            return
-        data = p.encode(message)
-        if not self._outbox:
-            try:
-                self._raw.send(data)
-                return
-            except BlockingIOError:
-                pass
-            except OSError:
-                self.gone = True
-                self._scope.cancel()
-                return
-        if len(self._outbox) >= self.state.config.max_queued_events:
-            log.warning("closing %s: it left max_queued_events messages unread", self.device.label)
-            self.gone = True
-            self._scope.cancel()
-            return
-        self._outbox.append(data)
-        self._outbox_ready.set()
-
-    async def _drain(self) -> None:
-        while True:
-            await self._outbox_ready.wait()
-            self._outbox_ready = trio.Event()
-            while self._outbox:
-                await self._send(self._outbox[0], ())
-                self._outbox.popleft()
+    def _hang_up(self, why: str) -> None:
+        if why:
+            log.warning("closing %s: %s", self.device.label, why)
+        self.gone = True
+        self._scope.cancel()
 
     async def _forwarded(self, request: p.Request, args: p.OpArgs) -> None:
         """A request an exporter must answer (``args``: resolved), in a task of its own."""
@@ -231,7 +205,7 @@ class Connection:
         forwarder = self.server.forwarder
         served = 0
         async with trio.open_nursery() as nursery:
-            nursery.start_soon(self._drain)
+            nursery.start_soon(self._outbox.run)
             with self._scope:
                 while not self.gone:
                     served += 1

@@ -26,6 +26,7 @@ from .. import protocol as p
 from ..protocol import Access, BrokerError, Constraints, Direction, page_round
 from ._config import Config
 from ._exports import revoke_buffer
+from ._fits import check_fits, check_length
 from ._heap import HEAPS, Backing, allocate_memfd
 from ._layout import Layout, combine, plan
 from ._quota import Quotas
@@ -361,8 +362,9 @@ class State:
         if len(device.attachments) >= limit:
             raise BrokerError(errno.EDQUOT, f"max_attachments_per_device ({limit}) reached")
         if buffer.remote is None:  # an exporter chooses its own layouts
-            self._check_fits(buffer, device)
-            self._check_length(buffer, device)
+            others = self._attached(buffer)
+            check_fits(buffer, device, others)
+            check_length(buffer, device, others, self.config.max_layout_segments)
         att = Attachment(id=self.new_id("attachment"), device=device, buffer=buffer, dynamic=dynamic)
         buffer.attachments[att.id] = att
         buffer.attached[device.id] += 1
@@ -372,51 +374,6 @@ class State:
     def _attached(self, buffer: Buffer) -> list[Device]:
         """The devices attached to ``buffer``, each once, however many attachments it has."""
         return [self.devices[device_id] for device_id in buffer.attached]
-
-    def _check_length(self, buffer: Buffer, device: Device) -> None:
-        """A layout too long for one map reply is refused here, before anything is fixed."""
-        if buffer.layout is not None:
-            return
-        wanted = combine([device.constraints, *(d.constraints for d in self._attached(buffer))])
-        layout = plan(buffer.size, wanted)
-        limit = self.config.max_layout_segments
-        if layout is not None and layout.count > limit:
-            raise BrokerError(
-                errno.EMSGSIZE,
-                f"the layout would have {layout.count} segments, more than max_layout_segments "
-                f"({limit}): allow longer segments (max_segment_size)",
-            )
-
-    def _check_fits(self, buffer: Buffer, device: Device) -> None:
-        mine = device.constraints
-        if buffer.layout is not None:
-            if not buffer.layout.satisfies(mine):
-                raise BrokerError(
-                    errno.EBUSY,
-                    f"buffer {buffer.id} is already laid out in {buffer.layout.count} segment(s) "
-                    f"that {device.label} cannot address",
-                )
-            return
-        if plan(buffer.size, mine) is None:
-            raise BrokerError(
-                errno.EINVAL,
-                f"{device.label} cannot address {buffer.size} bytes with its own constraints",
-            )
-        others = {d.id: d for d in self._attached(buffer)}
-        for other in others.values():
-            if plan(buffer.size, combine([mine, other.constraints])) is None:
-                raise BrokerError(
-                    errno.EINVAL,
-                    f"{device.label} conflicts with attached device {other.label}: no layout "
-                    f"of {buffer.size} bytes meets both",
-                )
-        everyone = [mine, *(d.constraints for d in others.values())]
-        if plan(buffer.size, combine(everyone)) is None:
-            names = ", ".join(d.label for d in others.values())
-            raise BrokerError(
-                errno.EINVAL,
-                f"{device.label} conflicts with the attached devices {names} taken together",
-            )
 
     def _attachment(self, device: Device, attachment_id: int) -> Attachment:
         att = device.attachments.get(attachment_id)
