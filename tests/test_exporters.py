@@ -16,10 +16,11 @@ import time
 from collections.abc import Callable
 from typing import Any
 
+import msgpack
 import pytest
 
 import bufbroker
-from bufbroker import Access, BrokerError, Direction
+from bufbroker import Access, BrokerError, Direction, protocol
 
 from conftest import Broker, Peer
 
@@ -319,3 +320,28 @@ def test_only_the_exporter_may_revoke_or_move(broker: Broker, exporter: Any) -> 
         with pytest.raises(BrokerError) as e:
             dev.export(4096)
         assert e.value.errno == errno.EOPNOTSUPP
+
+
+def test_open_attach_and_map_of_an_exported_buffer_in_one_round_trip(
+    broker: Broker, exporter: Any, raw: Any
+) -> None:
+    peer = exporter(broker, "pipelined")
+    c = raw(broker)
+    c.hello()
+    c.request(1, "open", {"name": "pipelined"})
+    c.request(2, "attach", {"buffer": {"ref": 1}})  # waits for the exporter's answer
+    c.request(3, "map", {"attachment": {"ref": 2}, "direction": "to_device"})  # behind it, in order
+    c.request(4, "cpu_begin", {"buffer": {"ref": 1}, "access": "read"})
+    c.request(5, "attach", {"buffer": {"ref": 99}})  # refers to nothing
+    replies = {}
+    for _ in range(5):
+        data, ancdata, flags, _ = c.sock.recvmsg(1 << 16, socket.CMSG_SPACE(64))
+        message = msgpack.unpackb(data)
+        replies[message[1]] = (message, protocol.fds_from_ancillary(ancdata, flags, 16))
+    assert [replies[i][0][0] for i in (1, 2, 3, 4)] == [1, 1, 1, 1], replies
+    assert replies[5][0][2]["code"] == "EINVAL"
+    (_, (fd,)), (_, (cpu_fd,)) = replies[3], replies[4]
+    assert os.pread(fd, 6, 0) == b"pool A" == os.pread(cpu_fd, 6, 0)
+    protocol.close_all([fd, cpu_fd, *replies[1][1]])
+    seen = [call for call, _ in calls(peer, 3)]  # the cpu access waits for nothing: any order
+    assert sorted(seen) == ["attach", "begin_cpu_access", "map"] and seen.index("attach") < seen.index("map")

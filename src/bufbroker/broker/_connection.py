@@ -202,7 +202,7 @@ class Connection:
         cfg = self.state.config
         max_fds = cfg.max_fds_per_message
         uid = self.device.uid
-        forwarder = self.server.forwarder
+        forwarder, state = self.server.forwarder, self.state
         served = 0
         async with trio.open_nursery() as nursery:
             nursery.start_soon(self._outbox.run)
@@ -261,8 +261,7 @@ class Connection:
                             self.chain.wait(message, blocker)  # its descriptors are discarded now
                             self.pending += 1
                             continue
-                        if forwarder.wants(self.device, message.args):
-                            self._start_forward(nursery, message)
+                        if state.exporters and self._start_forward(nursery, message):
                             continue
                         await self._send(*self._answer(message, bag))
                     except RequestError as e:
@@ -332,16 +331,19 @@ class Connection:
             self.pending -= 1
             self.state.quotas.end_wait(self.device.uid)
 
-    def _start_forward(self, nursery: trio.Nursery, request: p.Request) -> None:
-        """Start a request an exporter must answer; later ones that refer to it wait for it."""
+    def _start_forward(self, nursery: trio.Nursery, request: p.Request) -> bool:
+        """Start ``request`` if an exporter must answer it (True); later ones that refer to it
+        wait for it."""
         try:
             args = self.chain.resolve(request.args)
-        except BrokerError as e:
-            self.chain.answered(request, None)
-            raise RequestError(request.id, e) from None
+        except BrokerError:
+            return False  # _answer says why
+        if not self.server.forwarder.wants(self.device, args):
+            return False
         self.pending += 1
         self.chain.unanswered(request.id)
         nursery.start_soon(self._forwarded, request, args)
+        return True
 
     async def _answer_waiting(self, request: p.Request) -> None:
         """Answer, in order, the requests that waited for ``request`` (just answered)."""
@@ -430,6 +432,8 @@ class Connection:
             case p.Export(size=size, name=name):
                 buffer = export_remote(state, dev, size, name=name)
                 return self._with_handle(buffer, readonly=False, new_ref=True)
+            case p.Move():  # with no exporter connected: the caller exports nothing
+                raise BrokerError(errno.EPERM, "only the exporter of a buffer may move it")
             case p.Revoke(buffer=int(buffer_id)):
                 buffer = revoke(state, dev, buffer_id)
                 self.server.forwarder.abort(

@@ -88,6 +88,7 @@ class State:
         # buffer's stale mapping went away (the server wakes the move waiting for it).
         self.post: Callable[[Device, p.Event | p.Call], None] = lambda device, message: None
         self.unmapped: Callable[[Buffer], None] = lambda buffer: None
+        self.exporters = 0  # devices connected as exporters: without any, nothing is forwarded
 
     def new_id(self, kind: str) -> int:
         """Ids count per kind (buffer 1, 2, ...; device 1, 2, ...) and are never reused."""
@@ -126,6 +127,7 @@ class State:
             exporter=exporter,
         )
         self.devices[device.id] = device
+        self.exporters += exporter
         return device
 
     def remove_device(self, device: Device) -> None:
@@ -135,6 +137,7 @@ class State:
         have mapped, and get ENODEV for anything new.
         """
         if device.exporter:
+            self.exporters -= 1
             for buffer in self.buffers.values():
                 if buffer.remote is device:
                     revoke_buffer(self, buffer)
