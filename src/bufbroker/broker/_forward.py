@@ -186,6 +186,10 @@ class Forwarder:
                 )
         except BrokerError as e:
             raise self._garbage(exporter, e, answer.id, args) from None
+        reserve = self.state.reserve
+        if not reserve.allows(importer.uid, fd):  # one of the descriptors kept for root
+            self.server.close_later(importer.uid, [fd])  # maybe the memory's last reference
+            reserve.check(importer.uid, [fd])
         result = {"segments": layout.to_wire(), "size": buffer.size, "writable": writable}
         return result, [fd]
 
