@@ -201,7 +201,9 @@ class State:
     ) -> Buffer:
         """A buffer carried across a broker restart; only its handles hold it until imported.
 
-        Quotas are charged but not checked: the buffer already existed within them.
+        Quotas are charged but not checked: the buffer already existed within them. An
+        exporter's buffer comes back revoked: its exporter's connection ended with the old
+        broker, and its memory never was the broker's.
         """
         buffer = Buffer(
             id=id,
@@ -212,6 +214,7 @@ class State:
             exporter=exporter,
             backing=backing,
             layout=layout if backing is not None else None,
+            revoked=heap == "exporter",
         )
         self.buffers = dict(sorted({**self.buffers, id: buffer}.items()))
         self._next_ids["buffer"] = max(self._next_ids.get("buffer", 1), id + 1)

@@ -244,6 +244,8 @@ class BufferBase:
         self.handle = handle
         self.closed = False
         device._buffers.add(self)
+        if result.get("revoked"):  # already, when this device got it
+            device._session.revoked.add(self.id)
 
     def _close_handle(self) -> None:
         if self.handle is not None:
