@@ -8,6 +8,10 @@ import socket
 from collections.abc import Callable
 
 import msgpack
+import pytest
+
+import bufbroker
+from bufbroker import Constraints, Direction, Segment
 
 from conftest import Broker, RawClient
 
@@ -86,3 +90,50 @@ def test_requests_that_refer_to_a_waiting_open_are_answered_after_it(
         for _, fds in replies:
             for fd in fds:
                 os.close(fd)
+
+
+def test_the_client_maps_a_received_handle_in_one_round_trip(broker: Broker) -> None:
+    with broker.connect("producer") as producer, broker.connect("consumer") as consumer:
+        buf = producer.allocate(1 << 20, map=Direction.BIDIRECTIONAL)
+        assert buf.mapping is not None and buf.mapping.segments == [Segment(0, 1 << 20)]
+        buf.mapping.memory[:5] = b"hello"
+        handle = buf.share(readonly=True)
+        theirs = consumer.import_handle(handle, map=Direction.TO_DEVICE)
+        os.close(handle)
+        assert theirs.mapping is not None and bytes(theirs.mapping.memory[:5]) == b"hello"
+        assert theirs.mapping.memory.readonly
+        [entry] = [b for b in producer.buffers() if b["id"] == buf.id]
+        assert sorted(a["map_count"] for a in entry["attachments"]) == [1, 1]
+        theirs.close()  # unmap, detach, release: sent, not waited for
+        buf.close()
+        broker.wait_for(lambda: producer.buffers() == [])
+        named = producer.allocate(4096, name="frame")
+        opened = consumer.open("frame", map=Direction.TO_DEVICE)
+        assert opened.id == named.id and opened.mapping is not None
+        opened.close()
+        named.close()
+
+
+def test_a_chain_that_fails_part_way_gives_back_what_it_made(broker: Broker) -> None:
+    """A device whose constraints no layout of the buffer meets: the import stands, the attach
+    fails, the map is cancelled, and the import is given back."""
+    with (
+        broker.connect("producer") as producer,
+        broker.connect("picky", constraints=Constraints(max_segments=1, max_segment_size=4096)) as picky,
+    ):
+        buf = producer.allocate(1 << 20)
+        handle = buf.share()
+        with pytest.raises(bufbroker.BrokerError) as e:
+            picky.import_handle(handle, map=Direction.TO_DEVICE)
+        assert e.value.errno == errno.EINVAL
+        picky.ping()
+        [entry] = producer.buffers()
+        assert [(i["device"], i["count"]) for i in entry["importers"]] == [(producer.id, 1)]
+        r, w = os.pipe()
+        with pytest.raises(bufbroker.BrokerError) as e:
+            picky.import_handle(r, map=Direction.TO_DEVICE)  # not a handle: nothing was made
+        assert e.value.errno == errno.EINVAL
+        picky.ping()
+        for fd in (r, w, handle):
+            os.close(fd)
+        buf.close()

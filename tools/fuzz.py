@@ -56,6 +56,10 @@ VALUES: list[object] = [
     [],
     {},
     {"max_segments": 0},
+    {"ref": 1},
+    {"ref": 0},
+    {"ref": -1},
+    {"ref": 1, "x": 2},
     b"\x00" * 8,
 ]
 KEYS = [
@@ -68,6 +72,7 @@ KEYS = [
     "access",
     "readonly",
     "timeout",
+    "uid",
     "after",
     "version",
     "constraints",

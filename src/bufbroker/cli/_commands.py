@@ -10,7 +10,10 @@ integer bytes and ages seconds; turning them into ``64.0 MiB`` and ``3m`` is the
 from __future__ import annotations
 
 import time
-from typing import Any, Protocol, TypedDict
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from typing import Any, Protocol, TypedDict
 
 __all__ = [
     "BufferRow",
@@ -25,56 +28,60 @@ __all__ = [
 ]
 
 
-class Source(Protocol):
-    """What the commands need from a connection: the broker's three inspection ops."""
-
-    def buffers(self) -> list[dict[str, Any]]: ...
-
-    def devices(self) -> list[dict[str, Any]]: ...
-
-    def stats(self) -> dict[str, Any]: ...
-
-
 class NoSuchBuffer(LookupError):
     """``show ID`` for an id the broker does not list (freed, or not visible to this uid)."""
 
 
-class Exporter(TypedDict):
-    device: int
-    name: str
-    pid: int
-    supplies: bool  # a device that supplies the memory and answers the ops (an exporter process)
-    revoked: bool  # that exporter went away or revoked the buffer
+# The shapes of the data, for type checkers only: typing costs start-up time at run time.
+if TYPE_CHECKING:
 
+    class Source(Protocol):
+        """What the commands need from a connection: the broker's three inspection ops."""
 
-class BufferRow(TypedDict):
-    """One ``ls`` row: ID NAME SIZE HEAP EXPORTER HANDLES ATTACHED MAPPED OWNER AGE."""
+        def buffers(self) -> list[dict[str, Any]]: ...
 
-    id: int
-    name: str | None
-    size: int
-    heap: str
-    exporter: Exporter
-    handles: int
-    attached: int  # attachments, mapped or not
-    mapped: int  # the attachments' map counts, summed
-    owner: int  # uid; the table prints the user name
-    age: float
+        def devices(self) -> list[dict[str, Any]]: ...
 
+        def stats(self) -> dict[str, Any]: ...
 
-class DeviceRow(TypedDict):
-    """One ``devices`` row: PID UID NAME COMMAND BUFFERS BYTES PSS ATTACHMENTS MAPPINGS CALLS."""
+    class Exporter(TypedDict):
+        device: int
+        name: str
+        pid: int
+        supplies: bool  # a device that supplies the memory and answers the ops (an exporter process)
+        revoked: bool  # that exporter went away or revoked the buffer
 
-    pid: int
-    uid: int
-    name: str
-    command: str
-    buffers: int
-    bytes: int
-    pss: int
-    attachments: int
-    mappings: int
-    calls: int | None  # an exporter's calls not answered yet; None for a device that exports nothing
+    class BufferRow(TypedDict):
+        """One ``ls`` row: ID NAME SIZE HEAP EXPORTER HANDLES ATTACHED MAPPED OWNER AGE."""
+
+        id: int
+        name: str | None
+        size: int
+        heap: str
+        exporter: Exporter
+        handles: int
+        attached: int  # attachments, mapped or not
+        mapped: int  # the attachments' map counts, summed
+        owner: int  # uid; the table prints the user name
+        age: float
+
+    class DeviceRow(TypedDict):
+        """One ``devices`` row: ID PID UID NAME COMMAND BUFFERS BYTES PSS ATTACHMENTS MAPPINGS CALLS.
+
+        ``id`` is the device id that ``show`` lists holders by.
+        """
+
+        id: int
+        pid: int
+        uid: int
+        name: str
+        command: str
+        buffers: int
+        bytes: int
+        pss: int
+        attachments: int
+        mappings: int
+        calls: int | None  # an exporter's calls not answered yet; None for a device exporting nothing
 
 
 def buffer_row(entry: dict[str, Any], now: float) -> BufferRow:
@@ -105,7 +112,7 @@ def list_buffers(source: Source, now: float | None = None) -> list[BufferRow]:
     return [buffer_row(b, now) for b in source.buffers()]
 
 
-def show_buffer(source: Source, buffer_id: int, now: float | None = None) -> dict[str, Any]:
+def show_buffer(source: Source, buffer: int | str, now: float | None = None) -> dict[str, Any]:
     """``show ID``: the ``ls`` row plus everything the broker knows about the buffer.
 
     Added to the row: ``created`` (Unix time), ``layout`` (None until the first map or cpu
@@ -113,11 +120,7 @@ def show_buffer(source: Source, buffer_id: int, now: float | None = None) -> dic
     backing memfd), and the broker's ``importers``, ``attachments`` and ``cpu_access`` lists.
     """
     now = time.time() if now is None else now
-    for entry in source.buffers():
-        if entry["id"] == buffer_id:
-            break
-    else:
-        raise NoSuchBuffer(f"no buffer {buffer_id} (freed, or not visible to this user)")
+    entry = _find(source.buffers(), buffer)
     layout = entry["layout"]
     return {
         **buffer_row(entry, now),
@@ -132,6 +135,23 @@ def show_buffer(source: Source, buffer_id: int, now: float | None = None) -> dic
             {**c, "waiting": max(0.0, now - c["started"])} for c in entry.get("pending_calls", [])
         ],
     }
+
+
+def _find(buffers: list[dict[str, Any]], buffer: int | str) -> dict[str, Any]:
+    """The buffer ``buffer`` names: an id (a number, as the command line gives it) or a name.
+
+    A name that is all digits is still a name when no buffer has that id.
+    """
+    text = str(buffer)
+    if text.isdigit():
+        for entry in buffers:
+            if entry["id"] == int(text):
+                return entry
+    for entry in buffers:
+        if entry["name"] == text:
+            return entry
+    shown = text if text.isdigit() else f"named {text!r}"
+    raise NoSuchBuffer(f"no buffer {shown} (freed, or not visible to this user)")
 
 
 def device_rows(devices: list[dict[str, Any]], buffers: list[dict[str, Any]]) -> list[DeviceRow]:
@@ -159,6 +179,7 @@ def device_rows(devices: list[dict[str, Any]], buffers: list[dict[str, Any]]) ->
         seen.update(mine)
         rows.append(
             {
+                "id": d["id"],
                 "pid": d["pid"],
                 "uid": d["uid"],
                 "name": d["name"],

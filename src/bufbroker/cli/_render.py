@@ -7,10 +7,14 @@ a column is a key, upper-cased, and a cell is its value in human units.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any
 
-from ._commands import BufferRow, DeviceRow
-from ._format import age, iec, styled, table
+from ._format import age, iec, printable, styled, table
+
+TYPE_CHECKING = False  # typing costs start-up time at run time
+if TYPE_CHECKING:
+    from typing import Any
+
+    from ._commands import BufferRow, DeviceRow
 
 __all__ = [
     "BUFFER_COLUMNS",
@@ -26,6 +30,7 @@ __all__ = [
 
 BUFFER_COLUMNS = ("ID", "NAME", "SIZE", "HEAP", "EXPORTER", "HANDLES", "ATTACHED", "MAPPED", "OWNER", "AGE")
 DEVICE_COLUMNS = (
+    "ID",
     "PID",
     "UID",
     "NAME",
@@ -92,6 +97,7 @@ def _command(text: str) -> str:
 def render_devices(rows: Sequence[DeviceRow], *, legend: bool = True) -> str:
     cells = [
         [
+            r["id"],
             r["pid"],
             r["uid"],
             r["name"],
@@ -121,13 +127,14 @@ def _section(title: str, entries: Sequence[dict[str, Any]], keys: Sequence[str],
 def render_show(data: dict[str, Any], *, legend: bool = True) -> str:
     """``show ID``: a few lines of facts, then layout, holders, attachments and cpu access."""
     exporter = data["exporter"]
+    where = f"(device {exporter['device']}, pid {exporter['pid']})"
     lines = [
-        f"buffer {data['id']}: {data['name'] or '(no name)'}",
+        f"buffer {data['id']}: {printable(data['name']) if data['name'] else '(no name)'}",
         f"size: {iec(data['size'])} ({data['size']} bytes), heap {data['heap']}",
         (
             "exporter: (another user's device)"
             if exporter["name"] is None
-            else f"exporter: {exporter['name']} (device {exporter['device']}, pid {exporter['pid']})"
+            else f"exporter: {printable(exporter['name'])} {where}"
         )
         + (", which supplies the memory and answers the ops" if exporter["supplies"] else ""),
         f"owner: {user_name(data['owner'])} (uid {data['owner']}), age {age(data['age'])}",

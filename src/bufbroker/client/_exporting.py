@@ -17,21 +17,29 @@ it stays the exporter's: the library sends a copy and closes nothing.
 from __future__ import annotations
 
 import errno
-import inspect
-import logging
-from collections.abc import Awaitable, Callable, Sequence
-from typing import Any, cast
 
 from .. import protocol as p
-from ..protocol import Access, BrokerError, Constraints, Direction, Segment
+from ..protocol import BrokerError, Constraints, Segment
 from ..protocol._record import Record
 
-__all__ = ["CallServer", "Exporter", "ExporterAttachment", "MapResult", "MoveCallbacks"]
+TYPE_CHECKING = False  # neither typing nor logging at import: bufbroker's start-up pays for this module
+if TYPE_CHECKING:
+    from collections.abc import Awaitable, Callable, Sequence
+    from logging import Logger
+    from typing import Any
 
-log = logging.getLogger("bufbroker.client")
+    from ..protocol import Access, Direction
 
-MapResult = int | tuple[int | Sequence[int], Sequence[Segment]]
-"""A memfd, or a memfd (or a list of one) and its scatter list."""
+    MapResult = int | tuple[int | Sequence[int], Sequence[Segment]]
+    """A memfd, or a memfd (or a list of one) and its scatter list."""
+
+__all__ = ["CallServer", "Exporter", "ExporterAttachment", "MoveCallbacks"]
+
+
+def _log() -> Logger:
+    import logging
+
+    return logging.getLogger("bufbroker.client")
 
 
 class ExporterAttachment(Record):
@@ -79,7 +87,7 @@ class Exporter:
 
     def error(self, event: dict[str, Any]) -> None:
         """The broker refused an answer of ours (``call``, ``op``, ``buffer``, ``errno``, ``message``)."""
-        log.warning("the broker refused our answer to %s: %s", event.get("op"), event.get("message"))
+        _log().warning("the broker refused our answer to %s: %s", event.get("op"), event.get("message"))
 
 
 class CallServer:
@@ -119,8 +127,8 @@ class CallServer:
 
     def _attach(self, att: ExporterAttachment) -> Any:
         """The exporter's attach; the attachment is remembered once it accepted."""
-        value = cast(Callable[[ExporterAttachment], Any], self.exporter.attach)(att)
-        if inspect.isawaitable(value):  # the trio client's exporter may be a coroutine
+        value: Any = self.exporter.attach(att)  # type: ignore[func-returns-value]
+        if CallServer.is_awaitable(value):  # the trio client's exporter may be a coroutine
 
             async def accepted() -> None:
                 await value
@@ -142,11 +150,11 @@ class CallServer:
         notice. An exception other than BrokerError is logged and answered EIO."""
         if call.id is None:
             if error is not None and not isinstance(error, BrokerError):
-                log.error("the exporter failed on %s", call.op, exc_info=error)
+                _log().error("the exporter failed on %s", call.op, exc_info=error)
             return None
         if error is not None:
             if not isinstance(error, BrokerError):
-                log.error("the exporter failed on %s", call.op, exc_info=error)
+                _log().error("the exporter failed on %s", call.op, exc_info=error)
                 error = BrokerError(errno.EIO, f"the exporter failed: {error!r}")
             refusal = p.Refusal(call.id, error.errno or errno.EIO, error.strerror or "")
             return p.encode(refusal), []
@@ -154,7 +162,9 @@ class CallServer:
             try:
                 return _backing_answer(call.id, value)
             except (TypeError, ValueError) as e:
-                log.error("the exporter's %s returned %r, not a memfd or (memfd, segments)", call.op, value)
+                _log().error(
+                    "the exporter's %s returned %r, not a memfd or (memfd, segments)", call.op, value
+                )
                 return p.encode(p.Refusal(call.id, errno.EIO, f"the exporter returned garbage: {e}")), []
         return p.encode(p.Answer(call.id, {})), []
 
@@ -179,7 +189,8 @@ class CallServer:
 
     @staticmethod
     def is_awaitable(value: Any) -> bool:
-        return inspect.isawaitable(value)
+        """A coroutine or another awaitable (without importing ``inspect``)."""
+        return hasattr(value, "__await__")
 
 
 class MoveCallbacks:

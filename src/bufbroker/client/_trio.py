@@ -32,8 +32,9 @@ import trio
 
 from .. import protocol as p
 from .._paths import default_socket_path
-from ..protocol import Access, BrokerError, BrokerUnavailable, Constraints, Direction
+from ..protocol import Access, BrokerError, Constraints, Direction
 from ._core import (
+    DEFAULT_TIMEOUT,
     MAX_REPLY,
     MAX_REPLY_FDS,
     AttachmentBase,
@@ -43,9 +44,11 @@ from ._core import (
     MappingBase,
     Pager,
     Session,
+    connect_error,
     exportable,
     maybe_one_fd,
     take_one_fd,
+    unclosed,
     undo_for,
 )
 from ._exporting import CallServer, Exporter, MoveCallbacks
@@ -69,8 +72,11 @@ class _AsyncClosing:
     async def __aenter__(self: T) -> T:
         return self
 
-    async def __aexit__(self, *exc: Any) -> None:
-        await self.close()
+    async def __aexit__(self, kind: Any, error: BaseException | None, tb: Any) -> None:
+        try:
+            await self.close()
+        except BrokerError as failure:
+            unclosed(error, failure)
 
     async def close(self) -> None:
         raise NotImplementedError
@@ -95,9 +101,9 @@ class _Opening(Generic[T]):
         self._value = await self._start()
         return self._value
 
-    async def __aexit__(self, *exc: Any) -> None:
+    async def __aexit__(self, kind: Any, error: BaseException | None, tb: Any) -> None:
         assert self._value is not None
-        await self._value.close()
+        await self._value.__aexit__(kind, error, tb)
 
 
 class _Waiter:
@@ -113,7 +119,8 @@ async def open_device(
     name: str,
     *,
     constraints: Constraints | None = None,
-    socket: str | None = None,
+    socket: str | os.PathLike[str] | None = None,
+    timeout: float | None = DEFAULT_TIMEOUT,
     exporter: Exporter | None = None,
 ) -> AsyncIterator[Device]:
     """``async with open_device("camera") as dev``: this program as a device named ``name``.
@@ -121,16 +128,21 @@ async def open_device(
     Connects to the broker at ``socket`` (see ``bufbroker.connect``), registers with
     ``constraints``, and runs the task that receives replies until the block ends; on exit the
     connection closes and the broker releases whatever the device still held. Raises
-    ``BrokerUnavailable`` if no broker listens there. With ``exporter``, the device may
+    ``BrokerUnavailable`` if no broker listens there. ``timeout`` bounds the connection and
+    every call's wait, as for ``bufbroker.connect``. With ``exporter``, the device may
     ``export`` buffers whose calls ``exporter`` answers, in a task of this block's nursery.
     """
-    path = socket or default_socket_path()
+    path = default_socket_path() if socket is None else os.fspath(socket)
+    session = Session(name, constraints, path, timeout, exporter=exporter is not None)
     sock = trio.socket.socket(AF_UNIX, SOCK_SEQPACKET | SOCK_CLOEXEC)
     try:
-        await sock.connect(path)
-    except (FileNotFoundError, ConnectionRefusedError) as e:
+        with trio.move_on_after(DEFAULT_TIMEOUT if timeout is None else timeout) as waited:
+            await sock.connect(path)
+        if waited.cancelled_caught:
+            raise connect_error(path, BlockingIOError(errno.EAGAIN, "timed out"), default=socket is None)
+    except OSError as e:
         sock.close()
-        raise BrokerUnavailable(path, e.errno or 0) from None
+        raise (e if isinstance(e, BrokerError) else connect_error(path, e, default=socket is None)) from None
     except BaseException:
         sock.close()
         raise
@@ -140,7 +152,7 @@ async def open_device(
     error: BaseException | None = None
     try:
         async with trio.open_nursery() as nursery:
-            device = Device(sock, Session(name, constraints, exporter=exporter is not None), nursery)
+            device = Device(sock, session, nursery)
             device._calls = CallServer(exporter) if exporter is not None else None
             nursery.start_soon(device._read)
             try:
@@ -325,8 +337,12 @@ class Device(DeviceBase):
                 else:
                     self._raw.send(data)
             except BlockingIOError:  # the socket is full: wait for room, the trio way
-                async with self._send_lock:
-                    await self._sock.sendmsg([data], p.ancillary(fds))
+                limit = self._session.timeout
+                with trio.move_on_after(float("inf") if limit is None else limit) as waited:
+                    async with self._send_lock:
+                        await self._sock.sendmsg([data], p.ancillary(fds))
+                if waited.cancelled_caught:  # not sent: the broker has not read for that long
+                    raise self._session.timed_out(args, limit or 0) from None
         except trio.Cancelled:  # not sent
             del self._waiting[id]
             if settle:
@@ -334,7 +350,14 @@ class Device(DeviceBase):
             raise
         except (OSError, trio.ClosedResourceError) as e:
             self._waiting.pop(id, None)
+            if isinstance(e, BrokerError):  # timed out waiting to send
+                if settle:
+                    self._send_unawaited(args)
+                raise
             self._check_open()  # closed by another task while this one waited to send
+            local = self._session.sent_fds_error(args, e) if isinstance(e, OSError) else None
+            if local is not None:  # the caller's mistake: the connection is fine
+                raise local from None
             if isinstance(e, BrokenPipeError | ConnectionResetError):
                 # The broker hung up, maybe having said why (a connection limit): the reader
                 # reaches that word, or the end of file, at once.
@@ -344,7 +367,11 @@ class Device(DeviceBase):
             del self._waiting[id]
             raise
         try:
-            await waiter.done.wait()
+            limit = self._session.wait_limit(args)
+            with trio.move_on_after(float("inf") if limit is None else limit) as waited:
+                await waiter.done.wait()
+            if waited.cancelled_caught:
+                raise self._session.timed_out(args, limit or 0)
         except BaseException:
             if self._waiting.pop(id, None) is not None:
                 self._abandoned[id] = args  # undone when its reply comes
@@ -357,7 +384,10 @@ class Device(DeviceBase):
             self._check_open()
             assert self._lost is not None
             raise self._lost
-        return self._session.outcome(waiter.message)
+        try:
+            return self._session.outcome(waiter.message)
+        except BrokerError as e:
+            raise self._session.explain(args, e) from None
 
     async def _settle(self, args: p.OpArgs, done: Callable[[], None]) -> None:
         """A request that gives something back; ``done`` updates the local object once it is
@@ -544,19 +574,24 @@ class CpuAccess(CpuAccessBase):
         device = self.buffer._device
         result, fds = await device._call(p.CpuBegin(buffer=self.buffer.id, access=self.access))
         self._memory = device._map_memory(result, fds)
-        return self._memory.memory
+        return self._memory.lend()
 
     async def end(self) -> None:
-        """End the access (EBUSY, changing nothing, while views of the memory are alive)."""
+        """End the access (EBUSY, changing nothing, while views of the memory are alive;
+        EINVAL without ``begin``)."""
         device = self.buffer._device
-        if self._memory is not None and device._unmap_memory(self._memory):
+        memory = self._check_begun()
+        if memory is not None and device._unmap_memory(memory):
             await device._call(p.CpuEnd(buffer=self.buffer.id, access=self.access), settle=True)
 
     async def __aenter__(self) -> memoryview:
         return await self.begin()
 
-    async def __aexit__(self, *exc: Any) -> None:
-        await self.end()
+    async def __aexit__(self, kind: Any, error: BaseException | None, tb: Any) -> None:
+        try:
+            await self.end()
+        except BrokerError as failure:
+            unclosed(error, failure)
 
 
 async def send_handle(sock: trio.socket.SocketType, fd: int) -> None:

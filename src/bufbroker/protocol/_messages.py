@@ -27,7 +27,6 @@ from __future__ import annotations
 import errno
 import threading
 from collections.abc import Sequence
-from typing import Any
 
 import msgpack
 
@@ -35,6 +34,10 @@ from ._calls import parse_call
 from ._errors import BrokerError, ProtocolError, errno_code, errno_from_code
 from ._ops import OP_NAMES, OpArgs, parse_args
 from ._record import Record
+
+TYPE_CHECKING = False  # typing is not imported at run time: it costs the CLI start-up time
+if TYPE_CHECKING:
+    from typing import Any
 
 __all__ = [
     "PROTOCOL_VERSION",

@@ -14,11 +14,14 @@ from __future__ import annotations
 import errno
 import math
 from collections.abc import Callable
-from typing import Any, ClassVar, TypeVar
 
 from ._errors import BrokerError
 from ._record import Record
 from ._types import Access, Constraints, Direction
+
+TYPE_CHECKING = False  # typing is not imported at run time: it costs the CLI start-up time
+if TYPE_CHECKING:
+    from typing import Any, ClassVar, TypeVar
 
 __all__ = [
     "OPS",
@@ -185,7 +188,8 @@ class OpArgs(Record):
 
 OPS: dict[str, OpSpec] = {}
 OP_NAMES: dict[type[OpArgs], str] = {}  # the wire name of each args class
-_A = TypeVar("_A", bound=type[OpArgs])
+if TYPE_CHECKING:
+    _A = TypeVar("_A", bound=type[OpArgs])
 
 
 def op(
