@@ -11,8 +11,6 @@ from .client import (
     Buffer,
     CpuAccess,
     Device,
-    Exporter,
-    ExporterAttachment,
     Mapping,
     connect,
     recv_handle,
@@ -23,6 +21,8 @@ from .protocol import Access, BrokerError, BrokerUnavailable, Constraints, Direc
 TYPE_CHECKING = False  # typing is not imported at run time: it costs the CLI start-up time
 if TYPE_CHECKING:
     from typing import Any
+
+    from .client import Exporter, ExporterAttachment
 
 __version__ = "0.1.0"
 
@@ -55,4 +55,8 @@ def __getattr__(name: str) -> Any:
         from .client.trio import open_device
 
         return open_device
+    if name in ("Exporter", "ExporterAttachment"):  # only exporters pay for their module
+        from . import client
+
+        return getattr(client, name)
     raise AttributeError(f"module 'bufbroker' has no attribute {name!r}")
