@@ -67,7 +67,8 @@ class _RawExporter:
         self.sock.connect(path)
         self.sock.settimeout(10)
         self.sock.send(_packb([0, 1, "hello", {"version": 1, "name": "fuzz-exporter", "exporter": True}]))
-        self._recv()
+        welcome, _ = self._recv()
+        assert welcome[2].get("exporter") is True, welcome
         self.sock.send(_packb([0, 2, "export", {"size": SIZE, "name": name}]))
         _, fds = self._recv()
         protocol.close_all(fds)  # the exporter's own reference keeps the buffer alive

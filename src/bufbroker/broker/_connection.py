@@ -452,7 +452,7 @@ class Connection:
             "heap": buffer.heap,
             "exporter": None if theirs else buffer.exporter[1],
             "readonly": not self.device.refs[buffer.id].writable,
-            "revoked": buffer.revoked,
+            **({"revoked": True} if buffer.revoked else {}),  # said only when it is so
         }
 
     def _with_handle(self, buffer: Buffer, *, readonly: bool, new_ref: bool = False) -> tuple[Any, list[int]]:

@@ -222,7 +222,8 @@ class Server:
                         "device": device.id,
                         "broker": self.version,
                         "page_size": p.PAGE_SIZE,
-                        "exporter": hello.exporter,
+                        # Said only to a device that asked: a version-1 reply is unchanged.
+                        **({"exporter": True} if hello.exporter else {}),
                     },
                 )
                 try:

@@ -16,10 +16,12 @@ and any breach is ``EIO`` for the importer, since the exporter lied, not the imp
 
 from __future__ import annotations
 
-from typing import Any
-
 from ._ops import OpArgs, OpSpec, op, parse_args
 from ._types import Access, Constraints, Direction
+
+TYPE_CHECKING = False  # typing is not imported at run time: it costs the CLI start-up time
+if TYPE_CHECKING:
+    from typing import Any
 
 __all__ = [
     "CALLS",
