@@ -47,7 +47,8 @@ class _Slot:
 
 
 class _Refused(BrokerError):
-    """The exporter said no: the importer gets its errno, and it is not told of the undo."""
+    """The exporter said no, or was never asked: the importer gets the errno, and the exporter
+    is not told of the undo."""
 
 
 class Forwarder:
@@ -135,7 +136,10 @@ class Forwarder:
 
     async def _call(self, importer: Device, buffer: Buffer, args: p.OpArgs) -> p.Answer:
         """Ask ``buffer``'s exporter; its answer (the caller owns its descriptors)."""
-        call = begin_call(self.state, importer, buffer, p.OP_NAMES[type(args)])
+        try:
+            call = begin_call(self.state, importer, buffer, p.OP_NAMES[type(args)])
+        except BrokerError as e:  # EAGAIN: too many calls in flight; this one is not sent
+            raise _Refused(e.errno or errno.EAGAIN, e.strerror) from None
         slot = self._slots[call.id] = _Slot(call)
         try:
             self.server.post(call.exporter, p.Call(call.id, call.op, args))
