@@ -5,8 +5,10 @@
 from __future__ import annotations
 
 import errno
+import fcntl
 import hashlib
 import json
+import mmap
 import os
 import signal
 import socket
@@ -345,3 +347,26 @@ def test_open_attach_and_map_of_an_exported_buffer_in_one_round_trip(
     protocol.close_all([fd, cpu_fd, *replies[1][1]])
     seen = [call for call, _ in calls(peer, 3)]  # the cpu access waits for nothing: any order
     assert sorted(seen) == ["attach", "begin_cpu_access", "map"] and seen.index("attach") < seen.index("map")
+
+
+def test_a_read_only_importer_gets_a_read_only_descriptor_and_no_write(broker: Broker, exporter: Any) -> None:
+    peer = exporter(broker, "guarded")
+    with broker.connect("owner") as owner, broker.connect("reader") as reader:
+        handle = owner.open("guarded").share(readonly=True)
+        buf = reader.import_handle(handle)
+        os.close(handle)
+        assert buf.readonly
+        att = buf.attach()
+        with pytest.raises(BrokerError) as e:
+            att.map(Direction.FROM_DEVICE)  # refused by the broker: the exporter is not asked
+        assert e.value.errno == errno.EACCES
+        with att.map(Direction.TO_DEVICE) as m:
+            (fd,) = m.fds()
+            try:
+                assert fcntl.fcntl(fd, fcntl.F_GETFL) & os.O_ACCMODE == os.O_RDONLY
+                with pytest.raises(PermissionError):
+                    mmap.mmap(fd, SIZE, access=mmap.ACCESS_WRITE)
+            finally:
+                os.close(fd)
+        att.detach()
+    assert [call for call, _ in calls(peer, 4)] == ["attach", "map", "unmap", "detach"]
