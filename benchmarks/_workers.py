@@ -4,6 +4,9 @@
 - ``trio-server PATH``: the floor of this stack, a bare trio SOCK_SEQPACKET request/response
   server speaking the broker's message shape (msgpack ``[0, id, op, args]`` → ``[1, id, {}]``);
 - ``echo FD``: the floor of Python, a blocking socketpair ping-pong;
+- ``tcp-sender BROKER_SOCKET NAME``: the floor of the Flight cases, a raw TCP copy over loopback:
+  prints its port, then sends the named buffer's bytes, straight from a mapping, to every
+  connection (each on a thread of its own, so that connections at once are served at once);
 - ``load KIND SOCKET SECONDS START``: a client doing round trips for a while, printing its count
   (KIND: ``broker``, our client; ``bare``, the floor's client against the bare server;
   ``broker-bare-client``, the floor's client against the broker, once registered).
@@ -15,6 +18,7 @@ import mmap
 import os
 import socket
 import sys
+import threading
 import time
 from collections.abc import Callable
 from multiprocessing import resource_tracker, shared_memory
@@ -145,6 +149,26 @@ def load(kind: str, path: str, seconds: str, start: str) -> None:
     print(count, flush=True)
 
 
+def tcp_sender(broker_socket: str, name: str) -> None:
+    import bufbroker
+    from bufbroker import Direction
+
+    with bufbroker.connect("bench-tcp-sender", socket=broker_socket) as dev:
+        buf = dev.open(name)
+        with buf.attach() as att, att.map(Direction.TO_DEVICE) as m:
+            data = m.memory[: buf.size]
+            listener = socket.create_server(("127.0.0.1", 0))
+            print(listener.getsockname()[1], flush=True)
+            while True:
+                conn, _ = listener.accept()
+                threading.Thread(target=_send_all, args=(conn, data), daemon=True).start()
+
+
+def _send_all(conn: socket.socket, data: memoryview) -> None:
+    with conn:
+        conn.sendall(data)
+
+
 if __name__ == "__main__":
     role, *args = sys.argv[1:]
     roles: dict[str, Callable[..., None]] = {
@@ -152,5 +176,6 @@ if __name__ == "__main__":
         "trio-server": trio_server,
         "echo": echo,
         "load": load,
+        "tcp-sender": tcp_sender,
     }
     roles[role](*args)

@@ -373,13 +373,15 @@ class State:
             check_length(buffer, device, others, self.config.max_layout_segments)
         att = Attachment(id=self.new_id("attachment"), device=device, buffer=buffer, dynamic=dynamic)
         buffer.attachments[att.id] = att
-        buffer.attached[device.id] += 1
+        if buffer.attached is None:
+            buffer.attached = {}
+        buffer.attached[device.id] = buffer.attached.get(device.id, 0) + 1
         device.attachments[att.id] = att
         return att
 
     def _attached(self, buffer: Buffer) -> list[Device]:
         """The devices attached to ``buffer``, each once, however many attachments it has."""
-        return [self.devices[device_id] for device_id in buffer.attached]
+        return [self.devices[device_id] for device_id in buffer.attached or ()]
 
     def _attachment(self, device: Device, attachment_id: int) -> Attachment:
         att = device.attachments.get(attachment_id)
@@ -397,6 +399,7 @@ class State:
         """Gone, mappings and all (the exporter is told of each, then of the detach)."""
         buffer = att.buffer
         del buffer.attachments[att.id]
+        assert buffer.attached is not None
         buffer.attached[att.device.id] -= 1
         if not buffer.attached[att.device.id]:
             del buffer.attached[att.device.id]

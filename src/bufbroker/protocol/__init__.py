@@ -15,7 +15,7 @@ from ._calls import (
     UnmapCall,
     parse_call,
 )
-from ._errors import BrokerError, BrokerUnavailable, ProtocolError, errno_code
+from ._errors import BrokerError, BrokerUnavailable, ProtocolError, errno_code, errno_from_code
 from ._fds import (
     HANDLE_MARK,
     MSG_TRUNC,
@@ -147,6 +147,7 @@ __all__ = [
     "encode_reply",
     "encode_request",
     "errno_code",
+    "errno_from_code",
     "fds_from_ancillary",
     "one_handle",
     "packed_size",
