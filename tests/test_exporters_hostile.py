@@ -6,6 +6,7 @@ import errno
 import os
 import socket
 import threading
+import time
 from typing import Any
 
 import msgpack
@@ -163,3 +164,40 @@ def test_revoke_and_move_of_an_unknown_buffer_are_eperm(broker: Broker, raw: Any
     client.request(5, op, {"buffer": 999})
     reply = client.recv()
     assert reply[2]["code"] == "EPERM"
+
+
+def test_importers_racing_a_revoke_get_enodev_and_leave_nothing(broker: Broker, exporter: Any) -> None:
+    peer = exporter(broker, "contended")
+    observer = broker.connect("observer")
+    observer.ping()
+    baseline = broker.fd_count()
+    errors: list[int] = []
+    maps = [0]
+    started = threading.Barrier(4)
+
+    def importer(n: int) -> None:
+        with broker.connect(f"importer-{n}") as dev:
+            buf = dev.open("contended")
+            started.wait()
+            try:
+                while True:
+                    with buf.attach() as att, att.map(Direction.TO_DEVICE) as m:
+                        assert bytes(m.memory[:6]) == b"pool A"
+                        maps[0] += 1
+            except BrokerError as e:
+                errors.append(e.errno or 0)
+            buf.close()
+
+    threads = [threading.Thread(target=importer, args=(n,)) for n in range(3)]
+    for t in threads:
+        t.start()
+    started.wait()
+    time.sleep(0.5)
+    peer.send("revoke")
+    for t in threads:
+        t.join(20)
+    assert maps[0] > 0 and errors == [errno.ENODEV] * 3
+    observer.ping()
+    broker.wait_for(lambda: broker.fd_count() <= baseline)
+    assert observer.buffers()[0]["revoked"] and observer.buffers()[0]["attachments"] == []
+    observer.close()
