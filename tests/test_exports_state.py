@@ -101,6 +101,19 @@ def test_a_move_waits_for_stale_mappings_and_a_static_attachment_pins() -> None:
     assert _code(lambda: move(state, exporter, buf.id)) == errno.EBUSY  # the cpu sees old memory
 
 
+def test_another_uid_gets_at_most_half_of_an_exporters_calls() -> None:
+    state, exporter, _, _ = _setup(max_exporter_calls=4)
+    stranger = state.add_device(name="s", pid=3, uid=2000, gid=2000, command="z", constraints=Constraints())
+    own = state.add_device(name="o", pid=4, uid=1000, gid=1000, command="w", constraints=Constraints())
+    buf = export_remote(state, exporter, 4096, name=None)
+    for _ in range(2):
+        begin_call(state, stranger, buf, "map")
+    assert _code(lambda: begin_call(state, stranger, buf, "map")) == errno.EAGAIN
+    for _ in range(2):  # the exporter's own uid may use the rest
+        begin_call(state, own, buf, "map")
+    assert _code(lambda: begin_call(state, own, buf, "map")) == errno.EAGAIN
+
+
 def test_calls_in_flight_are_capped_per_exporter() -> None:
     state, exporter, importer, _ = _setup(max_exporter_calls=2)
     buf = export_remote(state, exporter, 4096, name=None)

@@ -94,7 +94,9 @@ def move(state: State, device: Device, buffer_id: int) -> tuple[Buffer, list[Att
 
 
 def begin_call(state: State, importer: Device, buffer: Buffer, op: str) -> PendingCall:
-    """Count a call to ``buffer``'s exporter: at most ``max_exporter_calls`` at once (EAGAIN)."""
+    """Count a call to ``buffer``'s exporter: at most ``max_exporter_calls`` at once (EAGAIN),
+    and of those at most half from any one uid but the exporter's own, so that the importers
+    of one user cannot take every call a slow exporter has room for from everyone else."""
     exporter = buffer.remote
     assert exporter is not None
     limit = state.config.max_exporter_calls
@@ -102,6 +104,14 @@ def begin_call(state: State, importer: Device, buffer: Buffer, op: str) -> Pendi
         raise BrokerError(
             errno.EAGAIN, f"{exporter.label} already has {limit} calls unanswered (max_exporter_calls)"
         )
+    if importer.uid != exporter.uid:
+        share = max(1, limit // 2)
+        if sum(1 for c in exporter.calls.values() if c.importer.uid == importer.uid) >= share:
+            raise BrokerError(
+                errno.EAGAIN,
+                f"uid {importer.uid} already has {share} calls waiting on {exporter.label} "
+                "(half of max_exporter_calls)",
+            )
     call = PendingCall(
         id=state.new_id("call"),
         op=op,
