@@ -16,6 +16,7 @@ import statistics
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -233,3 +234,25 @@ def test_a_sealed_buffer_comes_back_sealed_and_an_odd_size_keeps_its_size(manage
         assert again.open("sealed", sealed=True).size == 5000
     for fd in kept:
         os.close(fd)
+
+
+def test_an_exporters_buffer_comes_back_revoked(manager: Manager, exporter: Any) -> None:
+    manager.start()
+    manager.wait_for(lambda: os.path.exists(manager.socket) and bool(manager.said("READY")))
+    peer = exporter(manager, "supplied")  # type: ignore[arg-type]
+    dev = _connect(manager)
+    buf = dev.open("supplied")
+    handle = buf.share()
+    manager.wait_for(lambda: manager.snapshot_names().get(buf.id) == "supplied")
+    assert manager.kill() == -signal.SIGKILL
+    dev.close()
+    peer.stop()
+    manager.start()
+    with _connect(manager) as again:
+        restored = again.import_handle(handle)
+        assert restored.revoked and restored.heap == "exporter"
+        with pytest.raises(bufbroker.BrokerError) as e:
+            restored.attach()
+        assert e.value.errno == errno.ENODEV  # never memory of the broker's own in its place
+        restored.close()
+    os.close(handle)

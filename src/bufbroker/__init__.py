@@ -6,12 +6,23 @@ is its trio twin and is imported only when first used.
 
 from __future__ import annotations
 
-from .client import Attachment, Buffer, CpuAccess, Device, Mapping, connect, recv_handle, send_handle
+from .client import (
+    Attachment,
+    Buffer,
+    CpuAccess,
+    Device,
+    Mapping,
+    connect,
+    recv_handle,
+    send_handle,
+)
 from .protocol import Access, BrokerError, BrokerUnavailable, Constraints, Direction, ProtocolError, Segment
 
 TYPE_CHECKING = False  # typing is not imported at run time: it costs the CLI start-up time
 if TYPE_CHECKING:
     from typing import Any
+
+    from .client import Exporter, ExporterAttachment
 
 __version__ = "0.1.0"
 
@@ -25,6 +36,8 @@ __all__ = [
     "CpuAccess",
     "Device",
     "Direction",
+    "Exporter",
+    "ExporterAttachment",
     "Mapping",
     "ProtocolError",
     "Segment",
@@ -42,4 +55,8 @@ def __getattr__(name: str) -> Any:
         from .client.trio import open_device
 
         return open_device
+    if name in ("Exporter", "ExporterAttachment"):  # only exporters pay for their module
+        from . import client
+
+        return getattr(client, name)
     raise AttributeError(f"module 'bufbroker' has no attribute {name!r}")

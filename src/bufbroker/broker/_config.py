@@ -76,6 +76,13 @@ class Config:
     max_buffer_size: int = _size(4 << 30, "largest single buffer (EINVAL beyond)")
     max_memory: int = _size(_physical_memory() // 2, "bytes of all buffers together (ENOMEM beyond)")
     handshake_timeout: float = _count(30.0, "seconds a new connection has to send hello")
+    exporter_call_timeout: float = _count(
+        5.0, "seconds an exporter has to answer a call (the importer gets ETIMEDOUT)"
+    )
+    max_exporter_calls: int = _count(64, "calls one exporter may leave unanswered at once (EAGAIN beyond)")
+    max_queued_events: int = _count(
+        1024, "events and notices queued for a device that does not read them (it is disconnected beyond)"
+    )
     shm_adopted_hold: float = _count(
         60.0, "seconds the broker holds the shm buffers it adopted at start, for their users to open"
     )

@@ -31,7 +31,7 @@ from typing import Any, Protocol
 import msgpack
 import trio
 
-from ..protocol import Segment
+from ..protocol import Segment, page_round
 from ._handles import HandleTable
 from ._heap import Backing, seal_snapshot
 from ._layout import Layout
@@ -203,7 +203,7 @@ def restore(stored: list[tuple[int, str]], state: State, handles: HandleTable, n
         heap = info.get("heap", "memfd")
         # The handles' names carry the size asked for; the backing, its page-rounded span.
         allocator = state.heaps.get(heap)
-        span = size if allocator is None else allocator.span(size)
+        span = page_round(size) if allocator is None else allocator.span(size)  # an exporter's: pages
         lazy = allocator is not None and allocator.commits  # committed again before a map: cheap
         if entry.memfd is not None:
             span = os.fstat(entry.memfd).st_size

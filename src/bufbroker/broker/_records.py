@@ -15,7 +15,7 @@ from ..protocol import Access, Constraints, Direction
 from ._heap import Backing
 from ._layout import Layout
 
-__all__ = ["Attachment", "Buffer", "Device", "Handle", "Key", "Ref", "Usage"]
+__all__ = ["Attachment", "Buffer", "Device", "Handle", "Key", "PendingCall", "Ref", "Usage"]
 
 Key = int
 """A handle's identity: the SO_COOKIE of the client end of its socketpair (64 bits, never reused).
@@ -40,6 +40,8 @@ class Device:
     refs: dict[int, Ref] = field(default_factory=dict)  # by buffer id
     attachments: dict[int, Attachment] = field(default_factory=dict)  # by attachment id
     cpu: Counter[tuple[int, Access]] = field(default_factory=Counter)  # (buffer id, mode)
+    exporter: bool = False  # said so at hello: it may export buffers and is sent their calls
+    calls: dict[int, PendingCall] = field(default_factory=dict)  # forwarded to it, unanswered
 
     @property
     def label(self) -> str:
@@ -64,6 +66,8 @@ class Attachment:
     buffer: Buffer
     direction: Direction | None = None  # None while unmapped
     map_count: int = 0
+    dynamic: bool = False  # told of moves instead of pinning (dma_buf_attach_ops.move_notify)
+    stale: int = 0  # mappings of memory the exporter has since moved away from, not yet unmapped
 
 
 @dataclass(eq=False, slots=True, kw_only=True)
@@ -93,6 +97,9 @@ class Buffer:
     cpu: Counter[tuple[int, Access]] = field(default_factory=Counter)  # (device id, mode)
     layout: Layout | None = None  # chosen at the first map or cpu access
     backing: Backing | None = None  # exists from export for adopted memfds, else with layout
+    remote: Device | None = None  # the exporter that supplies its memory and answers its ops
+    revoked: bool = False  # its exporter is gone or revoked it: no new attach, map, cpu access
+    moving: int = 0  # moves under way (waiting for dynamic importers to let go of old memory)
     sealable: bool = False  # allocated sealable: its memfd can take F_SEAL_FUTURE_WRITE / F_SEAL_WRITE
     sealing: bool = False  # seal asked for: no new writable mapping, whatever the kernel says yet
     sealed: bool = False  # F_SEAL_FUTURE_WRITE is set
@@ -102,6 +109,18 @@ class Buffer:
     @property
     def alive(self) -> bool:
         return bool(self.handles or self.holders or self.kept)
+
+
+@dataclass(eq=False, slots=True, kw_only=True)
+class PendingCall:
+    """A call forwarded to an exporter whose answer the broker still waits for."""
+
+    id: int
+    op: str
+    exporter: Device
+    importer: Device
+    buffer: Buffer
+    started: float
 
 
 @dataclass(slots=True)

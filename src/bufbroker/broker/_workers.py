@@ -14,6 +14,7 @@ import fcntl
 import logging
 import math
 from collections.abc import Callable
+from typing import Any
 
 import trio
 
@@ -25,7 +26,7 @@ from ._records import Buffer, Device
 from ._seal import add_seal, writers
 from ._state import State
 
-__all__ = ["PER_UID", "THREADS", "Sealer", "Workers", "prepare_backing", "seal"]
+__all__ = ["PER_UID", "THREADS", "Sealer", "Workers", "map_result", "prepare_backing", "seal"]
 
 log = logging.getLogger("bufbroker.broker")
 
@@ -55,6 +56,16 @@ class Workers:
         finally:
             if not limiter.borrowed_tokens and not limiter.statistics().tasks_waiting:
                 self._limiters.pop(uid, None)
+
+
+def map_result(segments: list[list[int]], size: int, span: int, writable: bool) -> dict[str, Any]:
+    """A map or cpu access reply: ``span``, the backing's length, only where it is not ``size``
+    (a buffer that is not a whole number of pages, a huge page one): a client of version 1
+    that never asks for such buffers sees exactly the reply it always did."""
+    result: dict[str, Any] = {"segments": segments, "size": size, "writable": writable}
+    if span != size:
+        result["span"] = span
+    return result
 
 
 def _buffer_of(device: Device, args: p.OpArgs) -> Buffer | None:
