@@ -39,7 +39,7 @@ def _notices(posted: list[tuple[str, Any]]) -> list[str]:
 def test_teardown_is_told_to_the_exporter_in_order_and_release_last() -> None:
     state, exporter, importer, posted = _setup()
     buf = export_remote(state, exporter, 5000, name="r")
-    assert buf.size == 8192 and buf.remote is exporter and buf.backing is None
+    assert (buf.size, buf.span) == (5000, 8192) and buf.remote is exporter and buf.backing is None
     state.open(importer, "r", None)
     att = state.attach(importer, buf.id, dynamic=True)
     assert state.map(importer, att.id, Direction.TO_DEVICE) is None  # the exporter answers
