@@ -6,7 +6,18 @@ is its trio twin and is imported only when first used.
 
 from typing import Any
 
-from .client import Attachment, Buffer, CpuAccess, Device, Mapping, connect, recv_handle, send_handle
+from .client import (
+    Attachment,
+    Buffer,
+    CpuAccess,
+    Device,
+    Fence,
+    Mapping,
+    Timeline,
+    connect,
+    recv_handle,
+    send_handle,
+)
 from .protocol import Access, BrokerError, BrokerUnavailable, Constraints, Direction, ProtocolError, Segment
 
 __version__ = "0.1.0"
@@ -21,9 +32,11 @@ __all__ = [
     "CpuAccess",
     "Device",
     "Direction",
+    "Fence",
     "Mapping",
     "ProtocolError",
     "Segment",
+    "Timeline",
     "__version__",
     "connect",
     "open_device",

@@ -2,14 +2,16 @@
 
 Every descriptor that arrives is owned by an ``FdBag`` until a handler takes it on purpose;
 whatever is left is closed when the request is done, on every path. Requests are answered in
-order, except ``open`` with a timeout, which waits in its own task (up to
-max_pending_requests at once) so that a waiting open does not stall the connection.
+order, except ``open`` with a timeout and ``cpu_begin`` on a buffer whose reservation is not
+yet signalled, which wait in their own tasks (up to max_pending_requests at once) so that a
+waiting request does not stall the connection.
 """
 
 from __future__ import annotations
 
 import errno
 import logging
+import math
 import mmap
 import socket
 from collections.abc import Sequence
@@ -19,11 +21,13 @@ import trio
 
 from .. import protocol as p
 from ..protocol import BrokerError, ProtocolError, RequestError
+from . import _fence_ops
 from ._handles import handle_key
 from ._heap import adopt_memfd
-from ._introspect import REPLY_BYTES, buffer_page, device_page, stats
+from ._introspect import REPLY_BYTES, buffer_page, device_page, stats, timeline_page
 from ._records import Buffer, Device
 from ._state import Mapped
+from ._sync import Points
 
 if TYPE_CHECKING:
     from ._server import Server
@@ -35,7 +39,22 @@ log = logging.getLogger("bufbroker.broker")
 FAIRNESS = 16  # requests served without yielding to other tasks, at most
 # Ops whose answer depends on which buffers are still alive (quotas, names, listings): before
 # them, handles the peer closed before sending are counted as closed, as the kernel would.
-_SETTLE_FIRST = frozenset({p.Allocate, p.ExportMemfd, p.Open, p.SetName, p.Buffers, p.Devices, p.Stats})
+_SETTLE_FIRST = frozenset(
+    {
+        p.Allocate,
+        p.ExportMemfd,
+        p.Open,
+        p.SetName,
+        p.Buffers,
+        p.Devices,
+        p.Stats,
+        p.MakeTimeline,
+        p.MakeFence,
+        p.MergeFences,
+        p.ExportFence,
+        p.Timelines,
+    }
+)
 
 
 class FdBag:
@@ -228,6 +247,11 @@ class Connection:
                         nursery.start_soon(self._waiting_open, message, bag)
                         bag = _NO_FDS
                         continue
+                    if type(message.args) is p.CpuBegin and (points := self._reserved(message.args)):
+                        self.pending += 1
+                        nursery.start_soon(self._waiting_cpu, message, bag, points)
+                        bag = _NO_FDS
+                        continue
                     await self._send(*self._answer(message, bag))
                 except RequestError as e:
                     await self.send(p.Error.from_exception(e.id, e))
@@ -265,6 +289,34 @@ class Connection:
             answer = p.Request(id=request.id, op="open", args=p.Open(name=request.args.name))
             await self._send(*self._answer(answer, bag))
         finally:
+            self.pending -= 1
+            bag.close()
+
+    def _reserved(self, args: p.CpuBegin) -> Points:
+        """The reservation's points a cpu access must wait for (none if the request is bad)."""
+        try:
+            buffer = self.state.share(self.device, args.buffer, readonly=not args.access.writes)
+            return self.state.sync.reservation_points(buffer, args.access)
+        except BrokerError:
+            return {}  # answered in turn, with this error
+
+    async def _waiting_cpu(self, request: p.Request, bag: FdBag, points: Points) -> None:
+        """``cpu_begin`` parked until its reservation signals, as DMA_BUF_IOCTL_SYNC waits."""
+        assert isinstance(request.args, p.CpuBegin)
+        sync = self.state.sync
+        signalled = trio.Event()
+        wait = sync.park(points, lambda _: signalled.set())
+        try:
+            timeout = request.args.timeout
+            with trio.move_on_after(math.inf if timeout is None else timeout):
+                await signalled.wait()
+            if signalled.is_set():
+                await self._send(*self._answer(request, bag))
+            else:
+                error = BrokerError(errno.ETIME, f"the buffer's fences did not signal within {timeout} s")
+                await self.send(p.Error.from_exception(request.id, error))
+        finally:
+            sync.cancel(wait)
             self.pending -= 1
             bag.close()
 
@@ -331,6 +383,11 @@ class Connection:
                 return {"devices": entries, "more": more}, []
             case p.Stats():
                 return stats(state, dev.uid, self.server.version, self.server.connections), []
+            case p.Timelines(after=after):
+                entries, more = timeline_page(state, dev.uid, after)
+                return {"timelines": entries, "more": more}, []
+            case _ if type(request.args) in _fence_ops.OPS:
+                return _fence_ops.answer(self, request.args, bag)
         raise BrokerError(errno.ENOTTY, f"{request.op} cannot be used after hello")
 
     def _describe(self, buffer: Buffer) -> dict[str, Any]:

@@ -89,14 +89,19 @@ class HandleTable:
     def __len__(self) -> int:
         return len(self._ends)
 
-    def mint(self) -> tuple[int, Key]:
-        """A new handle: returns the client end's fd (the caller sends, then closes it)."""
+    def mint(self, *, mark: bool = True) -> tuple[int, Key]:
+        """A new handle: returns the client end's fd (the caller sends, then closes it).
+
+        Without ``mark`` (a fence, whose client end must read nothing until it is signalled)
+        no byte is queued, and every last close is confirmed through the socket table.
+        """
         ours, theirs = socket.socketpair(
             socket.AF_UNIX, socket.SOCK_SEQPACKET | socket.SOCK_CLOEXEC | socket.SOCK_NONBLOCK
         )
         try:
             key = handle_key(theirs.fileno())
-            ours.send(b"\0")  # left unread in the client end: see _reset
+            if mark:
+                ours.send(b"\0")  # left unread in the client end: see _reset
             self._epoll.register(ours.fileno(), select.EPOLLIN | select.EPOLLRDHUP)
         except BaseException:
             ours.close()

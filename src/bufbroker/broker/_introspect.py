@@ -16,10 +16,11 @@ from collections.abc import Iterable
 from typing import Any
 
 from .. import protocol as p
-from ._records import Buffer, Device
+from ..protocol import timeline as tl
+from ._records import Buffer, Device, Timeline
 from ._state import State
 
-__all__ = ["PAGE", "REPLY_BYTES", "buffer_page", "device_page", "stats"]
+__all__ = ["PAGE", "REPLY_BYTES", "buffer_page", "device_page", "stats", "timeline_page"]
 
 REPLY_BYTES = 96 << 10  # in one reply at most: well below the largest packet the kernel sends (SO_SNDBUF)
 PAGE = 128  # entries per page at most
@@ -67,6 +68,41 @@ def _buffer(state: State, buffer: Buffer) -> dict[str, Any]:
             }
             for (dev_id, access), count in buffer.cpu.items()
         ],
+        "fences": [
+            {
+                "timeline": r.timeline.id,
+                "name": r.timeline.name,
+                "point": r.point,
+                "usage": "write" if r.write else "read",
+                "status": r.timeline.page.status(r.point),
+                "signalled_at": r.timeline.page.signalled_at,
+            }
+            for r in buffer.reservation
+        ],
+    }
+
+
+def _timeline(state: State, timeline: Timeline) -> dict[str, Any]:
+    device_id, name, pid = timeline.signaller
+    slots = timeline.page.slots
+    return {
+        "id": timeline.id,
+        "name": timeline.name,
+        "owner": timeline.owner,
+        "created": timeline.created,
+        "signaller": {"device": device_id, "name": name, "pid": pid, "alive": timeline.live is not None},
+        "value": tl.value(slots),
+        "promised": tl.promised(slots),
+        "error": tl.error(slots),
+        "error_point": tl.error_point(slots) if tl.error(slots) else None,
+        "signalled_at": tl.signalled_at(slots),
+        "handles": len(timeline.handles),
+        "holders": [
+            {"device": d, "name": state.devices[d].name, "pid": state.devices[d].pid, "count": ref.count}
+            for d, ref in timeline.holders.items()
+        ],
+        "references": timeline.refs,
+        "waits": len(timeline.waits),
     }
 
 
@@ -96,6 +132,17 @@ def buffer_page(state: State, viewer: int, after: int) -> tuple[list[dict[str, A
 def device_page(state: State, viewer: int, after: int) -> tuple[list[dict[str, Any]], bool]:
     visible = (d for i, d in state.devices.items() if i > after and viewer in (0, d.uid))
     return _fill(_device(d) for d in visible)
+
+
+def timeline_page(state: State, viewer: int, after: int) -> tuple[list[dict[str, Any]], bool]:
+    """The visible timelines (owned by the viewer's uid, or held by one of its devices)."""
+    timelines = state.sync.timelines
+    visible = (
+        t
+        for i, t in timelines.items()
+        if i > after and (viewer in (0, t.owner) or any(state.devices[d].uid == viewer for d in t.holders))
+    )
+    return _fill(_timeline(state, t) for t in visible)
 
 
 def _fill(entries: Iterable[dict[str, Any]]) -> tuple[list[dict[str, Any]], bool]:
@@ -146,6 +193,8 @@ def stats(state: State, viewer: int, version: str, connections: int) -> dict[str
         "connections": connections if viewer == 0 else usage.connections,
         "handles": sum(len(b.handles) for b in buffers),
         "attachments": sum(len(d.attachments) for d in devices),
+        "timelines": usage.timelines if viewer else len(state.sync.timelines),
+        "fences": usage.fences if viewer else len(state.sync.fences),
         "mappings": sum(a.map_count for d in devices for a in d.attachments.values()),
         "limits": state.config.as_dict(),
         "usage": {
@@ -153,5 +202,7 @@ def stats(state: State, viewer: int, version: str, connections: int) -> dict[str
             "connections": usage.connections,
             "buffers": usage.buffers,
             "bytes": usage.bytes,
+            "timelines": usage.timelines,
+            "fences": usage.fences,
         },
     }

@@ -8,13 +8,28 @@ device holds a reference, and a reference cannot be dropped while they exist (EB
 
 from __future__ import annotations
 
-from collections import Counter
+from collections import Counter, deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from ..protocol import Access, Constraints, Direction, Segment
 from ._heap import Backing
+from ._timeline_page import TimelinePage
 
-__all__ = ["Attachment", "Buffer", "Device", "Handle", "Key", "Ref", "Usage"]
+__all__ = [
+    "Attachment",
+    "Buffer",
+    "Device",
+    "Fence",
+    "Handle",
+    "Key",
+    "Ref",
+    "Reserved",
+    "Timeline",
+    "TimelineRef",
+    "Usage",
+    "Wait",
+]
 
 Key = tuple[int, int]
 """A handle's identity: (st_dev, st_ino) of the client end of its socketpair."""
@@ -35,6 +50,7 @@ class Device:
     refs: dict[int, Ref] = field(default_factory=dict)  # by buffer id
     attachments: dict[int, Attachment] = field(default_factory=dict)  # by attachment id
     cpu: Counter[tuple[int, Access]] = field(default_factory=Counter)  # (buffer id, mode)
+    timelines: dict[int, TimelineRef] = field(default_factory=dict)  # held, by timeline id
 
     @property
     def label(self) -> str:
@@ -83,6 +99,7 @@ class Buffer:
     cpu: Counter[tuple[int, Access]] = field(default_factory=Counter)  # (device id, mode)
     layout: list[Segment] | None = None  # chosen at the first map or cpu access
     backing: Backing | None = None  # exists from export for adopted memfds, else with layout
+    reservation: list[Reserved] = field(default_factory=list)  # dma_resv: points to wait for
 
     @property
     def alive(self) -> bool:
@@ -96,3 +113,67 @@ class Usage:
     connections: int = 0
     buffers: int = 0
     bytes: int = 0
+    timelines: int = 0
+    fences: int = 0
+
+
+@dataclass(eq=False, slots=True, kw_only=True)
+class Wait:
+    """Something waiting for a set of timeline points: a fence, or a parked cpu access.
+
+    ``pending`` counts the points not yet reached; the first failed point's ``-errno`` is
+    kept in ``status`` (sync_file's status), and ``done`` runs once, when ``pending`` is 0.
+    """
+
+    pending: int
+    done: Callable[[Wait], None]
+    status: int = 0  # 0 pending, 1 signalled, -errno failed
+    times: dict[int, int] = field(default_factory=dict)  # timeline id -> monotonic ns reached
+
+
+@dataclass(eq=False, slots=True, kw_only=True)
+class Timeline:
+    """drm_syncobj's timeline: one signaller (its maker), a page and an eventfd (``page``)."""
+
+    id: int
+    name: str | None
+    owner: int  # uid charged for it
+    signaller: tuple[int, str, int]  # (device id, name, pid) of its maker
+    created: float
+    page: TimelinePage
+    live: Device | None  # the signaller while its device lives
+    handles: set[Key] = field(default_factory=set)
+    holders: dict[int, TimelineRef] = field(default_factory=dict)  # by device id
+    refs: int = 0  # fences and reservation entries that name it
+    waits: list[tuple[int, int, Wait]] = field(default_factory=list)  # heap of (point, seq, wait)
+    promises: deque[tuple[float, int]] = field(default_factory=deque)  # (deadline, point), both rising
+
+    @property
+    def alive(self) -> bool:
+        return bool(self.live or self.handles or self.holders or self.refs)
+
+
+@dataclass(eq=False, slots=True, kw_only=True)
+class TimelineRef:
+    timeline: Timeline
+    count: int = 1
+
+
+@dataclass(eq=False, slots=True, kw_only=True)
+class Fence:
+    """A sync_file: one descriptor (a socketpair end) for a set of points, one per timeline."""
+
+    key: Key
+    owner: int  # uid charged for it
+    points: dict[int, tuple[Timeline, int]]  # by timeline id
+    created: float
+    wait: Wait
+
+
+@dataclass(eq=False, slots=True, kw_only=True)
+class Reserved:
+    """One point in a buffer's reservation (dma_resv): a writer's or a reader's."""
+
+    timeline: Timeline
+    point: int
+    write: bool

@@ -1,7 +1,8 @@
 """The trio server: accepts connections and moves messages between them and the state model.
 
-One task per connection (plus one for every ``open`` that waits); one task watches every
-handle. ``serve`` follows trio's convention for long-running entry points: it calls
+One task per connection (plus one for every request that waits); one task watches every
+handle, one the timelines that fences and waiting requests need. ``serve`` follows trio's
+convention for long-running entry points: it calls
 ``task_status.started()`` once it is accepting, and returns only when cancelled.
 """
 
@@ -24,6 +25,7 @@ from ._handles import HandleTable
 from ._reaper import Reaper
 from ._records import Device
 from ._state import State
+from ._watch import TimelineWatch
 
 __all__ = ["Server"]
 
@@ -54,6 +56,8 @@ class Server:
         self._reaper = Reaper()
         self.state = State(config, free=self._reaper.free)
         self.handles = HandleTable(self.state.handle_closed)
+        self.timelines = TimelineWatch(self.handles)
+        self.timelines.attach(self.state.sync)
         self._fdstore: FdStore | None = None
         if fdstore is not None:
             generation = restore(stored or [], self.state, self.handles, fdstore)
@@ -75,6 +79,7 @@ class Server:
         try:
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(self.handles.watch)
+                nursery.start_soon(self.timelines.run)
                 nursery.start_soon(self._reaper.run)
                 if self._fdstore is not None:
                     nursery.start_soon(self._fdstore.run)
@@ -89,6 +94,7 @@ class Server:
                     nursery.start_soon(self._client, sock)
         finally:
             self.handles.close()
+            self.timelines.close()
             self._reaper.close()
 
     async def announce_shutdown(self, grace: float = 0.5) -> None:

@@ -24,6 +24,7 @@ from ._heap import HEAPS, Backing, allocate_memfd
 from ._layout import combine, plan, satisfies
 from ._quota import Quotas
 from ._records import Attachment, Buffer, Device, Handle, Key, Ref
+from ._sync import QuietHooks, Sync
 
 __all__ = ["Mapped", "State"]
 
@@ -74,6 +75,7 @@ class State:
         self.quotas = Quotas(config)
         self._next_ids: dict[str, int] = {}
         self.observer = Observer()
+        self.sync = Sync(config, self.quotas, self._id, clock, time.monotonic, QuietHooks())
 
     def _id(self, kind: str) -> int:
         """Ids count per kind (buffer 1, 2, ...; device 1, 2, ...) and are never reused."""
@@ -115,6 +117,7 @@ class State:
         device.cpu.clear()
         for ref in list(device.refs.values()):
             self._drop_ref(device, ref)
+        self.sync.device_gone(device)
         del self.devices[device.id]
 
     # --- creating buffers ----------------------------------------------------------------
@@ -198,7 +201,9 @@ class State:
     def handle_closed(self, key: Key) -> None:
         """The last copy of a handle was closed, somewhere (the kernel told the server)."""
         handle = self.handles.pop(key, None)
-        if handle is not None:
+        if handle is None:
+            self.sync.handle_closed(key)
+        else:
             del handle.buffer.handles[key]
             self.observer.handle_removed(handle)
             self._maybe_free(handle.buffer)
@@ -283,6 +288,7 @@ class State:
         del self.buffers[buffer.id]
         self._set_name(buffer, None)
         self.quotas.uncharge(buffer.owner, buffer.size)
+        self.sync.drop_reservation(buffer)
         if buffer.backing is not None:
             self.free(buffer.backing)
 

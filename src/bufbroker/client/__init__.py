@@ -1,6 +1,17 @@
 """The client library: the blocking client here, the trio twin in ``bufbroker.client.trio``."""
 
 from ._passing import recv_handle, send_handle
-from ._sync import Attachment, Buffer, CpuAccess, Device, Mapping, connect
+from ._sync import Attachment, Buffer, CpuAccess, Device, Fence, Mapping, Timeline, connect
 
-__all__ = ["Attachment", "Buffer", "CpuAccess", "Device", "Mapping", "connect", "recv_handle", "send_handle"]
+__all__ = [
+    "Attachment",
+    "Buffer",
+    "CpuAccess",
+    "Device",
+    "Fence",
+    "Mapping",
+    "Timeline",
+    "connect",
+    "recv_handle",
+    "send_handle",
+]

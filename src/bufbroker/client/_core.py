@@ -17,6 +17,7 @@ from typing import Any
 from .. import protocol as p
 from ..protocol import Access, BrokerError, Constraints, Direction, Segment
 from ._memory import MappedMemory, segments_from_wire
+from ._timeline import FenceBase, TimelineBase, Views
 
 __all__ = [
     "MAX_REPLY",
@@ -34,7 +35,7 @@ __all__ = [
 ]
 
 MAX_REPLY = 256 << 10  # above any SOCK_SEQPACKET packet the kernel lets the broker send
-MAX_REPLY_FDS = 4
+MAX_REPLY_FDS = 1 + 2 * p.MAX_FENCE_TIMELINES  # a fence, and a page and an eventfd per timeline
 
 
 class Session:
@@ -147,7 +148,7 @@ def maybe_one_fd(fds: list[int]) -> int | None:
 class Pager:
     """Reads a paged listing (``buffers``, ``devices``): ask, take, ask again while ``more``."""
 
-    def __init__(self, op: type[p.Buffers] | type[p.Devices], key: str) -> None:
+    def __init__(self, op: type[p.Buffers] | type[p.Devices] | type[p.Timelines], key: str) -> None:
         self._op = op
         self._key = key
         self.entries: list[dict[str, Any]] = []
@@ -166,6 +167,8 @@ class DeviceBase:
         self._session = session
         self._buffers: set[BufferBase] = set()
         self._memory: set[MappedMemory] = set()
+        self._views = Views()
+        self._syncs: set[TimelineBase | FenceBase] = set()  # closed with the device
         self.closed = False
 
     @property
@@ -211,6 +214,13 @@ class DeviceBase:
         for buffer in self._buffers:
             buffer._close_handle()
         self._buffers.clear()
+        for obj in self._syncs:
+            if isinstance(obj, FenceBase):
+                obj.close_local()
+            else:
+                obj._close_local()
+        self._syncs.clear()
+        self._views.close()
 
     def __repr__(self) -> str:
         state = "closed" if self.closed else f"device {self._session.device_id}"
@@ -286,9 +296,10 @@ class MappingBase:
 class CpuAccessBase:
     """``with buffer.cpu_access(mode) as memory``: begin on enter, end on exit."""
 
-    def __init__(self, buffer: BufferBase, access: Access) -> None:
+    def __init__(self, buffer: BufferBase, access: Access, timeout: float | None = None) -> None:
         self.buffer = buffer
         self.access = access
+        self.timeout = timeout  # for the buffer's fences (ETIME); None: as long as they take
         self._memory: MappedMemory | None = None
 
     @property
@@ -313,4 +324,6 @@ def undo_for(args: p.OpArgs, result: Any) -> p.OpArgs | None:
             return p.Unmap(attachment=att)
         case p.CpuBegin(buffer=buffer, access=access):
             return p.CpuEnd(buffer=buffer, access=access)
+        case p.MakeTimeline() | p.ImportTimeline():
+            return p.ReleaseTimeline(timeline=result["id"])
     return None

@@ -21,33 +21,48 @@ from ._record import Record
 from ._types import Access, Constraints, Direction
 
 __all__ = [
+    "MAX_FENCE_TIMELINES",
     "OPS",
     "OP_NAMES",
     "Allocate",
     "Attach",
+    "AttachFence",
     "Buffers",
     "CpuBegin",
     "CpuEnd",
     "Detach",
     "Devices",
+    "ExportFence",
     "ExportMemfd",
     "Hello",
     "Import",
+    "ImportFence",
+    "ImportTimeline",
+    "MakeFence",
+    "MakeTimeline",
     "Map",
+    "MergeFences",
     "OpArgs",
     "OpSpec",
     "Open",
     "Ping",
     "Release",
+    "ReleaseTimeline",
     "SetName",
     "Share",
+    "ShareTimeline",
     "Stats",
+    "Timelines",
     "Unmap",
     "parse_args",
 ]
 
 MAX_NAME_BYTES = 31  # DMA_BUF_NAME_LEN - 1: the kernel keeps 32 bytes with the NUL
 MAX_ID = (1 << 63) - 1
+# A fence holds at most one point on each of this many timelines, so that the reply that
+# describes one (its descriptor, and a page and an eventfd per timeline) fits one packet.
+MAX_FENCE_TIMELINES = 16
+_MAX_LIST = 4096
 
 
 def _int(value: Any) -> int:
@@ -108,6 +123,12 @@ def _constraints(value: Any) -> Constraints:
         raise ValueError(e.strerror) from None
 
 
+def _ids(value: Any) -> tuple[int, ...]:
+    if type(value) is not list or len(value) > _MAX_LIST:
+        raise ValueError(f"a list of at most {_MAX_LIST} ids")
+    return tuple(_int(v) for v in value)
+
+
 def _optional(check: Callable[[Any], Any]) -> Callable[[Any], Any]:
     return lambda value: None if value is None else check(value)
 
@@ -122,6 +143,7 @@ _CHECKS: dict[str, Callable[[Any], Any]] = {
     "Access": _access,
     "Constraints": _constraints,
     "str | None": _optional(_str),
+    "tuple[int, ...]": _ids,
 }
 _BY_NAME: dict[tuple[str, str], Callable[[Any], Any]] = {
     ("name", "str"): _name,
@@ -154,6 +176,8 @@ class OpArgs(Record):
                 value = value.value
             elif isinstance(value, Constraints):
                 value = value.to_wire()
+            elif isinstance(value, tuple):
+                value = list(value)
             out[name] = value
         return out
 
@@ -286,6 +310,7 @@ class Unmap(OpArgs):
 class CpuBegin(OpArgs):
     buffer: int
     access: Access
+    timeout: float | None = None  # for the reservation's fences (ETIME); None: as long as they take
 
 
 @op("cpu_end")
@@ -307,3 +332,63 @@ class Devices(OpArgs):
 @op("stats")
 class Stats(OpArgs):
     pass
+
+
+# --- timelines and fences (docs/PROTOCOL.md, "Timelines and fences") ----------------------
+# A reply that hands over a fence lists its points and, for each timeline in it that is not in
+# ``have`` (the timeline ids the caller already has the page of), that timeline's page and
+# eventfd, in order after the fence's own descriptor.
+
+
+@op("timeline", reply_fds=True)
+class MakeTimeline(OpArgs):
+    name: str | None = None
+
+
+@op("timeline_share", reply_fds=True)
+class ShareTimeline(OpArgs):
+    timeline: int
+
+
+@op("timeline_import", fds=1, reply_fds=True)
+class ImportTimeline(OpArgs):
+    pass
+
+
+@op("timeline_release")
+class ReleaseTimeline(OpArgs):
+    timeline: int
+
+
+@op("fence", reply_fds=True)
+class MakeFence(OpArgs):
+    timeline: int
+    point: int
+
+
+@op("fence_import", fds=1, reply_fds=True)
+class ImportFence(OpArgs):
+    have: tuple[int, ...] = ()
+
+
+@op("fence_merge", fds=2, reply_fds=True)
+class MergeFences(OpArgs):
+    have: tuple[int, ...] = ()
+
+
+@op("fence_attach", fds=1)
+class AttachFence(OpArgs):
+    buffer: int
+    access: Access
+
+
+@op("fence_export", reply_fds=True)
+class ExportFence(OpArgs):
+    buffer: int
+    access: Access
+    have: tuple[int, ...] = ()
+
+
+@op("timelines")
+class Timelines(OpArgs):
+    after: int = 0
