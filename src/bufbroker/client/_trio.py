@@ -7,6 +7,7 @@ holds the objects and their ops, in the blocking client's order.
 
 from __future__ import annotations
 
+import os
 from collections.abc import AsyncIterator, Awaitable, Callable, Generator, Sequence
 from contextlib import asynccontextmanager
 from socket import AF_UNIX, SOCK_CLOEXEC, SOCK_SEQPACKET  # `socket` is a parameter name here
@@ -29,13 +30,16 @@ from ._core import (
     take_one_fd,
 )
 from ._trio_link import Link
+from ._trio_timeline import Fence, Timeline
 
 __all__ = [
     "Attachment",
     "Buffer",
     "CpuAccess",
     "Device",
+    "Fence",
     "Mapping",
+    "Timeline",
     "open_device",
     "recv_handle",
     "send_handle",
@@ -181,6 +185,29 @@ class Device(Link):
         result: dict[str, Any] = (await self._call(p.Stats()))[0]
         return result
 
+    async def timelines(self) -> list[dict[str, Any]]:
+        """Every timeline this uid owns or holds (root: all)."""
+        return await self._listing(Pager(p.Timelines, "timelines"))
+
+    async def timeline(self, *, name: str | None = None) -> Timeline:
+        """A new timeline at 0; this device is its only signaller."""
+        return Timeline(self, *await self._call(p.MakeTimeline(name=name)))
+
+    async def import_timeline(self, fd: int) -> Timeline:
+        """The timeline behind handle ``fd``, to wait on; the caller keeps (and closes) ``fd``."""
+        return Timeline(self, *await self._call(p.ImportTimeline(), [fd]))
+
+    async def import_fence(self, fd: int) -> Fence:
+        """The fence ``fd`` (a sync_file passed over a socket); the caller keeps ``fd``."""
+        result, fds = await self._call(p.ImportFence(have=self._views.have()), [fd])
+        return Fence(self, os.dup(fd), result, fds)
+
+    async def merge_fences(self, first: Fence, second: Fence) -> Fence:
+        """A new fence for both (SYNC_IOC_MERGE: the later point of a shared timeline)."""
+        args = p.MergeFences(have=self._views.have())
+        result, fds = await self._call(args, [first.fileno(), second.fileno()])
+        return Fence(self, take_one_fd(fds[:1]), result, fds[1:])
+
     async def aclose(self) -> None:
         """Disconnect now (``open_device``'s exit does it too); waiting tasks get EBADF."""
         self._close_now()
@@ -208,9 +235,24 @@ class Buffer(BufferBase, _AsyncClosing):
 
         return _Opening(start)
 
-    def cpu_access(self, access: Access = Access.RW) -> CpuAccess:
-        """``async with buf.cpu_access(Access.WRITE) as memory:`` (DMA_BUF_IOCTL_SYNC)."""
-        return CpuAccess(self, access)
+    def cpu_access(self, access: Access = Access.RW, *, timeout: float | None = None) -> CpuAccess:
+        """``async with buf.cpu_access(Access.WRITE) as memory:`` (DMA_BUF_IOCTL_SYNC).
+
+        Begins once the reservation's fences have signalled (READ: the writers', else all),
+        waiting up to ``timeout`` s for them (ETIME).
+        """
+        return CpuAccess(self, access, timeout)
+
+    async def attach_fence(self, fence: Fence, access: Access) -> None:
+        """Add ``fence`` to the buffer's reservation as a writer's or a reader's (IMPORT_SYNC_FILE)."""
+        await self._device._call(p.AttachFence(buffer=self.id, access=access), [fence.fileno()])
+
+    async def export_fence(self, access: Access) -> Fence:
+        """What ``access`` must wait for, now (EXPORT_SYNC_FILE): READ the writers, else all."""
+        device = self._device
+        args = p.ExportFence(buffer=self.id, access=access, have=device._views.have())
+        result, fds = await device._call(args)
+        return Fence(device, take_one_fd(fds[:1]), result, fds[1:])
 
     async def close(self) -> None:
         """Release this device's hold (EBUSY while attached) and close its own handle."""
@@ -265,7 +307,8 @@ class CpuAccess(CpuAccessBase):
 
     async def begin(self) -> memoryview:
         device = self.buffer._device
-        result, fds = await device._call(p.CpuBegin(buffer=self.buffer.id, access=self.access))
+        args = p.CpuBegin(buffer=self.buffer.id, access=self.access, timeout=self.timeout)
+        result, fds = await device._call(args)
         self._memory = device._map_memory(result, fds)
         return self._memory.memory
 
