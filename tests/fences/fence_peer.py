@@ -196,6 +196,18 @@ def producer(path: str, fd: str, me: str, rounds: str) -> None:
                 mine.signal(i + 1)
 
 
+def stranger(path: str, uid: str) -> None:
+    """Another uid: make a timeline and a fence, signal, wait; report what it saw."""
+    os.setgid(int(uid))
+    os.setuid(int(uid))
+    with bufbroker.connect("stranger", socket=path) as dev:
+        tl = dev.timeline(name="mine")
+        fence = tl.fence(1)
+        tl.signal(1)
+        fence.wait(timeout=5)
+        say(ok=True, timelines=[t["name"] for t in dev.timelines()], usage=dev.stats()["usage"])
+
+
 if __name__ == "__main__":
     role, *args = sys.argv[1:]
     globals()[role](*args)

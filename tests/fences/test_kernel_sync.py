@@ -11,7 +11,6 @@ from __future__ import annotations
 import errno
 import os
 import random
-import socket
 from collections.abc import Callable
 
 import pytest
@@ -27,7 +26,9 @@ __all__ = ["channel", "fence_peer"]
 
 def _count(fence: Fence, status: int) -> int:
     """sync_fence_count_with_status: how many of the fence's points have ``status``."""
-    return sum(1 for point in fence.info() if (point["status"] < 0 if status < 0 else point["status"] == status))
+    return sum(
+        1 for point in fence.info() if (point["status"] < 0 if status < 0 else point["status"] == status)
+    )
 
 
 def _etime(call: Callable[[], object]) -> None:
@@ -137,7 +138,11 @@ def test_stress_consumer(broker: Broker, fence_peer: Callable[..., Peer], channe
         peers, theirs_tls = [], []
         for k in range(producers):
             ours, theirs = channel()
-            peers.append(fence_peer("producer", broker.socket, theirs.fileno(), k, iterations, pass_fds=(theirs.fileno(),)))
+            peers.append(
+                fence_peer(
+                    "producer", broker.socket, theirs.fileno(), k, iterations, pass_fds=(theirs.fileno(),)
+                )
+            )
             for handle in (counters.share(), consumer.share()):
                 bufbroker.send_handle(ours, handle)
                 os.close(handle)

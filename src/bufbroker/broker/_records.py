@@ -141,7 +141,7 @@ class Timeline:
     signaller: tuple[int, str, int]  # (device id, name, pid) of its maker
     created: float
     page: TimelinePage
-    live: Device | None  # the signaller while its device lives
+    live: Device | None  # the signaller while its device lives and holds the timeline
     handles: set[Key] = field(default_factory=set)
     holders: dict[int, TimelineRef] = field(default_factory=dict)  # by device id
     refs: int = 0  # fences and reservation entries that name it
@@ -150,7 +150,7 @@ class Timeline:
 
     @property
     def alive(self) -> bool:
-        return bool(self.live or self.handles or self.holders or self.refs)
+        return bool(self.handles or self.holders or self.refs)
 
 
 @dataclass(eq=False, slots=True, kw_only=True)

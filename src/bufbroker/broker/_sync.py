@@ -153,8 +153,12 @@ class Sync:
             self._unhold(device, ref.timeline)
 
     def _unhold(self, device: Device, timeline: Timeline) -> None:
+        """A device lets go; if it is the signaller, nobody can signal any more: ESRCH."""
         del device.timelines[timeline.id]
         del timeline.holders[device.id]
+        if timeline.live is device:
+            timeline.live = None
+            self.fail(timeline, errno.ESRCH)
         self._maybe_free(timeline)
 
     def handle_closed(self, key: Key) -> bool:
@@ -186,13 +190,9 @@ class Sync:
         self.hooks.freed(timeline)
 
     def device_gone(self, device: Device) -> None:
-        """The signaller's end fails its timelines with ESRCH; its holds go."""
+        """Its holds go; so the signaller's end (exit, crash, kill) fails its timelines: ESRCH."""
         for ref in list(device.timelines.values()):
-            timeline = ref.timeline
-            if timeline.live is device:
-                timeline.live = None
-                self.fail(timeline, errno.ESRCH)
-            self._unhold(device, timeline)
+            self._unhold(device, ref.timeline)
 
     def fail(self, timeline: Timeline, err: int) -> None:
         """Fail every point of ``timeline`` not yet reached, wake its waiters, settle ours."""
