@@ -134,8 +134,10 @@ class Sync:
             raise BrokerError(errno.EBADF, f"timeline {timeline_id} is not held by this device")
         return ref.timeline
 
-    def add_handle(self, timeline: Timeline, key: Key) -> None:
-        timeline.handles.add(key)
+    def add_handle(self, timeline: Timeline, key: Key, uid: int) -> None:
+        """Record a minted timeline handle, charged to ``uid`` until its last copy is closed."""
+        self.quotas.charge_handle(uid)
+        timeline.handles[key] = uid
         self.handles[key] = timeline
 
     def import_timeline(self, device: Device, key: Key) -> Timeline:
@@ -165,7 +167,7 @@ class Sync:
         """The last copy of a handle or a fence was closed; False if it is neither of ours."""
         timeline = self.handles.pop(key, None)
         if timeline is not None:
-            timeline.handles.discard(key)
+            self.quotas.uncharge_handle(timeline.handles.pop(key))
             self._maybe_free(timeline)
             return True
         fence = self.fences.pop(key, None)

@@ -59,7 +59,7 @@ def render_bufinfo(buffers: list[dict[str, Any]]) -> str:
                 FLAGS,
                 MODE,
                 _count(b),
-                b["exporter"]["name"],
+                "-" if b["exporter"]["name"] is None else b["exporter"]["name"],
                 b["id"],
                 "<none>" if b["name"] is None else b["name"],
             )

@@ -58,7 +58,7 @@ def buffer_cells(row: BufferRow) -> list[object]:
         row["name"],
         iec(row["size"]),
         row["heap"],
-        f"{exporter['name']}/{exporter['pid']}",
+        "-" if exporter["name"] is None else f"{exporter['name']}/{exporter['pid']}",  # another uid's
         row["handles"],
         row["attached"],
         row["mapped"],
@@ -111,7 +111,9 @@ def render_show(data: dict[str, Any], *, legend: bool = True) -> str:
     lines = [
         f"buffer {data['id']}: {data['name'] or '(no name)'}",
         f"size: {iec(data['size'])} ({data['size']} bytes), heap {data['heap']}",
-        f"exporter: {exporter['name']} (device {exporter['device']}, pid {exporter['pid']})",
+        "exporter: (another user's device)"
+        if exporter["name"] is None
+        else f"exporter: {exporter['name']} (device {exporter['device']}, pid {exporter['pid']})",
         f"owner: {user_name(data['owner'])} (uid {data['owner']}), age {age(data['age'])}",
         f"handles: {data['handles']} live",
     ]
