@@ -69,6 +69,7 @@ class Server:
             generation = restore(stored or [], self.state, self.handles, fdstore)
             self._fdstore = FdStore(fdstore, self.state, self.handles, generation)
             self.state.observer = self._fdstore
+            self.state.sync.observer = self._fdstore.timelines
         self.names = NameWaiters()
         self.discard = Discard()
         self.version = version

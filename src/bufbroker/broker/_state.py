@@ -83,6 +83,10 @@ class State:
         self.observer = Observer()
         self.sync = Sync(config, self.quotas, self._id, clock, time.monotonic, QuietHooks())
 
+    def reserve_id(self, kind: str, id: int) -> None:
+        """An id kept across a restart: new ones of its kind come after it."""
+        self._next_ids[kind] = max(self._next_ids.get(kind, 1), id + 1)
+
     def _id(self, kind: str) -> int:
         """Ids count per kind (buffer 1, 2, ...; device 1, 2, ...) and are never reused."""
         id = self._next_ids.get(kind, 1)

@@ -45,6 +45,7 @@ class TimelineWatch:
         self._nursery: trio.Nursery | None = None
         self._limiters: dict[int, trio.CapacityLimiter] = {}
         self._deadline_moved = trio.Event()
+        self._unkicked: list[Timeline] = []  # failed before the broker served (a restore)
 
     def attach(self, sync: Sync) -> None:
         self._sync = sync
@@ -65,7 +66,8 @@ class TimelineWatch:
 
     def kick(self, timeline: Timeline) -> None:
         if self._nursery is None:
-            return  # not serving yet (a restore): nobody can be waiting
+            self._unkicked.append(timeline)  # failed at a restore: woken once serving
+            return
         efd = os.dup(timeline.page.eventfd)
         limiter = self._limiters.get(timeline.owner)
         if limiter is None:
@@ -99,6 +101,10 @@ class TimelineWatch:
     async def run(self) -> None:
         async with trio.open_nursery() as nursery:
             self._nursery = nursery
+            for timeline in self._unkicked:
+                if timeline.page.eventfd >= 0:
+                    self.kick(timeline)
+            self._unkicked.clear()
             nursery.start_soon(self._watchdog)
             await self._watch()
 
