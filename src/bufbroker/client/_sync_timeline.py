@@ -50,7 +50,7 @@ class Timeline(TimelineBase):
 
 
 class Fence(FenceBase):
-    """A sync_file: ``fileno()`` turns readable (end-of-file) once every point is reached."""
+    """A sync_file: ``fileno()`` turns readable, for good, once every point is reached."""
 
     def __init__(self, device: Device, fd: int, result: dict[str, Any], fds: list[int]) -> None:
         super().__init__(device._views, fd, result, fds)

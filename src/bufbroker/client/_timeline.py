@@ -262,7 +262,7 @@ class TimelineBase:
 
 
 class FenceBase:
-    """A sync_file: a descriptor that reads end-of-file once all its points are reached."""
+    """A sync_file: a descriptor that turns readable, for good, once all its points are reached."""
 
     def __init__(self, views: Views, fd: int, result: dict[str, Any], fds: Sequence[int]) -> None:
         self._views = views
@@ -285,7 +285,7 @@ class FenceBase:
         self.closed = False
 
     def fileno(self) -> int:
-        """Poll it for reading with any event loop: readable (end-of-file) once signalled."""
+        """Poll it for reading with any event loop: readable once signalled (a byte, then end-of-file)."""
         return self._fd
 
     @property
