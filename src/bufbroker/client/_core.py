@@ -43,7 +43,7 @@ __all__ = [
 ]
 
 MAX_REPLY = 256 << 10  # above any SOCK_SEQPACKET packet the kernel lets the broker send
-MAX_REPLY_FDS = 1 + 2 * p.MAX_FENCE_TIMELINES  # a fence, and a page and an eventfd per timeline
+MAX_REPLY_FDS = p.MAX_REPLY_FDS
 DEFAULT_TIMEOUT = 10.0  # seconds a call waits for the broker's answer, unless told otherwise
 # What a cpu access without a timeout may wait for its buffer's fences, beyond the call's own
 # limit: the broker's default max_fence_time, which bounds every promised point.
