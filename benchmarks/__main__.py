@@ -1,4 +1,4 @@
-"""``python -m benchmarks [--quick] [--json] [--only handoff,roundtrip,throughput,scale,fences]``."""
+"""``python -m benchmarks [--quick] [--json] [--only handoff,roundtrip,throughput,scale,flight,fences]``."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import argparse
 import sys
 from collections.abc import Callable
 
-from . import fences, handoff, roundtrip, scale, throughput
+from . import fences, flight, handoff, roundtrip, scale, throughput
 from ._harness import Row, Settings, machine, render
 
 GROUPS: dict[str, Callable[[Settings], list[Row]]] = {
@@ -14,6 +14,7 @@ GROUPS: dict[str, Callable[[Settings], list[Row]]] = {
     "roundtrip": roundtrip.run,
     "throughput": throughput.run,
     "scale": scale.run,
+    "flight": flight.run,
     "fences": fences.run,
 }
 

@@ -1,4 +1,4 @@
-"""(f) A timeline's signal → wake-up round trip between two processes, against a bare eventfd
+"""(g) A timeline's signal → wake-up round trip between two processes, against a bare eventfd
 ping-pong in the same run: blocking, and awaited in trio.
 
 One round: this process signals point i of its timeline; the other, waiting on it, wakes and
