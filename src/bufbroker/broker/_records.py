@@ -138,7 +138,6 @@ class Wait:
     pending: int
     done: Callable[[Wait], None]
     status: int = 0  # 0 pending, 1 signalled, -errno failed
-    times: dict[int, int] = field(default_factory=dict)  # timeline id -> monotonic ns reached
 
 
 @dataclass(eq=False, slots=True, kw_only=True)

@@ -311,7 +311,7 @@ class Sync:
                 if len(timeline.waits) == 1:
                     self.hooks.watch(timeline, True)  # wakes at once if signalled meanwhile
             else:
-                _reached(wait, timeline, status)
+                _reached(wait, status)
         if not wait.pending:
             wait.status = wait.status or 1
             done(wait)
@@ -333,7 +333,7 @@ class Sync:
                 break
             heapq.heappop(waits)
             settled += 1
-            _reached(wait, timeline, status)
+            _reached(wait, status)
             wait.pending -= 1
             if not wait.pending:
                 wait.status = wait.status or 1
@@ -369,8 +369,8 @@ def _check_size(points: Points) -> None:
         raise BrokerError(errno.E2BIG, f"a fence may name at most {MAX_FENCE_TIMELINES} timelines")
 
 
-def _reached(wait: Wait, timeline: Timeline, status: int) -> None:
-    wait.times[timeline.id] = timeline.page.signalled_at
+def _reached(wait: Wait, status: int) -> None:
+    """Note a point reached or failed: the first failure is the wait's status."""
     if status < 0 and wait.status >= 0:
         wait.status = status
 
