@@ -1,4 +1,5 @@
-"""``python -m benchmarks [--quick] [--json] [--only handoff,roundtrip,throughput,scale,flight,heaps]``."""
+"""``python -m benchmarks [--quick] [--json] [--only GROUP,...]``: handoff, roundtrip, throughput,
+scale, flight, fences, heaps."""
 
 from __future__ import annotations
 
@@ -6,7 +7,7 @@ import argparse
 import sys
 from collections.abc import Callable
 
-from . import flight, handoff, heaps, roundtrip, scale, throughput
+from . import fences, flight, handoff, heaps, roundtrip, scale, throughput
 from ._harness import Row, Settings, machine, render
 
 GROUPS: dict[str, Callable[[Settings], list[Row]]] = {
@@ -15,6 +16,7 @@ GROUPS: dict[str, Callable[[Settings], list[Row]]] = {
     "throughput": throughput.run,
     "scale": scale.run,
     "flight": flight.run,
+    "fences": fences.run,
     "heaps": heaps.run,
 }
 

@@ -27,6 +27,8 @@ def test_every_op_round_trips_with_its_defaults() -> None:
             "attachment": 1,
             "direction": "to_device",
             "access": "read",
+            "timeline": 1,
+            "point": 1,
         }
         args = {k: needed[k] for k, _, required in spec.fields if required}
         request = p.decode(msgpack.packb([0, 3, name, args]), [0] * spec.fds)
@@ -85,6 +87,7 @@ FIELD_VALUES: dict[str, st.SearchStrategy[object]] = {
     "Direction": st.sampled_from(p.Direction),
     "Access": st.sampled_from(p.Access),
     "Constraints": constraints,
+    "tuple[int, ...]": st.lists(ids, max_size=20).map(tuple),
 }
 FIELD_VALUES_BY_NAME: dict[tuple[str, str], st.SearchStrategy[object]] = {
     ("name", "str"): names,

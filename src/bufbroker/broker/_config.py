@@ -76,6 +76,10 @@ class Config:
     max_buffer_size: int = _size(4 << 30, "largest single buffer (EINVAL beyond)")
     max_memory: int = _size(_physical_memory() // 2, "bytes of all buffers together (ENOMEM beyond)")
     handshake_timeout: float = _count(30.0, "seconds a new connection has to send hello")
+    max_timelines_per_uid: int = _count(256, "live timelines one uid may own (EDQUOT beyond)")
+    max_fences_per_uid: int = _count(1024, "live fences one uid may have made (EDQUOT beyond)")
+    max_fences_per_buffer: int = _count(64, "points in one buffer's reservation (EDQUOT beyond)")
+    max_fence_time: float = _count(10.0, "seconds a promised point may stay unsignalled (ETIMEDOUT)")
     exporter_call_timeout: float = _count(
         5.0, "seconds an exporter has to answer a call (the importer gets ETIMEDOUT)"
     )

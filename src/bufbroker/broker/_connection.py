@@ -3,10 +3,11 @@
 Every descriptor that arrives is owned by an ``FdBag`` until a handler takes it on purpose;
 whatever is left goes to the server's ``Discard`` when the request is done, on every path, to
 be closed off the loop (a client's descriptor can make close() wait). Requests are answered
-in order, except ``open`` with a timeout, which waits in its own task (up to
-max_pending_requests at once, and max_waiting_opens_per_uid for the uid) so that a waiting
-open does not stall the connection; it gives up its request's descriptors before it waits.
-So do requests an exporter must answer (``_forward``). Events and notices for the device go
+in order, except ``open`` with a timeout and ``cpu_begin`` on a buffer whose reservation has
+not signalled yet, which wait in their own tasks (up to max_pending_requests at once, and
+max_waiting_opens_per_uid for the uid) so that a waiting request does not stall the
+connection; each gives up its request's descriptors before it waits. So do requests an
+exporter must answer (``_forward``). Events and notices for the device go
 out in order through ``post``.
 """
 
@@ -14,6 +15,7 @@ from __future__ import annotations
 
 import errno
 import logging
+import math
 import mmap
 import os
 import select
@@ -25,15 +27,17 @@ import trio
 
 from .. import protocol as p
 from ..protocol import BrokerError, ProtocolError, RequestError
+from . import _fence_ops
 from ._chain import Chain
 from ._exports import export_remote, revoke
 from ._handles import handle_key
 from ._heap import adopt_memfd
-from ._introspect import buffer_page, device_page, heap_list, stats
+from ._introspect import buffer_page, device_page, heap_list, stats, timeline_page
 from ._outbox import Outbox
 from ._packets import NO_FDS, FdBag, inbox, packet
 from ._records import Buffer, Device
 from ._state import Mapped
+from ._sync import Points
 from ._workers import map_result, prepare_backing, seal
 
 if TYPE_CHECKING:
@@ -47,7 +51,22 @@ FAIRNESS = 16  # requests served without yielding to other tasks, at most
 # Ops whose answer depends on which buffers are still alive (quotas, names, listings): before
 # them, handles the peer closed before sending are counted as closed, as the kernel would.
 _SETTLE_FIRST = frozenset(
-    {p.Allocate, p.Export, p.ExportMemfd, p.Open, p.SetName, p.Buffers, p.Devices, p.Stats, p.Heaps}
+    {
+        p.Allocate,
+        p.Export,
+        p.ExportMemfd,
+        p.Open,
+        p.SetName,
+        p.Buffers,
+        p.Devices,
+        p.Stats,
+        p.Heaps,
+        p.MakeTimeline,
+        p.MakeFence,
+        p.MergeFences,
+        p.ExportFence,
+        p.Timelines,
+    }
 )
 # Ops that may wait for the kernel in a worker thread before they are answered (_workers).
 _OFF_LOOP = frozenset({p.Map, p.CpuBegin, p.Seal})
@@ -264,6 +283,9 @@ class Connection:
                             self.chain.wait(message, blocker)  # its descriptors are discarded now
                             self.pending += 1
                             continue
+                        if type(message.args) is p.CpuBegin and (points := self._reserved(message.args)):
+                            self._park_cpu(nursery, message, points)
+                            continue
                         if state.exporters and self._start_forward(nursery, message):
                             continue
                         await self._send(*await self._respond(message, bag))
@@ -374,6 +396,58 @@ class Connection:
         nursery.start_soon(self._forwarded, request, args)
         return True
 
+    def _reserved(self, args: p.CpuBegin) -> Points:
+        """The reservation's points a cpu access must wait for (none if the request is bad)."""
+        try:
+            resolved = self.chain.resolve(args)
+            assert isinstance(resolved, p.CpuBegin) and type(resolved.buffer) is int
+            buffer = self.state.share(self.device, resolved.buffer, readonly=not args.access.writes)
+            return self.state.sync.reservation_points(buffer, args.access)
+        except BrokerError:
+            return {}  # answered in turn, with this error
+
+    def _park_cpu(self, nursery: trio.Nursery, request: p.Request, points: Points) -> None:
+        """Start a ``cpu_begin`` that waits for its buffer's fences, charged to the uid."""
+        try:
+            self.state.quotas.begin_wait(self.device.uid)
+        except BrokerError as e:
+            raise RequestError(request.id, e) from None
+        self.pending += 1
+        self.chain.unanswered(request.id)
+        nursery.start_soon(self._waiting_cpu, request, points)
+
+    async def _waiting_cpu(self, request: p.Request, points: Points) -> None:
+        """``cpu_begin`` parked until its reservation signals, as DMA_BUF_IOCTL_SYNC waits;
+        then answered, by the buffer's exporter if it has one (begin_cpu_access comes after)."""
+        assert isinstance(request.args, p.CpuBegin)
+        sync = self.state.sync
+        signalled = trio.Event()
+        wait = sync.park(points, lambda _: signalled.set())
+        try:
+            timeout = request.args.timeout
+            with trio.move_on_after(math.inf if timeout is None else timeout):
+                await signalled.wait()
+            if not signalled.is_set():
+                error = BrokerError(errno.ETIME, f"the buffer's fences did not signal within {timeout} s")
+                self.chain.answered(request, None)
+                await self.send(p.Error.from_exception(request.id, error))
+            elif self.state.exporters and self._forwarded_to(request):
+                await self._forward(request, self.chain.resolve(request.args))
+            else:
+                await self._send(*self._answer(request, NO_FDS))
+            await self._answer_waiting(request)
+        finally:
+            sync.cancel(wait)
+            self.pending -= 1
+            self.state.quotas.end_wait(self.device.uid)
+
+    def _forwarded_to(self, request: p.Request) -> bool:
+        """Whether an exporter answers ``request`` (a bad reference is answered here)."""
+        try:
+            return self.server.forwarder.wants(self.device, self.chain.resolve(request.args))
+        except BrokerError:
+            return False
+
     async def _answer_waiting(self, request: p.Request) -> None:
         """Answer, in order, the requests that waited for ``request`` (just answered)."""
         for follower in self.chain.take(request.id):
@@ -458,6 +532,11 @@ class Connection:
                 return {"devices": entries, "more": more}, []
             case p.Heaps():
                 return {"heaps": heap_list(state, dev.uid)}, []
+            case p.Timelines(after=after):
+                entries, more = timeline_page(state, dev.uid, after)
+                return {"timelines": entries, "more": more}, []
+            case _ if type(args) in _fence_ops.OPS:
+                return _fence_ops.answer(self, args, bag)
             case p.Stats():
                 return stats(state, dev.uid, self.server.version, self.server.connections), []
             case p.Export(size=size, name=name):

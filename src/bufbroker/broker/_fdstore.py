@@ -13,7 +13,8 @@ nothing essential::
                                                    (<key>: its cookie, <ino>: its client end's inode)
     s.<generation>                                 a sealed memfd: msgpack snapshot of the buffers
 
-The snapshot adds what names cannot carry (buffer names, layouts, exporters, creation times).
+Timelines are stored beside them (``_fdstore_timelines``). The snapshot adds what names cannot
+carry (buffer and timeline names, layouts, exporters, signallers, creation times).
 It is rewritten, with a new generation, whenever a buffer is created, named, laid out or freed;
 the newest one wins and older ones are removed.
 """
@@ -32,6 +33,7 @@ import msgpack
 import trio
 
 from ..protocol import Segment, page_round
+from ._fdstore_timelines import TimelineStore, describe_timeline, is_timeline_stored, restore_timelines
 from ._handles import HandleTable
 from ._heap import Backing, seal_snapshot
 from ._layout import Layout
@@ -51,7 +53,9 @@ _SNAPSHOT = re.compile(r"s\.(\d+)")
 
 def is_stored(name: str) -> bool:
     """Whether an inherited descriptor's name is one of ours from the fd store."""
-    return any(pattern.fullmatch(name) for pattern in (_HANDLE, _MEMFD, _SNAPSHOT))
+    return any(pattern.fullmatch(name) for pattern in (_HANDLE, _MEMFD, _SNAPSHOT)) or is_timeline_stored(
+        name
+    )
 
 
 class Notifier(Protocol):
@@ -83,6 +87,7 @@ class FdStore(Observer):
         self._generation = generation
         self._dirty = trio.Event()
         self._dirty.set()  # write a first snapshot at once
+        self.timelines = TimelineStore(notifier, state, handles, lambda: self._dirty.set())
 
     def handle_added(self, handle: Handle) -> None:
         fd = self._handles.end_of(handle.key)
@@ -134,7 +139,13 @@ class FdStore(Observer):
                 failing = False
 
     def _write_snapshot(self) -> None:
-        data = msgpack.packb({"version": 1, "buffers": [_describe(b) for b in self._state.buffers.values()]})
+        data = msgpack.packb(
+            {
+                "version": 1,
+                "buffers": [_describe(b) for b in self._state.buffers.values()],
+                "timelines": [describe_timeline(t) for t in self._state.sync.timelines.values()],
+            }
+        )
         fd = seal_snapshot(data)  # may raise OSError: run() logs it and retries
         try:
             self._notifier.fdstore([fd], f"s.{self._generation + 1}")
@@ -172,8 +183,11 @@ def restore(stored: list[tuple[int, str]], state: State, handles: HandleTable, n
     """
     found: dict[int, _Found] = {}
     snapshots: dict[int, int] = {}
+    timelines: list[tuple[int, str]] = []
     for fd, name in stored:
-        if m := _HANDLE.fullmatch(name):
+        if is_timeline_stored(name):
+            timelines.append((fd, name))
+        elif m := _HANDLE.fullmatch(name):
             buffer_id, owner, size, mode, uid, ino, key = m.groups()
             entry = found.setdefault(int(buffer_id), _Found())
             entry.handles.append((fd, int(key), int(ino), mode == "r", int(uid), int(owner), int(size)))
@@ -186,7 +200,8 @@ def restore(stored: list[tuple[int, str]], state: State, handles: HandleTable, n
             os.close(fd)
             notifier.fdstore_remove(name)
     generation = max(snapshots, default=0)
-    described = _read_snapshot(snapshots.get(generation))
+    snapshot = _read_snapshot(snapshots.get(generation))
+    described = {b["id"]: b for b in snapshot.get("buffers", [])}
     for gen, fd in snapshots.items():
         os.close(fd)
         if gen != generation:
@@ -226,6 +241,9 @@ def restore(stored: list[tuple[int, str]], state: State, handles: HandleTable, n
             state.add_handle(buffer, key, readonly=readonly, uid=uid)
     if found:
         log.info("restored %d buffers from the file descriptor store", len(state.buffers))
+    restore_timelines(
+        timelines, {t["id"]: t for t in snapshot.get("timelines", [])}, state, handles, notifier
+    )
     return generation
 
 
@@ -238,12 +256,13 @@ def _layout(raw: Any) -> Layout | None:
     return Layout.from_segments([Segment.from_wire(segment) for segment in raw])
 
 
-def _read_snapshot(fd: int | None) -> dict[int, dict[str, Any]]:
+def _read_snapshot(fd: int | None) -> dict[str, Any]:
     if fd is None:
         return {}
     with contextlib.suppress(Exception):  # a damaged snapshot only costs names and layouts
         data = os.pread(fd, os.fstat(fd).st_size, 0)
         snapshot = msgpack.unpackb(data)
-        return {b["id"]: b for b in snapshot["buffers"]}
+        if all(type(b.get("id")) is int for b in [*snapshot["buffers"], *snapshot.get("timelines", [])]):
+            return dict(snapshot)
     log.warning("the stored snapshot is unreadable; buffers come back without names")
     return {}

@@ -17,6 +17,14 @@ The kernel frees a dma-buf as its last fd is closed; here the news arrives a lit
 the watcher runs. ``settle`` takes what the kernel has already reported, so that a request sent
 after a close (an allocate at the quota, an open of a name just let go, a listing) sees it.
 
+A fence is minted the same way, without the byte, so that its client end reads nothing until it
+is signalled (``signal``): then the broker queues the byte and shuts its end down for writing,
+so that every copy turns readable: one byte, then end-of-file. The broker's end, shut down both
+ways, reports EPOLLHUP for ever from then on, so it is watched edge-triggered. The one event
+its own shutdown causes is passed over, unless the kernel reset the end meanwhile (the last
+close came at once); any later event is a last close (a reset, while nobody read the byte) or
+a holder's shutdown, looked up as below.
+
 A holder that calls ``shutdown(SHUT_RD)`` on its copy shuts the broker's end down too, exactly
 as the last close would. Such hang-ups are checked against the kernel's socket table
 (sock_diag, by inode and cookie) in a worker thread, at most LOOKUPS_PER_UID of each uid's
@@ -72,13 +80,14 @@ def _reset(fd: int) -> bool:
 class _End:
     """The broker's end of one handle: what it is known by, and whom it is charged to."""
 
-    __slots__ = ("due", "ino", "key", "uid")
+    __slots__ = ("due", "ino", "key", "quiet", "uid")
 
     def __init__(self, key: Key, ino: int, uid: int) -> None:
         self.key = key
         self.ino = ino  # of the client end, for sock_diag
         self.uid = uid
         self.due = 0.0  # while unsure: when to look it up next
+        self.quiet = False  # a signalled fence's end: its next event is its own shutdown's
 
 
 class HandleTable:
@@ -105,16 +114,17 @@ class HandleTable:
     def __len__(self) -> int:
         return len(self._ends)
 
-    def mint(self, uid: int) -> tuple[int, int, Key]:
+    def mint(self, uid: int, *, fence: bool = False) -> tuple[int, int, Key]:
         """A new handle for ``uid``: (broker end, client end, key); the caller sends the client end,
-        then closes it, or gives both back with ``discard``."""
+        then closes it, or gives both back with ``discard``. A fence's reads nothing until ``signal``."""
         ours, theirs = socket.socketpair(
             socket.AF_UNIX, socket.SOCK_SEQPACKET | socket.SOCK_CLOEXEC | socket.SOCK_NONBLOCK
         )
         try:
             key = handle_key(theirs.fileno())
             ino = os.fstat(theirs.fileno()).st_ino  # our own socket: nothing can make this wait
-            ours.send(b"\0")  # left unread in the client end: see _reset
+            if not fence:
+                ours.send(b"\0")  # left unread in the client end: see _reset
             ours.shutdown(socket.SHUT_RD)  # holders' writes fail (EPIPE): nothing to drain, ever
             self._epoll.register(ours.fileno(), 0)  # EPOLLHUP and EPOLLERR only, always reported
         except BaseException:
@@ -145,6 +155,23 @@ class HandleTable:
         self._epoll.register(fd, 0)
         self._ends[fd] = _End(key, ino, uid)
         self._by_key[key] = fd
+
+    def signal(self, key: Key) -> None:
+        """Make every copy of fence ``key`` readable: the byte (see _reset), then end-of-file."""
+        fd = self._by_key.get(key)
+        if fd is None:
+            return
+        end = socket.socket(fileno=fd)
+        try:
+            end.send(b"\0")
+            end.shutdown(socket.SHUT_WR)
+        except OSError:
+            return  # every copy is gone already (EPIPE): its hang-up is reported as it is
+        finally:
+            end.detach()
+        if fd not in self._unsure:
+            self._ends[fd].quiet = True
+            self._epoll.modify(fd, select.EPOLLET)
 
     def end_of(self, key: Key) -> int | None:
         """The broker's end of handle ``key`` (for the fd store), if it is still open."""
@@ -181,8 +208,11 @@ class HandleTable:
         for _ in range(_SETTLE_ROUNDS):
             events = self._epoll.poll(0, 256)
             for fd, _flags in events:  # only EPOLLHUP and EPOLLERR are asked for
+                end = self._ends[fd]
                 if _reset(fd):  # released with our byte unread: closed, no need to ask the kernel
                     self._gone(fd)
+                elif end.quiet:  # a signalled fence's own shutdown
+                    end.quiet = False
                 else:
                     self._epoll.unregister(fd)  # it would be reported for ever: look it up instead
                     end = self._ends[fd]

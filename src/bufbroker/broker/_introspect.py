@@ -19,10 +19,11 @@ from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
 from .. import protocol as p
-from ._records import Buffer, Device
+from ..protocol import timeline as tl
+from ._records import Buffer, Device, Timeline
 from ._state import State
 
-__all__ = ["PAGE", "REPLY_BYTES", "buffer_page", "device_page", "heap_list", "stats"]
+__all__ = ["PAGE", "REPLY_BYTES", "buffer_page", "device_page", "heap_list", "stats", "timeline_page"]
 
 REPLY_BYTES = p.MAX_REPLY_BYTES - 1024  # of entries in one page; the rest is the reply's envelope
 PAGE = 128  # entries per page at most
@@ -94,6 +95,50 @@ def _buffer(state: State, buffer: Buffer, viewer: int) -> dict[str, Any]:
             for (dev_id, access), count in buffer.cpu.items()
             if seen(devices[dev_id])
         ),
+        "fences": [
+            {
+                "timeline": r.timeline.id,
+                "name": r.timeline.name if viewer in (0, r.timeline.owner) else None,
+                "point": r.point,
+                "usage": "write" if r.write else "read",
+                "status": r.timeline.page.status(r.point),
+                "signalled_at": r.timeline.page.signalled_at,
+            }
+            for r in buffer.reservation
+        ],
+    }
+
+
+def _timeline(state: State, timeline: Timeline, viewer: int) -> dict[str, Any]:
+    """A timeline as listed; of another uid's timeline, a holder sees no names or pids."""
+    device_id, name, pid = timeline.signaller
+    theirs = viewer != 0 and timeline.owner != viewer
+    slots = timeline.page.slots
+    devices = state.devices
+    return {
+        "id": timeline.id,
+        "name": None if theirs else timeline.name,
+        "owner": timeline.owner,
+        "created": timeline.created,
+        "signaller": {
+            "device": None if theirs else device_id,
+            "name": None if theirs else name,
+            "pid": None if theirs else pid,
+            "alive": timeline.live is not None,
+        },
+        "value": tl.value(slots),
+        "promised": tl.promised(slots),
+        "error": tl.error(slots),
+        "error_point": tl.error_point(slots) if tl.error(slots) else None,
+        "signalled_at": tl.signalled_at(slots),
+        "handles": len(timeline.handles),
+        "holders": _first(
+            {"device": d, "name": devices[d].name, "pid": devices[d].pid, "count": ref.count}
+            for d, ref in timeline.holders.items()
+            if not theirs or devices[d].uid == viewer
+        ),
+        "references": timeline.refs,
+        "waits": len(timeline.waits),
     }
 
 
@@ -144,6 +189,17 @@ def buffer_page(state: State, viewer: int, after: int) -> tuple[list[dict[str, A
 def device_page(state: State, viewer: int, after: int) -> tuple[list[dict[str, Any]], bool]:
     visible = (d for i, d in state.devices.items() if i > after and viewer in (0, d.uid))
     return _fill(_device(d) for d in visible)
+
+
+def timeline_page(state: State, viewer: int, after: int) -> tuple[list[dict[str, Any]], bool]:
+    """The visible timelines (owned by the viewer's uid, or held by one of its devices)."""
+    devices = state.devices
+    visible = (
+        t
+        for i, t in state.sync.timelines.items()
+        if i > after and (viewer in (0, t.owner) or any(devices[d].uid == viewer for d in t.holders))
+    )
+    return _fill(_timeline(state, t, viewer) for t in visible)
 
 
 def _fill(entries: Iterable[dict[str, Any]]) -> tuple[list[dict[str, Any]], bool]:
@@ -198,6 +254,8 @@ def stats(state: State, viewer: int, version: str, connections: int) -> dict[str
         "handles": sum(len(b.handles) for b in buffers),
         "attachments": sum(len(d.attachments) for d in devices),
         "mappings": sum(a.map_count for d in devices for a in d.attachments.values()),
+        "timelines": usage.timelines if viewer else len(state.sync.timelines),
+        "fences": usage.fences if viewer else len(state.sync.fences),
         "limits": state.config.as_dict(),
         "usage": {
             "uid": viewer,
@@ -206,6 +264,8 @@ def stats(state: State, viewer: int, version: str, connections: int) -> dict[str
             "bytes": usage.bytes,
             "handles": usage.handles,
             "waiting": usage.waiting,
+            "timelines": usage.timelines,
+            "fences": usage.fences,
         },
     }
 

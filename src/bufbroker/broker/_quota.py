@@ -141,3 +141,23 @@ class Quotas:
         usage.bytes -= size
         self.total_bytes -= size
         self._forget_idle(uid)
+
+    def charge_object(self, uid: int, kind: str) -> None:
+        """Count one more timeline or fence (``kind``) against ``uid``: EDQUOT past its limit."""
+        limit = getattr(self.config, f"max_{kind}_per_uid")
+        usage = self._usage(uid)
+        held = getattr(usage, kind)
+        if held >= limit:
+            self._forget_idle(uid)
+            raise BrokerError(errno.EDQUOT, f"uid {uid} owns {held} {kind} (max_{kind}_per_uid={limit})")
+        setattr(usage, kind, held + 1)
+
+    def charge_object_unchecked(self, uid: int, kind: str) -> None:
+        """Count an object that already existed within the limits (one kept across a restart)."""
+        usage = self._usage(uid)
+        setattr(usage, kind, getattr(usage, kind) + 1)
+
+    def uncharge_object(self, uid: int, kind: str) -> None:
+        usage = self._usage(uid)
+        setattr(usage, kind, getattr(usage, kind) - 1)
+        self._forget_idle(uid)

@@ -8,14 +8,30 @@ device holds a reference, and a reference cannot be dropped while they exist (EB
 
 from __future__ import annotations
 
-from collections import Counter
+from collections import Counter, deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from ..protocol import Access, Constraints, Direction
 from ._heap import Backing
 from ._layout import Layout
+from ._timeline_page import TimelinePage
 
-__all__ = ["Attachment", "Buffer", "Device", "Handle", "Key", "PendingCall", "Ref", "Usage"]
+__all__ = [
+    "Attachment",
+    "Buffer",
+    "Device",
+    "Fence",
+    "Handle",
+    "Key",
+    "PendingCall",
+    "Ref",
+    "Reserved",
+    "Timeline",
+    "TimelineRef",
+    "Usage",
+    "Wait",
+]
 
 Key = int
 """A handle's identity: the SO_COOKIE of the client end of its socketpair (64 bits, never reused).
@@ -40,6 +56,7 @@ class Device:
     refs: dict[int, Ref] = field(default_factory=dict)  # by buffer id
     attachments: dict[int, Attachment] = field(default_factory=dict)  # by attachment id
     cpu: Counter[tuple[int, Access]] = field(default_factory=Counter)  # (buffer id, mode)
+    timelines: dict[int, TimelineRef] = field(default_factory=dict)  # held, by timeline id
     exporter: bool = False  # said so at hello: it may export buffers and is sent their calls
     calls: dict[int, PendingCall] = field(default_factory=dict)  # forwarded to it, unanswered
 
@@ -97,6 +114,7 @@ class Buffer:
     cpu: Counter[tuple[int, Access]] = field(default_factory=Counter)  # (device id, mode)
     layout: Layout | None = None  # chosen at the first map or cpu access
     backing: Backing | None = None  # exists from export for adopted memfds, else with layout
+    reservation: list[Reserved] = field(default_factory=list)  # dma_resv: points to wait for
     remote: Device | None = None  # the exporter that supplies its memory and answers its ops
     revoked: bool = False  # its exporter is gone or revoked it: no new attach, map, cpu access
     moving: int = 0  # moves under way (waiting for dynamic importers to let go of old memory)
@@ -133,3 +151,66 @@ class Usage:
     bytes: int = 0
     handles: int = 0
     waiting: int = 0  # opens waiting for a name
+    timelines: int = 0
+    fences: int = 0
+
+
+@dataclass(eq=False, slots=True, kw_only=True)
+class Wait:
+    """Something waiting for a set of timeline points: a fence, or a parked cpu access.
+
+    ``pending`` counts the points not yet reached; the first failed point's ``-errno`` is
+    kept in ``status`` (sync_file's status), and ``done`` runs once, when ``pending`` is 0.
+    """
+
+    pending: int
+    done: Callable[[Wait], None]
+    status: int = 0  # 0 pending, 1 signalled, -errno failed
+
+
+@dataclass(eq=False, slots=True, kw_only=True)
+class Timeline:
+    """drm_syncobj's timeline: one signaller (its maker), a page and an eventfd (``page``)."""
+
+    id: int
+    name: str | None
+    owner: int  # uid charged for it
+    signaller: tuple[int, str, int]  # (device id, name, pid) of its maker
+    created: float
+    page: TimelinePage
+    live: Device | None  # the signaller while its device lives and holds the timeline
+    handles: dict[Key, int] = field(default_factory=dict)  # the uid each is charged to
+    holders: dict[int, TimelineRef] = field(default_factory=dict)  # by device id
+    refs: int = 0  # fences and reservation entries that name it
+    waits: list[tuple[int, int, Wait]] = field(default_factory=list)  # heap of (point, seq, wait)
+    promises: deque[tuple[float, int]] = field(default_factory=deque)  # (deadline, point), both rising
+
+    @property
+    def alive(self) -> bool:
+        return bool(self.handles or self.holders or self.refs)
+
+
+@dataclass(eq=False, slots=True, kw_only=True)
+class TimelineRef:
+    timeline: Timeline
+    count: int = 1
+
+
+@dataclass(eq=False, slots=True, kw_only=True)
+class Fence:
+    """A sync_file: one descriptor (a socketpair end) for a set of points, one per timeline."""
+
+    key: Key
+    owner: int  # uid charged for it
+    points: dict[int, tuple[Timeline, int]]  # by timeline id
+    created: float
+    wait: Wait
+
+
+@dataclass(eq=False, slots=True, kw_only=True)
+class Reserved:
+    """One point in a buffer's reservation (dma_resv): a writer's or a reader's."""
+
+    timeline: Timeline
+    point: int
+    write: bool

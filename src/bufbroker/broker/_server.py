@@ -1,9 +1,10 @@
 """The trio server: accepts connections and moves messages between them and the state model.
 
-One task per connection (plus one for every ``open`` that waits); one task watches every
-handle; one closes, off the loop, the descriptors clients gave and nobody keeps. ``serve``
-follows trio's convention for long-running entry points: it calls ``task_status.started()``
-once it is accepting, and returns only when cancelled.
+One task per connection (plus one for every request that waits); one task watches every
+handle; one the timelines that fences and waiting requests need; one closes, off the loop,
+the descriptors clients gave and nobody keeps. ``serve`` follows trio's convention for
+long-running entry points: it calls ``task_status.started()`` once it is accepting, and
+returns only when cancelled.
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ from ._records import Device
 from ._shm import ShmHeap, ShmRecords, adopt
 from ._state import State
 from ._waiters import NameWaiters
+from ._watch import TimelineWatch
 from ._workers import Sealer, Workers
 
 __all__ = ["Server"]
@@ -70,11 +72,14 @@ class Server:
         self._sealer = Sealer(self.state, self.workers)
         self.state.unwritten = self._sealer.want
         self.handles = HandleTable(self.state.handle_closed)
+        self.timelines = TimelineWatch(self.handles)
+        self.timelines.attach(self.state.sync)
         self._fdstore: FdStore | None = None
         if fdstore is not None:
             generation = restore(stored or [], self.state, self.handles, fdstore)
             self._fdstore = FdStore(fdstore, self.state, self.handles, generation)
             self.state.observer = self._fdstore
+            self.state.sync.observer = self._fdstore.timelines
         if shm_prefix is not None:
             shm = ShmHeap(shm_prefix)
             self.state.heaps[shm.name] = shm
@@ -114,6 +119,7 @@ class Server:
         try:
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(self.handles.watch)
+                nursery.start_soon(self.timelines.run)
                 nursery.start_soon(self._reaper.run)
                 nursery.start_soon(self.discard.run)
                 nursery.start_soon(self._sealer.run)
@@ -131,6 +137,7 @@ class Server:
                     nursery.start_soon(self._client, sock)
         finally:
             self.handles.close()
+            self.timelines.close()
             self._reaper.close()
             self.discard.close_now()
 

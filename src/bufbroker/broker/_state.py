@@ -34,6 +34,7 @@ from ._quota import Quotas
 from ._records import Attachment, Buffer, Device, Handle, Key, Ref
 from ._reserve import Reserve
 from ._seal import Sealing
+from ._sync import QuietHooks, Sync
 
 __all__ = ["Mapped", "State"]
 
@@ -89,12 +90,17 @@ class State(Sealing):
         self.reserve = Reserve(config.fd_reserve)
         self._next_ids: dict[str, int] = {}
         self.observer = Observer()
+        self.sync = Sync(config, self.quotas, self.new_id, clock, time.monotonic, QuietHooks())
         # Messages for a device outside its request's reply: events, and notices to exporters
         # (the server queues them on the device's connection), and a word that a moved
         # buffer's stale mapping went away (the server wakes the move waiting for it).
         self.post: Callable[[Device, p.Event | p.Call], None] = lambda device, message: None
         self.unmapped: Callable[[Buffer], None] = lambda buffer: None
         self.exporters = 0  # devices connected as exporters: without any, nothing is forwarded
+
+    def reserve_id(self, kind: str, id: int) -> None:
+        """An id kept across a restart: new ones of its kind come after it."""
+        self._next_ids[kind] = max(self._next_ids.get(kind, 1), id + 1)
 
     def new_id(self, kind: str) -> int:
         """Ids count per kind (buffer 1, 2, ...; device 1, 2, ...) and are never reused."""
@@ -161,6 +167,7 @@ class State(Sealing):
             self._maybe_unwritten(buffer)
         for ref in list(device.refs.values()):
             self._drop_ref(device, ref)
+        self.sync.device_gone(device)
         del self.devices[device.id]
 
     # --- creating buffers ----------------------------------------------------------------
@@ -297,7 +304,9 @@ class State(Sealing):
     def handle_closed(self, key: Key) -> None:
         """The last copy of a handle was closed, somewhere (the kernel told the server)."""
         handle = self.handles.pop(key, None)
-        if handle is not None:
+        if handle is None:
+            self.sync.handle_closed(key)
+        else:
             del handle.buffer.handles[key]
             self.quotas.uncharge_handle(handle.uid)
             self.observer.handle_removed(handle)
@@ -392,6 +401,7 @@ class State(Sealing):
         del self.buffers[buffer.id]
         self._set_name(buffer, None)
         self.quotas.uncharge(buffer.owner, buffer.span)
+        self.sync.drop_reservation(buffer)
         if buffer.backing is not None:
             self.free(buffer.backing)
         self.tell(buffer, p.ReleaseCall(buffer=buffer.id))

@@ -23,6 +23,7 @@ COMMANDS = {
     "ls": "one row per buffer",
     "show": "everything about one buffer, by id or name",
     "devices": "one row per device (client connection)",
+    "timelines": "one row per timeline: its signaller, value, promises, error and holders",
     "bufinfo": "the buffers in the kernel's debugfs dma_buf/bufinfo format",
     "stats": "totals, limits and their use, uptime",
     "heaps": "each heap: page size, whether it can allocate here, what is allocated from it",
@@ -31,7 +32,8 @@ COMMANDS = {
 }
 VALUED = ("--socket", "--timeout")  # global options that take a value
 _FLAGS = {"--json": "json", "--no-legend": "no_legend"}
-_QUICK = {"ls": 0, "devices": 0, "bufinfo": 0, "stats": 0, "heaps": 0, "show": 1}  # command: positionals
+# command: how many positionals it takes
+_QUICK = {"ls": 0, "devices": 0, "timelines": 0, "bufinfo": 0, "stats": 0, "heaps": 0, "show": 1}
 
 
 def parse(argv: list[str]) -> argparse.Namespace:

@@ -20,10 +20,12 @@ __all__ = [
     "DeviceRow",
     "NoSuchBuffer",
     "Source",
+    "TimelineRow",
     "buffer_row",
     "device_rows",
     "list_buffers",
     "list_devices",
+    "list_timelines",
     "show_buffer",
 ]
 
@@ -43,6 +45,29 @@ if TYPE_CHECKING:
         def devices(self) -> list[dict[str, Any]]: ...
 
         def stats(self) -> dict[str, Any]: ...
+
+        def timelines(self) -> list[dict[str, Any]]: ...
+
+    class Signaller(TypedDict):
+        device: int | None  # None for another uid's timeline
+        name: str | None
+        pid: int | None
+        alive: bool
+
+    class TimelineRow(TypedDict):
+        """One ``timelines`` row: ID NAME SIGNALLER VALUE PROMISED ERROR HOLDERS HANDLES AGE."""
+
+        id: int
+        name: str | None
+        signaller: Signaller
+        value: int
+        promised: int
+        error: int  # errno, 0 for none
+        error_point: int | None
+        holders: list[dict[str, Any]]  # devices holding it: {device, name, pid, count}
+        handles: int
+        owner: int
+        age: float
 
     class Exporter(TypedDict):
         device: int
@@ -118,7 +143,9 @@ def show_buffer(source: Source, buffer: int | str, now: float | None = None) -> 
     Added to the row: ``created`` (Unix time), ``span`` (the backing's length, whole pages of
     its heap), ``sealable``, ``sealed`` and ``immutable``, ``layout`` (None until the first map
     or cpu access allocates backing; else ``[{"fd", "offset", "length"}]``, fd being the index
-    of the backing memfd), and the broker's ``importers``, ``attachments`` and ``cpu_access``.
+    of the backing memfd), and the broker's ``importers``, ``attachments``, ``cpu_access`` and
+    ``fences`` (the reservation: ``{"timeline", "name", "point", "usage", "status",
+    "signalled_at"}``) lists.
     """
     now = time.time() if now is None else now
     entry = _find(source.buffers(), buffer)
@@ -134,6 +161,7 @@ def show_buffer(source: Source, buffer: int | str, now: float | None = None) -> 
         "importers": entry["importers"],
         "attachments": [{"dynamic": False, "stale": 0, **a} for a in entry["attachments"]],
         "cpu_access": entry["cpu_access"],
+        "fences": entry.get("fences", []),
         "pending_calls": [
             {**c, "waiting": max(0.0, now - c["started"])} for c in entry.get("pending_calls", [])
         ],
@@ -206,3 +234,24 @@ def list_devices(source: Source, *, exclude: int | None = None) -> list[DeviceRo
     """
     devices = [d for d in source.devices() if d["id"] != exclude]
     return device_rows(devices, source.buffers())
+
+
+def list_timelines(source: Source, now: float | None = None) -> list[TimelineRow]:
+    """``timelines``: one row per timeline, in id order."""
+    now = time.time() if now is None else now
+    return [
+        {
+            "id": t["id"],
+            "name": t["name"],
+            "signaller": t["signaller"],
+            "value": t["value"],
+            "promised": t["promised"],
+            "error": t["error"],
+            "error_point": t["error_point"],
+            "holders": t["holders"],
+            "handles": t["handles"],
+            "owner": t["owner"],
+            "age": max(0.0, now - t["created"]),
+        }
+        for t in source.timelines()
+    ]

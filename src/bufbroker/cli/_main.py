@@ -79,6 +79,13 @@ def _inspect(args: Namespace, source: Device) -> str | None:
         case "devices":
             devices = commands.list_devices(source, exclude=source.id)
             return render.render_json(devices) if args.json else render.render_devices(devices, legend=legend)
+        case "timelines":
+            timelines = commands.list_timelines(source)
+            return (
+                render.render_json(timelines)
+                if args.json
+                else render.render_timelines(timelines, legend=legend)
+            )
         case "bufinfo":
             from ._bufinfo import parse_bufinfo, render_bufinfo
 

@@ -14,21 +14,25 @@ TYPE_CHECKING = False  # typing costs start-up time at run time
 if TYPE_CHECKING:
     from typing import Any
 
-    from ._commands import BufferRow, DeviceRow
+    from ._commands import BufferRow, DeviceRow, TimelineRow
 
 __all__ = [
     "BUFFER_COLUMNS",
     "DEVICE_COLUMNS",
+    "TIMELINE_COLUMNS",
     "buffer_cells",
+    "fence_status",
     "render_buffers",
     "render_devices",
     "render_json",
     "render_show",
     "render_stats",
+    "render_timelines",
     "user_name",
 ]
 
 BUFFER_COLUMNS = ("ID", "NAME", "SIZE", "HEAP", "EXPORTER", "HANDLES", "ATTACHED", "MAPPED", "OWNER", "AGE")
+TIMELINE_COLUMNS = ("ID", "NAME", "SIGNALLER", "VALUE", "PROMISED", "ERROR", "HOLDERS", "HANDLES", "AGE")
 DEVICE_COLUMNS = (
     "ID",
     "PID",
@@ -163,7 +167,40 @@ def render_show(data: dict[str, Any], *, legend: bool = True) -> str:
         calls = [{**c, "waiting": age(c["waiting"])} for c in data["pending_calls"]]
         lines += _section("calls to the exporter", calls, ("id", "op", "device", "pid", "waiting"), legend)
     lines += _section("cpu access", data["cpu_access"], ("device", "name", "pid", "access", "count"), legend)
+    fences = [{**f, "status": fence_status(f["status"])} for f in data.get("fences", [])]
+    lines += _section("fences", fences, ("timeline", "name", "point", "usage", "status"), legend)
     return "\n".join(lines)
+
+
+def fence_status(status: int) -> str:
+    """sync_file's status in words: pending, signalled, or the failure's errno name."""
+    if status < 0:
+        import errno
+
+        return errno.errorcode.get(-status, str(-status))
+    return "signalled" if status else "pending"
+
+
+def render_timelines(rows: Sequence[TimelineRow], *, legend: bool = True) -> str:
+    cells = []
+    for r in rows:
+        signaller = r["signaller"]
+        who = "-" if signaller["name"] is None else f"{signaller['name']}/{signaller['pid']}"
+        error = f"{fence_status(-r['error'])} from {r['error_point']}" if r["error"] else "-"
+        cells.append(
+            [
+                r["id"],
+                r["name"],
+                who if signaller["alive"] else f"({who} gone)",
+                r["value"],
+                r["promised"],
+                error,
+                len(r["holders"]),
+                r["handles"],
+                age(r["age"]),
+            ]
+        )
+    return table(TIMELINE_COLUMNS, cells, legend=legend, right=_RIGHT)
 
 
 def render_stats(data: dict[str, Any], *, legend: bool = True) -> str:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from ._passing import recv_handle, send_handle
-from ._sync import Attachment, Buffer, CpuAccess, Device, Mapping, connect
+from ._sync import Attachment, Buffer, CpuAccess, Device, Fence, Mapping, Timeline, connect
 
 TYPE_CHECKING = False  # typing is not imported at run time: it costs the CLI start-up time
 if TYPE_CHECKING:
@@ -18,7 +18,9 @@ __all__ = [
     "Device",
     "Exporter",
     "ExporterAttachment",
+    "Fence",
     "Mapping",
+    "Timeline",
     "connect",
     "recv_handle",
     "send_handle",

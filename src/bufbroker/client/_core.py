@@ -17,6 +17,7 @@ import os
 from .. import protocol as p
 from ..protocol import Access, BrokerError, BrokerUnavailable, Constraints, Direction, Segment
 from ._memory import MappedMemory, segments_from_wire
+from ._timeline import FenceBase, TimelineBase, Views
 
 TYPE_CHECKING = False  # typing is not imported at run time: it costs the CLI start-up time
 if TYPE_CHECKING:
@@ -42,9 +43,12 @@ __all__ = [
 ]
 
 MAX_REPLY = 256 << 10  # above any SOCK_SEQPACKET packet the kernel lets the broker send
-MAX_REPLY_FDS = 4
+MAX_REPLY_FDS = p.MAX_REPLY_FDS
 DEFAULT_TIMEOUT = 10.0  # seconds a call waits for the broker's answer, unless told otherwise
 MOVE_WAIT = 60.0  # above any exporter_call_timeout: what a move without a timeout may take
+# What a cpu access without a timeout may wait for its buffer's fences, beyond the call's own
+# limit: the broker's default max_fence_time, which bounds every promised point.
+FENCE_ALLOWANCE = 10.0
 
 
 def connect_error(path: str, error: OSError, *, default: bool) -> BrokerError:
@@ -127,12 +131,15 @@ class Session:
 
     def wait_limit(self, args: p.OpArgs, timeout: float | None = None) -> float | None:
         """How long a call may wait for its answer: ``timeout``, else the device's, plus the
-        time the broker itself was asked to wait (``open``'s timeout); None for ever."""
+        time the broker itself was asked to wait (``open``'s and ``cpu_begin``'s timeout); None
+        for ever."""
         limit = self.timeout if timeout is None else timeout
         if limit is not None and type(args) is p.Open and args.timeout:
             limit += args.timeout
         elif limit is not None and type(args) is p.Move:  # the broker waits for importers
             limit += MOVE_WAIT if args.timeout is None else args.timeout
+        elif limit is not None and type(args) is p.CpuBegin:  # waits on the buffer's fences first
+            limit += FENCE_ALLOWANCE if args.timeout is None else args.timeout
         return limit
 
     def timed_out(self, args: p.OpArgs, limit: float) -> BrokerError:
@@ -320,7 +327,7 @@ def maybe_one_fd(fds: list[int]) -> int | None:
 class Pager:
     """Reads a paged listing (``buffers``, ``devices``): ask, take, ask again while ``more``."""
 
-    def __init__(self, op: type[p.Buffers] | type[p.Devices], key: str) -> None:
+    def __init__(self, op: type[p.Buffers] | type[p.Devices] | type[p.Timelines], key: str) -> None:
         self._op = op
         self._key = key
         self.entries: list[dict[str, Any]] = []
@@ -339,6 +346,8 @@ class DeviceBase:
         self._session = session
         self._buffers: set[BufferBase] = set()
         self._memory: set[MappedMemory] = set()
+        self._views = Views()
+        self._syncs: set[TimelineBase | FenceBase] = set()  # closed with the device
         self.closed = False
 
     @property
@@ -392,6 +401,13 @@ class DeviceBase:
         for buffer in self._buffers:
             buffer._close_handle()
         self._buffers.clear()
+        for obj in self._syncs:
+            if isinstance(obj, FenceBase):
+                obj.close_local()
+            else:
+                obj._close_local()
+        self._syncs.clear()
+        self._views.close()
 
     def __repr__(self) -> str:
         state = "closed" if self.closed else f"device {self._session.device_id}"
@@ -527,9 +543,10 @@ class MappingBase:
 class CpuAccessBase:
     """``with buffer.cpu_access(mode) as memory``: begin on enter, end on exit."""
 
-    def __init__(self, buffer: BufferBase, access: Access) -> None:
+    def __init__(self, buffer: BufferBase, access: Access, timeout: float | None = None) -> None:
         self.buffer = buffer
         self.access = access
+        self.timeout = timeout  # for the buffer's fences (ETIME); None: as long as they take
         self._memory: MappedMemory | None = None
 
     @property
@@ -579,4 +596,6 @@ def undo_for(args: p.OpArgs, result: Any) -> p.OpArgs | None:
             return p.Unmap(attachment=att)
         case p.CpuBegin(buffer=buffer, access=access):
             return p.CpuEnd(buffer=buffer, access=access)
+        case p.MakeTimeline() | p.ImportTimeline():
+            return p.ReleaseTimeline(timeline=result["id"])
     return None

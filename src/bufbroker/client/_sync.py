@@ -35,6 +35,7 @@ from ._core import (
     teardown_for,
     unclosed,
 )
+from ._sync_timeline import Fence, Timeline
 
 TYPE_CHECKING = False  # typing is not imported at run time: it costs the CLI start-up time
 if TYPE_CHECKING:
@@ -44,7 +45,7 @@ if TYPE_CHECKING:
     from ._exporting import CallServer, Exporter, MoveCallbacks
     from ._threads import Served
 
-__all__ = ["Attachment", "Buffer", "CpuAccess", "Device", "Mapping", "connect"]
+__all__ = ["Attachment", "Buffer", "CpuAccess", "Device", "Fence", "Mapping", "Timeline", "connect"]
 
 _PING = p.Ping()  # records are immutable: one does for every call
 
@@ -461,6 +462,28 @@ class Device(DeviceBase, _Closing):
         result: dict[str, Any] = self._call(p.Stats())[0]
         return result
 
+    def timelines(self) -> list[dict[str, Any]]:
+        """Every timeline this uid owns or holds (root: all)."""
+        return self._listing(Pager(p.Timelines, "timelines"))
+
+    def timeline(self, *, name: str | None = None) -> Timeline:
+        """A new timeline at 0; this device is its only signaller."""
+        return Timeline(self, *self._call(p.MakeTimeline(name=name)))
+
+    def import_timeline(self, fd: int) -> Timeline:
+        """The timeline behind handle ``fd``, to wait on; the caller keeps (and closes) ``fd``."""
+        return Timeline(self, *self._call(p.ImportTimeline(), [fd]))
+
+    def import_fence(self, fd: int) -> Fence:
+        """The fence ``fd`` (a sync_file passed over a socket); the caller keeps ``fd``."""
+        result, fds = self._call(p.ImportFence(have=self._views.have()), [fd])
+        return Fence(self, os.dup(fd), result, fds)
+
+    def merge_fences(self, first: Fence, second: Fence) -> Fence:
+        """A new fence for both (SYNC_IOC_MERGE: the later point of a shared timeline)."""
+        result, fds = self._call(p.MergeFences(have=self._views.have()), [first.fileno(), second.fileno()])
+        return Fence(self, take_one_fd(fds[:1]), result, fds[1:])
+
     def fileno(self) -> int:
         return self._sock.fileno()
 
@@ -525,9 +548,23 @@ class Buffer(BufferBase, _Closing):
         late: list[dict[str, Any]] = result["late"]
         return late
 
-    def cpu_access(self, access: Access = Access.RW) -> CpuAccess:
-        """``with buffer.cpu_access(Access.WRITE) as memory:`` (DMA_BUF_IOCTL_SYNC begin/end)."""
-        return CpuAccess(self, access)
+    def cpu_access(self, access: Access = Access.RW, *, timeout: float | None = None) -> CpuAccess:
+        """``with buffer.cpu_access(Access.WRITE) as memory:`` (DMA_BUF_IOCTL_SYNC begin/end).
+
+        Begins once the reservation's fences have signalled (READ: the writers', else all),
+        waiting up to ``timeout`` s for them (ETIME).
+        """
+        return CpuAccess(self, access, timeout)
+
+    def attach_fence(self, fence: Fence, access: Access) -> None:
+        """Add ``fence`` to the buffer's reservation as a writer's or a reader's (IMPORT_SYNC_FILE)."""
+        self._device._call(p.AttachFence(buffer=self.id, access=access), [fence.fileno()])
+
+    def export_fence(self, access: Access) -> Fence:
+        """What ``access`` must wait for, now (EXPORT_SYNC_FILE): READ the writers, else all."""
+        device = self._device
+        result, fds = device._call(p.ExportFence(buffer=self.id, access=access, have=device._views.have()))
+        return Fence(device, take_one_fd(fds[:1]), result, fds[1:])
 
     def close(self) -> None:
         """Release this device's hold (EBUSY while attached) and close its own handle.
@@ -591,7 +628,9 @@ class CpuAccess(CpuAccessBase):
 
     def begin(self) -> memoryview:
         device = self.buffer._device
-        result, fds = device._call(p.CpuBegin(buffer=self.buffer.id, access=self.access))
+        result, fds = device._call(
+            p.CpuBegin(buffer=self.buffer.id, access=self.access, timeout=self.timeout)
+        )
         self._memory = device._map_memory(result, fds)
         return self._memory.lend()
 

@@ -1,31 +1,17 @@
 """The trio client: the blocking client's twin, for programs that run under trio.
 
-Same names, as coroutines and async context managers. One reader task per device (in a
-nursery the ``open_device`` context owns) matches replies to requests by id, so any number of
-tasks may use one device at once, their requests pipelined.
-
-Theory of cancellation. trio sends a packet whole or not at all, so a request is either unsent
-(nothing to do) or sent. A task cancelled after sending leaves its id in ``_abandoned``; when
-the reply comes, the reader closes its descriptors and sends, without waiting, the request
-that takes back what the abandoned one created (``_core.undo_for``: release, detach, unmap,
-cpu end). Requests that give something back (the same four, when an object closes) are the
-reverse: if the task is cancelled before they are sent, they are sent anyway, so the broker
-ends up holding what the local objects say. Requests the reader sends are written before it
-reads the next reply, and the broker answers in order (except ``open`` with a timeout), so
-once a round trip sent after them completes, the broker has applied them: ``await
-dev.ping()`` does as many as that takes, and so settles the state.
+Same names, as coroutines and async context managers. The connection underneath (the reader
+task, pipelining, what a cancelled call leaves behind) is ``_trio_link.Link``; this module
+holds the objects and their ops, in the blocking client's order.
 """
 
 from __future__ import annotations
 
 import errno
-import mmap
 import os
-from collections import deque
 from collections.abc import AsyncIterator, Awaitable, Callable, Generator, Sequence
 from contextlib import asynccontextmanager
 from socket import AF_UNIX, SOCK_CLOEXEC, SOCK_SEQPACKET  # `socket` is a parameter name here
-from socket import socket as _stdlib_socket
 from typing import Any, Generic, TypeVar
 
 import trio
@@ -35,12 +21,9 @@ from .._paths import default_socket_path
 from ..protocol import Access, BrokerError, Constraints, Direction
 from ._core import (
     DEFAULT_TIMEOUT,
-    MAX_REPLY,
-    MAX_REPLY_FDS,
     AttachmentBase,
     BufferBase,
     CpuAccessBase,
-    DeviceBase,
     MappingBase,
     Pager,
     Session,
@@ -49,17 +32,20 @@ from ._core import (
     maybe_one_fd,
     take_one_fd,
     unclosed,
-    undo_for,
 )
 from ._exporting import CallServer, Exporter, MoveCallbacks
+from ._trio_link import Link
 from ._trio_serving import dispatch
+from ._trio_timeline import Fence, Timeline
 
 __all__ = [
     "Attachment",
     "Buffer",
     "CpuAccess",
     "Device",
+    "Fence",
     "Mapping",
+    "Timeline",
     "open_device",
     "recv_handle",
     "send_handle",
@@ -104,14 +90,6 @@ class _Opening(Generic[T]):
     async def __aexit__(self, kind: Any, error: BaseException | None, tb: Any) -> None:
         assert self._value is not None
         await self._value.__aexit__(kind, error, tb)
-
-
-class _Waiter:
-    __slots__ = ("done", "message")
-
-    def __init__(self) -> None:
-        self.done = trio.Event()
-        self.message: p.Reply | p.Error | None = None
 
 
 @asynccontextmanager
@@ -170,243 +148,18 @@ async def open_device(
         raise error
 
 
-class Device(DeviceBase):
+class Device(Link):
     """This process as a device, for trio programs; made by ``open_device``."""
 
     def __init__(self, sock: trio.socket.SocketType, session: Session, nursery: trio.Nursery) -> None:
-        super().__init__(session)
-        self._sock = sock
-        # The same socket as a plain non-blocking stdlib object, for sends and receives that
-        # complete at once (most do): trio's socket calls pass through the scheduler even
-        # then. Only waits go through trio. Never used once the device is closed.
-        self._raw = _stdlib_socket(fileno=sock.fileno())
-        self._raw.setblocking(False)
-        self._nursery = nursery
-        self._reading = trio.CancelScope()  # the reader's own: cancelling it spares the block
-        self._send_lock = trio.Lock()
-        self._waiting: dict[int, _Waiter] = {}
-        self._abandoned: dict[int, p.OpArgs | None] = {}  # replies nobody waits for; None: drop
-        self._backlog: deque[bytes] = deque()  # unawaited requests waiting for room to send
-        self._unawaited_sent = 0  # unawaited requests written to the socket so far
-        self._lost: BrokerError | None = None
-        self._gone = trio.Event()  # set with _lost
+        super().__init__(sock, session, nursery)
         self._calls: CallServer | None = None  # an exporter's
         self._moves = MoveCallbacks()
         self._jobs: trio.MemorySendChannel[p.Call | p.Event] | None = None  # see _trio_serving
 
-    # --- the connection: the only part that differs from the blocking client
-
-    async def _read(self) -> None:
-        """The one task that receives: hands each reply to its waiter, undoes abandoned ones."""
-        inbox = mmap.mmap(-1, MAX_REPLY)
-        ancbuf = p.ancillary_space(MAX_REPLY_FDS)
-        reset: OSError | None = None
-        try:
-            with self._reading:
-                while True:
-                    try:
-                        packet = await self._receive(inbox, ancbuf)
-                        if packet is None:
-                            return  # closed by this device: _close_now has failed the waiters
-                        n, ancdata, flags, _ = packet
-                        fds = p.fds_from_ancillary(ancdata, flags, MAX_REPLY_FDS)
-                        message = self._session.receive(memoryview(inbox)[:n], fds)
-                    except trio.ClosedResourceError:
-                        return  # closed by this device: _close_now has failed the waiters
-                    except ConnectionResetError as e:
-                        # The broker hung up with requests of ours unread. The kernel reports
-                        # that once, before the packets the broker had sent, which may say why
-                        # (an error with no id, e.g. a connection limit): read on to the end.
-                        reset = e
-                        continue
-                    except OSError as e:
-                        self._fail(e if isinstance(e, BrokerError) else self._session.lost(e))
-                        return
-                    if message is None:
-                        self._fail(self._session.lost(reset))
-                        return
-                    if isinstance(message, p.Reply | p.Error):
-                        self._deliver(message)
-                    elif isinstance(message, p.Call) or (
-                        isinstance(message, p.Event) and (self._moves or self._calls)
-                    ):
-                        dispatch(self, message)
-        finally:
-            inbox.close()
-
-    async def _receive(self, inbox: mmap.mmap, ancbuf: int) -> tuple[int, Any, int, Any] | None:
-        """The next packet as ``recvmsg_into`` gives it; None once the device is closed.
-
-        Taken with a plain non-blocking call; only the wait goes through trio. With no call
-        waiting for a reply it waits first, as a look would find nothing. The descriptor is
-        never touched once the device is closed: its number may by then be another file's.
-        """
-        wait = not self._waiting
-        while not self.closed:
-            if wait:
-                await trio.lowlevel.wait_readable(self._raw)
-                if self.closed:
-                    break
-            try:
-                return self._raw.recvmsg_into([inbox], ancbuf, p.RECV_FLAGS)
-            except BlockingIOError:
-                wait = True
-        return None
-
-    def _deliver(self, message: p.Reply | p.Error) -> None:
-        waiter = self._waiting.pop(message.id, None) if message.id is not None else None
-        if waiter is not None:
-            waiter.message = message
-            waiter.done.set()
-            return
-        p.close_all(message.fds)
-        if message.id is None:  # the broker blames no request: it is about to hang up
-            self._fail(message.exception())
-        elif message.id in self._abandoned:
-            args = self._abandoned.pop(message.id)
-            if args is not None and isinstance(message, p.Reply):
-                self._undo(args, message.result)
-
-    def _undo(self, args: p.OpArgs, result: Any) -> None:
-        undo = undo_for(args, result)
-        if undo is not None:
-            self._send_unawaited(undo)
-
-    def _send_unawaited(self, args: p.OpArgs) -> None:
-        """Send ``args`` now, from synchronous code, and drop its reply when it comes.
-
-        Written straight to the socket (a SEQPACKET write is one whole packet, so it cannot
-        interleave with a send another task has under way); only if the socket is full does a
-        task in the device's nursery send it, and later ones queue behind it, in order. Never
-        waits, so the reader cannot block on a full socket while the broker blocks on ours.
-        """
-        if self.closed or self._lost is not None:
-            return  # the broker drops everything the connection held
-        id, data = self._session.request(args)
-        self._abandoned[id] = None
-        if not self._backlog:
-            try:
-                os.write(self._sock.fileno(), data)
-                self._unawaited_sent += 1
-                return
-            except BlockingIOError:
-                self._nursery.start_soon(self._flush)
-            except OSError:
-                return  # the connection is ending; the reader reports it
-        self._backlog.append(data)
-
-    async def _flush(self) -> None:
-        try:
-            while self._backlog:
-                async with self._send_lock:
-                    await self._sock.send(self._backlog[0])
-                self._backlog.popleft()
-                self._unawaited_sent += 1
-        except (OSError, trio.ClosedResourceError):
-            self._backlog.clear()  # the connection is ending
-
-    def _fail(self, error: BrokerError) -> None:
-        """Wake every waiting task with ``error``; later calls raise it too."""
-        if self._lost is None:
-            self._lost = error
-            self._gone.set()
-        for waiter in self._waiting.values():
-            waiter.done.set()
-        self._waiting.clear()
-        self._abandoned.clear()
-
-    async def _call(
-        self, args: p.OpArgs, fds: Sequence[int] = (), *, settle: bool = False
-    ) -> tuple[Any, list[int]]:
-        """One request: its result and the descriptors its reply carried (the caller's now).
-
-        With ``settle`` (a request that gives something back), a cancelled task's request is
-        sent all the same.
-        """
-        self._check_open()
-        if self._lost is not None:
-            raise self._lost
-        waiter = _Waiter()
-        id, data = self._session.request(args)
-        self._waiting[id] = waiter
-        try:
-            await trio.lowlevel.checkpoint_if_cancelled()  # a cancelled call sends nothing
-            try:
-                if fds:
-                    self._raw.sendmsg([data], p.ancillary(fds))
-                else:
-                    self._raw.send(data)
-            except BlockingIOError:  # the socket is full: wait for room, the trio way
-                limit = self._session.timeout
-                with trio.move_on_after(float("inf") if limit is None else limit) as waited:
-                    async with self._send_lock:
-                        await self._sock.sendmsg([data], p.ancillary(fds))
-                if waited.cancelled_caught:  # not sent: the broker has not read for that long
-                    raise self._session.timed_out(args, limit or 0) from None
-        except trio.Cancelled:  # not sent
-            del self._waiting[id]
-            if settle:
-                self._send_unawaited(args)
-            raise
-        except (OSError, trio.ClosedResourceError) as e:
-            self._waiting.pop(id, None)
-            if isinstance(e, BrokerError):  # timed out waiting to send
-                if settle:
-                    self._send_unawaited(args)
-                raise
-            self._check_open()  # closed by another task while this one waited to send
-            local = self._session.sent_fds_error(args, e) if isinstance(e, OSError) else None
-            if local is not None:  # the caller's mistake: the connection is fine
-                raise local from None
-            if isinstance(e, BrokenPipeError | ConnectionResetError):
-                # The broker hung up, maybe having said why (a connection limit): the reader
-                # reaches that word, or the end of file, at once.
-                await self._gone.wait()
-            raise self._lost or self._session.lost(e if isinstance(e, OSError) else None) from None
-        except BaseException:
-            del self._waiting[id]
-            raise
-        try:
-            limit = self._session.wait_limit(args)
-            with trio.move_on_after(float("inf") if limit is None else limit) as waited:
-                await waiter.done.wait()
-            if waited.cancelled_caught:
-                raise self._session.timed_out(args, limit or 0)
-        except BaseException:
-            if self._waiting.pop(id, None) is not None:
-                self._abandoned[id] = args  # undone when its reply comes
-            elif waiter.message is not None:  # it came just now: undo it here
-                p.close_all(waiter.message.fds)
-                if isinstance(waiter.message, p.Reply):
-                    self._undo(args, waiter.message.result)
-            raise
-        if waiter.message is None:
-            self._check_open()
-            assert self._lost is not None
-            raise self._lost
-        try:
-            return self._session.outcome(waiter.message)
-        except BrokerError as e:
-            raise self._session.explain(args, e) from None
-
-    async def _settle(self, args: p.OpArgs, done: Callable[[], None]) -> None:
-        """A request that gives something back; ``done`` updates the local object once it is
-        sent, even if the task is cancelled while waiting (the broker will have applied it).
-        """
-        try:
-            await self._call(args, settle=True)
-        except trio.Cancelled:
-            done()
-            raise
-        done()
-
-    def _close_now(self) -> None:
-        if not self.closed:
-            self._forget_local()
-            self._fail(BrokerError(errno.EBADF, "the device is closed"))
-            self._reading.cancel()  # before the close, which would wake it with an error
-            self._raw.detach()  # the descriptor is trio's socket's to close
-            self._sock.close()
+    def _dispatch(self, message: p.Call | p.Event) -> None:
+        if isinstance(message, p.Call) or self._moves or self._calls:
+            dispatch(self, message)
 
     # --- the same methods as the blocking Device, in the same order
 
@@ -476,6 +229,29 @@ class Device(DeviceBase):
         result: list[dict[str, Any]] = (await self._call(p.Heaps()))[0]["heaps"]
         return result
 
+    async def timelines(self) -> list[dict[str, Any]]:
+        """Every timeline this uid owns or holds (root: all)."""
+        return await self._listing(Pager(p.Timelines, "timelines"))
+
+    async def timeline(self, *, name: str | None = None) -> Timeline:
+        """A new timeline at 0; this device is its only signaller."""
+        return Timeline(self, *await self._call(p.MakeTimeline(name=name)))
+
+    async def import_timeline(self, fd: int) -> Timeline:
+        """The timeline behind handle ``fd``, to wait on; the caller keeps (and closes) ``fd``."""
+        return Timeline(self, *await self._call(p.ImportTimeline(), [fd]))
+
+    async def import_fence(self, fd: int) -> Fence:
+        """The fence ``fd`` (a sync_file passed over a socket); the caller keeps ``fd``."""
+        result, fds = await self._call(p.ImportFence(have=self._views.have()), [fd])
+        return Fence(self, os.dup(fd), result, fds)
+
+    async def merge_fences(self, first: Fence, second: Fence) -> Fence:
+        """A new fence for both (SYNC_IOC_MERGE: the later point of a shared timeline)."""
+        args = p.MergeFences(have=self._views.have())
+        result, fds = await self._call(args, [first.fileno(), second.fileno()])
+        return Fence(self, take_one_fd(fds[:1]), result, fds[1:])
+
     async def stats(self) -> dict[str, Any]:
         result: dict[str, Any] = (await self._call(p.Stats()))[0]
         return result
@@ -533,9 +309,24 @@ class Buffer(BufferBase, _AsyncClosing):
         late: list[dict[str, Any]] = result["late"]
         return late
 
-    def cpu_access(self, access: Access = Access.RW) -> CpuAccess:
-        """``async with buf.cpu_access(Access.WRITE) as memory:`` (DMA_BUF_IOCTL_SYNC)."""
-        return CpuAccess(self, access)
+    def cpu_access(self, access: Access = Access.RW, *, timeout: float | None = None) -> CpuAccess:
+        """``async with buf.cpu_access(Access.WRITE) as memory:`` (DMA_BUF_IOCTL_SYNC).
+
+        Begins once the reservation's fences have signalled (READ: the writers', else all),
+        waiting up to ``timeout`` s for them (ETIME).
+        """
+        return CpuAccess(self, access, timeout)
+
+    async def attach_fence(self, fence: Fence, access: Access) -> None:
+        """Add ``fence`` to the buffer's reservation as a writer's or a reader's (IMPORT_SYNC_FILE)."""
+        await self._device._call(p.AttachFence(buffer=self.id, access=access), [fence.fileno()])
+
+    async def export_fence(self, access: Access) -> Fence:
+        """What ``access`` must wait for, now (EXPORT_SYNC_FILE): READ the writers, else all."""
+        device = self._device
+        args = p.ExportFence(buffer=self.id, access=access, have=device._views.have())
+        result, fds = await device._call(args)
+        return Fence(device, take_one_fd(fds[:1]), result, fds[1:])
 
     async def close(self) -> None:
         """Release this device's hold (EBUSY while attached) and close its own handle."""
@@ -591,7 +382,8 @@ class CpuAccess(CpuAccessBase):
 
     async def begin(self) -> memoryview:
         device = self.buffer._device
-        result, fds = await device._call(p.CpuBegin(buffer=self.buffer.id, access=self.access))
+        args = p.CpuBegin(buffer=self.buffer.id, access=self.access, timeout=self.timeout)
+        result, fds = await device._call(args)
         self._memory = device._map_memory(result, fds)
         return self._memory.lend()
 

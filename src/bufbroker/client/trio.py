@@ -3,14 +3,27 @@
 Importing this module imports trio; ``bufbroker`` and ``bufbroker.client`` do not.
 """
 
-from ._trio import Attachment, Buffer, CpuAccess, Device, Mapping, open_device, recv_handle, send_handle
+from ._trio import (
+    Attachment,
+    Buffer,
+    CpuAccess,
+    Device,
+    Fence,
+    Mapping,
+    Timeline,
+    open_device,
+    recv_handle,
+    send_handle,
+)
 
 __all__ = [
     "Attachment",
     "Buffer",
     "CpuAccess",
     "Device",
+    "Fence",
     "Mapping",
+    "Timeline",
     "open_device",
     "recv_handle",
     "send_handle",

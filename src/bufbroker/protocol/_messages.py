@@ -32,7 +32,7 @@ import msgpack
 
 from ._calls import parse_call
 from ._errors import BrokerError, ProtocolError, errno_code, errno_from_code
-from ._ops import OP_NAMES, OpArgs, parse_args
+from ._ops import MAX_FENCE_TIMELINES, OP_NAMES, OpArgs, parse_args
 from ._record import Record
 
 TYPE_CHECKING = False  # typing is not imported at run time: it costs the CLI start-up time
@@ -63,8 +63,9 @@ PROTOCOL_VERSION = 1
 
 MAX_REPLY_BYTES = 64 << 10
 """The largest packet the broker ever sends: a client's receive buffer of this size never truncates."""
-MAX_REPLY_FDS = 4
-"""The most descriptors one packet from the broker carries (today's replies carry at most one)."""
+MAX_REPLY_FDS = 1 + 2 * MAX_FENCE_TIMELINES
+"""The most descriptors one packet from the broker carries: a fence, and the page and eventfd of
+each of its timelines (33); every other reply carries at most one."""
 
 REQUEST, REPLY, ERROR, EVENT, CALL, ANSWER, REFUSAL = 0, 1, 2, 3, 4, 5, 6
 

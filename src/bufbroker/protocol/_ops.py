@@ -24,21 +24,29 @@ if TYPE_CHECKING:
     from typing import Any, ClassVar, TypeVar
 
 __all__ = [
+    "MAX_FENCE_TIMELINES",
     "OPS",
     "OP_NAMES",
     "Allocate",
     "Attach",
+    "AttachFence",
     "Buffers",
     "CpuBegin",
     "CpuEnd",
     "Detach",
     "Devices",
     "Export",
+    "ExportFence",
     "ExportMemfd",
     "Heaps",
     "Hello",
     "Import",
+    "ImportFence",
+    "ImportTimeline",
+    "MakeFence",
+    "MakeTimeline",
     "Map",
+    "MergeFences",
     "Move",
     "OpArgs",
     "OpSpec",
@@ -46,11 +54,14 @@ __all__ = [
     "Ping",
     "Ref",
     "Release",
+    "ReleaseTimeline",
     "Revoke",
     "Seal",
     "SetName",
     "Share",
+    "ShareTimeline",
     "Stats",
+    "Timelines",
     "Unmap",
     "op",
     "parse_args",
@@ -58,6 +69,10 @@ __all__ = [
 
 MAX_NAME_BYTES = 31  # DMA_BUF_NAME_LEN - 1: the kernel keeps 32 bytes with the NUL
 MAX_ID = (1 << 63) - 1
+# A fence holds at most one point on each of this many timelines, so that the reply that
+# describes one (its descriptor, and a page and an eventfd per timeline) fits one packet.
+MAX_FENCE_TIMELINES = 16
+_MAX_LIST = 4096
 
 
 def _int(value: Any) -> int:
@@ -118,6 +133,12 @@ def _constraints(value: Any) -> Constraints:
         raise ValueError(e.strerror) from None
 
 
+def _ids(value: Any) -> tuple[int, ...]:
+    if type(value) is not list or len(value) > _MAX_LIST:
+        raise ValueError(f"a list of at most {_MAX_LIST} ids")
+    return tuple(_int(v) for v in value)
+
+
 class Ref(Record, kw_only=False):
     """``{"ref": request_id}`` in place of an id: what that earlier request of the connection
     made (a buffer, an attachment), so that a chain of requests needs no round trip between them."""
@@ -150,6 +171,7 @@ _CHECKS: dict[str, Callable[[Any], Any]] = {
     "Access": _access,
     "Constraints": _constraints,
     "str | None": _optional(_str),
+    "tuple[int, ...]": _ids,
     "int | None": _optional(_int),
     "int | Ref": _id_or_ref,
 }
@@ -184,6 +206,8 @@ class OpArgs(Record):
                 value = value.value
             elif isinstance(value, Constraints | Ref):
                 value = value.to_wire()
+            elif isinstance(value, tuple):
+                value = list(value)
             out[name] = value
         return out
 
@@ -331,6 +355,7 @@ class Unmap(OpArgs):
 class CpuBegin(OpArgs):
     buffer: int | Ref
     access: Access
+    timeout: float | None = None  # for the reservation's fences (ETIME); None: as long as they take
 
 
 @op("cpu_end")
@@ -352,6 +377,66 @@ class Devices(OpArgs):
 @op("stats")
 class Stats(OpArgs):
     pass
+
+
+# --- timelines and fences (docs/PROTOCOL.md, "Timelines and fences") ----------------------
+# A reply that hands over a fence lists its points and, for each timeline in it that is not in
+# ``have`` (the timeline ids the caller already has the page of), that timeline's page and
+# eventfd, in order after the fence's own descriptor.
+
+
+@op("timeline", reply_fds=True)
+class MakeTimeline(OpArgs):
+    name: str | None = None
+
+
+@op("timeline_share", reply_fds=True)
+class ShareTimeline(OpArgs):
+    timeline: int
+
+
+@op("timeline_import", fds=1, reply_fds=True)
+class ImportTimeline(OpArgs):
+    pass
+
+
+@op("timeline_release")
+class ReleaseTimeline(OpArgs):
+    timeline: int
+
+
+@op("fence", reply_fds=True)
+class MakeFence(OpArgs):
+    timeline: int
+    point: int
+
+
+@op("fence_import", fds=1, reply_fds=True)
+class ImportFence(OpArgs):
+    have: tuple[int, ...] = ()
+
+
+@op("fence_merge", fds=2, reply_fds=True)
+class MergeFences(OpArgs):
+    have: tuple[int, ...] = ()
+
+
+@op("fence_attach", fds=1)
+class AttachFence(OpArgs):
+    buffer: int
+    access: Access
+
+
+@op("fence_export", reply_fds=True)
+class ExportFence(OpArgs):
+    buffer: int
+    access: Access
+    have: tuple[int, ...] = ()
+
+
+@op("timelines")
+class Timelines(OpArgs):
+    after: int = 0
 
 
 @op("export", reply_fds=True)
