@@ -172,3 +172,31 @@ def test_a_map_behind_a_waiting_open_commits_huge_pages_first(
         assert [r[:2] for r in replies] == [[1, 1], [1, 2], [2, 3], [1, 4]]
         assert replies[2][2]["errno"] == errno.ENOMEM  # 3 pages wanted, 1 in the pool
         assert replies[3][2] == {"sealed": True, "immutable": False}
+
+
+def test_a_cpu_access_that_waited_for_fences_commits_huge_pages_first(
+    broker: Broker, huge_pages: Callable[..., None]
+) -> None:
+    """A cpu access parked behind its buffer's fences is answered later: with its huge pages
+    taken before the reply all the same (or ENOMEM), never a backing a touch would SIGBUS."""
+    huge_pages(1)
+    with broker.connect("writer") as dev, broker.connect("reader") as reader:
+        buf = dev.allocate(2 * HUGE, name="fenced", heap="hugetlb")
+        tl = dev.timeline()
+        buf.attach_fence(tl.fence(1), Access.WRITE)
+        mine = reader.open("fenced")
+        result: list[int] = []
+
+        def begin() -> None:
+            try:
+                mine.cpu_access(Access.READ).begin()
+            except bufbroker.BrokerError as e:
+                result.append(e.errno or 0)
+
+        thread = threading.Thread(target=begin)
+        thread.start()
+        time.sleep(0.2)
+        assert thread.is_alive()  # parked behind the fence
+        tl.signal(1)
+        thread.join(10)
+        assert result == [errno.ENOMEM]  # 2 huge pages wanted, 1 in the pool: said in the reply

@@ -434,7 +434,7 @@ class Connection:
             elif self.state.exporters and self._forwarded_to(request):
                 await self._forward(request, self.chain.resolve(request.args))
             else:
-                await self._send(*self._answer(request, NO_FDS))
+                await self._send(*await self._respond(request, NO_FDS))
             await self._answer_waiting(request)
         finally:
             sync.cancel(wait)
