@@ -21,10 +21,10 @@ import trio
 
 from .. import protocol as p
 from ..protocol import BrokerError, ProtocolError, RequestError
-from . import _fence_ops
+from . import _fence_ops, _stream_ops
 from ._handles import handle_key
 from ._heap import adopt_memfd
-from ._introspect import REPLY_BYTES, buffer_page, device_page, stats, timeline_page
+from ._introspect import REPLY_BYTES, buffer_page, device_page, stats, stream_page, timeline_page
 from ._records import Buffer, Device
 from ._state import Mapped
 from ._sync import Points
@@ -53,6 +53,9 @@ _SETTLE_FIRST = frozenset(
         p.MergeFences,
         p.ExportFence,
         p.Timelines,
+        p.Publish,
+        p.Subscribe,
+        p.Streams,
     }
 )
 
@@ -247,6 +250,10 @@ class Connection:
                         nursery.start_soon(self._waiting_open, message, bag)
                         bag = _NO_FDS
                         continue
+                    if type(message.args) is p.Subscribe and message.args.timeout:
+                        self.pending += 1
+                        nursery.start_soon(_stream_ops.waiting_subscribe, self, message)
+                        continue
                     if type(message.args) is p.CpuBegin and (points := self._reserved(message.args)):
                         self.pending += 1
                         nursery.start_soon(self._waiting_cpu, message, bag, points)
@@ -278,6 +285,10 @@ class Connection:
         except BaseException:
             p.close_all(owned)
             raise
+
+    async def send_answer(self, request: p.Request) -> None:
+        """Answer ``request`` now (one that carried no descriptors and waited in its own task)."""
+        await self._send(*self._answer(request, _NO_FDS))
 
     async def _waiting_open(self, request: p.Request, bag: FdBag) -> None:
         """``open`` that waits for the name to appear, like Plasma's get with a timeout."""
@@ -386,8 +397,13 @@ class Connection:
             case p.Timelines(after=after):
                 entries, more = timeline_page(state, dev.uid, after)
                 return {"timelines": entries, "more": more}, []
+            case p.Streams(after=after):
+                entries, more = stream_page(state, dev.uid, after)
+                return {"streams": entries, "more": more}, []
             case _ if type(request.args) in _fence_ops.OPS:
                 return _fence_ops.answer(self, request.args, bag)
+            case _ if type(request.args) in _stream_ops.OPS:
+                return _stream_ops.answer(self, request.args)
         raise BrokerError(errno.ENOTTY, f"{request.op} cannot be used after hello")
 
     def _describe(self, buffer: Buffer) -> dict[str, Any]:

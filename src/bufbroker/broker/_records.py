@@ -51,6 +51,8 @@ class Device:
     attachments: dict[int, Attachment] = field(default_factory=dict)  # by attachment id
     cpu: Counter[tuple[int, Access]] = field(default_factory=Counter)  # (buffer id, mode)
     timelines: dict[int, TimelineRef] = field(default_factory=dict)  # held, by timeline id
+    streams: set[int] = field(default_factory=set)  # published, by stream id
+    subscriptions: set[int] = field(default_factory=set)  # by subscriber id
 
     @property
     def label(self) -> str:
@@ -115,6 +117,8 @@ class Usage:
     bytes: int = 0
     timelines: int = 0
     fences: int = 0
+    streams: int = 0
+    subscriptions: int = 0
 
 
 @dataclass(eq=False, slots=True, kw_only=True)

@@ -24,6 +24,7 @@ from ._heap import HEAPS, Backing, allocate_memfd
 from ._layout import combine, plan, satisfies
 from ._quota import Quotas
 from ._records import Attachment, Buffer, Device, Handle, Key, Ref
+from ._streams import Streams
 from ._sync import QuietHooks, Sync
 
 __all__ = ["Mapped", "State"]
@@ -76,6 +77,7 @@ class State:
         self._next_ids: dict[str, int] = {}
         self.observer = Observer()
         self.sync = Sync(config, self.quotas, self._id, clock, time.monotonic, QuietHooks())
+        self.streams = Streams(config, self.quotas, self.sync, self._id, clock, lambda b: self.free(b))
 
     def _id(self, kind: str) -> int:
         """Ids count per kind (buffer 1, 2, ...; device 1, 2, ...) and are never reused."""
@@ -109,6 +111,7 @@ class State:
 
     def remove_device(self, device: Device) -> None:
         """Everything the device held goes, as when a process dies with its dma-buf fds."""
+        self.streams.device_gone(device)
         for att in list(device.attachments.values()):
             att.map_count = 0
             self._drop_attachment(att)
@@ -187,6 +190,10 @@ class State:
         if heap not in HEAPS:
             raise BrokerError(errno.ENODEV, f"no heap {heap!r} (heaps: {', '.join(HEAPS)})")
         return self._create(device, page_round(size), heap, name, None)
+
+    def allocate_backing(self, size: int, label: str) -> Backing:
+        """Memory from the default heap for something other than a buffer (a stream's pool)."""
+        return self._allocate(size, label)
 
     def export(self, device: Device, backing: Backing, *, name: str | None) -> Buffer:
         """A client's own memfd as a buffer (udmabuf); the backing is already checked."""

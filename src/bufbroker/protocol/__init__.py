@@ -4,6 +4,7 @@ Broker and clients both speak through this package; nothing else touches msgpack
 docs/PROTOCOL.md is the description for implementers in other languages.
 """
 
+from . import _stream as stream
 from . import _timeline as timeline
 from ._errors import BrokerError, BrokerUnavailable, ProtocolError, errno_code
 from ._fds import (
@@ -59,14 +60,20 @@ from ._ops import (
     OpArgs,
     Open,
     Ping,
+    Publish,
     Release,
     ReleaseTimeline,
     SetName,
     Share,
     ShareTimeline,
     Stats,
+    StreamMembers,
+    Streams,
+    Subscribe,
     Timelines,
     Unmap,
+    Unpublish,
+    Unsubscribe,
     parse_args,
 )
 from ._types import PAGE_SIZE, Access, Constraints, Direction, Segment, page_round
@@ -112,6 +119,7 @@ __all__ = [
     "Open",
     "Ping",
     "ProtocolError",
+    "Publish",
     "Release",
     "ReleaseTimeline",
     "Reply",
@@ -122,8 +130,13 @@ __all__ = [
     "Share",
     "ShareTimeline",
     "Stats",
+    "StreamMembers",
+    "Streams",
+    "Subscribe",
     "Timelines",
     "Unmap",
+    "Unpublish",
+    "Unsubscribe",
     "ancillary",
     "ancillary_space",
     "close_all",
@@ -139,5 +152,6 @@ __all__ = [
     "page_round",
     "parse_args",
     "peek_request_id",
+    "stream",
     "timeline",
 ]
