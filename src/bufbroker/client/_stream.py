@@ -87,6 +87,10 @@ class PublisherCore:
         """Whether someone joined or left since the broker was last asked."""
         return ring.members(self.pool.words) != self._seen
 
+    def invalidate(self) -> None:
+        """Ask the broker again before the next loan (an answer was lost to cancellation)."""
+        self._seen = -1
+
     def members_request(self) -> p.StreamMembers:
         self._seen = ring.members(self.pool.words)  # read first: a change meanwhile is seen next time
         have = tuple(m.view.id for m in self._members.values())
