@@ -50,7 +50,7 @@ def run(settings: Settings) -> list[Row]:
     levels = QUICK_LEVELS if settings.quick else LEVELS
     rows: list[Row] = []
     with (
-        broker("--max-buffers-per-uid", "10000") as b,
+        broker("--max-buffers-per-uid", "10000", "--max-handles-per-uid", "20000") as b,
         broker() as beside,
         bufbroker.connect("bench", socket=b.socket) as dev,
         bufbroker.connect("filler", socket=b.socket) as filler,

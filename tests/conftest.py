@@ -65,14 +65,17 @@ class Broker:
             time.sleep(0.005)
 
 
-def start_broker(directory: Path, *flags: str, user: int | None = None) -> Broker:
-    """bufbrokerd on ``directory``/bufbroker.sock, as ``user`` if given (we must be root).
+def start_broker(directory: Path, *flags: str, user: int | None = None, nofile: int | None = None) -> Broker:
+    """bufbrokerd on ``directory``/bufbroker.sock, as ``user`` if given (we must be root), with
+    at most ``nofile`` descriptors if given.
 
     The interpreter may live where only root can read (a home directory), so the broker is
     started as root and drops to ``user`` once its modules are loaded, as the peers do.
     """
     path = str(directory / "bufbroker.sock")
     drop = "" if user is None else f"import os; os.setgroups([]); os.setgid({user}); os.setuid({user}); "
+    if nofile is not None:
+        drop += f"import resource; resource.setrlimit(resource.RLIMIT_NOFILE, ({nofile}, {nofile})); "
     log = directory / "bufbrokerd.log"
     with log.open("wb") as out:
         proc = subprocess.Popen(
@@ -119,12 +122,12 @@ def broker_factory() -> Iterator[Callable[..., Broker]]:
     started: list[Broker] = []
     directories: list[str] = []
 
-    def factory(*flags: str) -> Broker:
+    def factory(*flags: str, nofile: int | None = None) -> Broker:
         # Not under pytest's tmp_path (mode 0700): tests connect as other uids too.
         directory = tempfile.mkdtemp(prefix="bufbroker-test-")
         os.chmod(directory, 0o755)
         directories.append(directory)
-        b = start_broker(Path(directory), *flags)
+        b = start_broker(Path(directory), *flags, nofile=nofile)
         started.append(b)
         return b
 

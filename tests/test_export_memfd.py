@@ -45,7 +45,7 @@ def test_a_sealed_memfd_is_aliased_not_copied(broker: Broker) -> None:
             m.memory[0:2] = b"ok"
             assert mine[0:2] == b"ok"
     seals = fcntl.fcntl(fd, fcntl.F_GET_SEALS)
-    assert seals & fcntl.F_SEAL_GROW  # the broker adds GROW where it can
+    assert seals & fcntl.F_SEAL_GROW  # the client adds GROW, which the broker requires
     mine.close()
     os.close(fd)
 
@@ -93,7 +93,7 @@ def test_a_broker_that_is_not_root_refuses_a_memfd_others_may_write(
     directory = Path(tempfile.mkdtemp(prefix="bufbroker-test-"))
     directory.chmod(0o777)
     b = start_broker(directory, user=other_uid)
-    fd = _memfd()
+    fd = _memfd(seals=fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW)  # as the client would send it
     try:
         os.fchmod(fd, 0o666)
         c = raw(b)

@@ -53,9 +53,8 @@ def test_malformed_packets_close_the_connection_with_eproto(
     c = raw(broker)
     c.hello()
     c.send(packet)
-    if packet:
-        reply = c.recv()
-        assert reply[0] == 2 and reply[1] is None and reply[2]["errno"] == errno.EPROTO
+    reply = c.recv()  # an empty packet too: it is not the end of file
+    assert reply[0] == 2 and reply[1] is None and reply[2]["errno"] == errno.EPROTO
     assert c.recv() is None
 
 
@@ -233,19 +232,6 @@ def test_a_holder_that_shuts_its_handle_down_does_not_end_it(broker: Broker, how
         theirs.close()
         os.close(kept)  # the last copy: now it goes, once the broker looks again
         broker.wait_for(lambda: b.buffers() == [])
-
-
-def test_a_handle_sent_into_itself_then_shut_down_still_goes(broker: Broker) -> None:
-    """Its own descriptor queued in the broker's end would keep it alive: the broker drops it."""
-    with broker.connect("a") as a:
-        buf = a.allocate(4096)
-        handle = buf.share()
-        end = socket.socket(fileno=handle)
-        socket.send_fds(end, [b"x"], [handle])
-        end.shutdown(socket.SHUT_WR)
-        end.close()
-        buf.close()
-        broker.wait_for(lambda: a.buffers() == [] and a.stats()["handles"] == 0)
 
 
 def test_many_handles_shut_down_and_closed_at_once(broker: Broker) -> None:

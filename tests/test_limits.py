@@ -129,7 +129,7 @@ def test_handshake_timeout(broker_factory: Callable[..., Broker], raw: Callable[
 def test_incomplete_connections(
     broker_factory: Callable[..., Broker], raw: Callable[[Broker], RawClient]
 ) -> None:
-    b = broker_factory("--max-incomplete-connections", "3")
+    b = broker_factory("--max-incomplete-connections-per-uid", "3")
     with b.connect("watcher") as watcher:
         silent = [raw(b) for _ in range(3)]  # connected, never say hello
         # Each is counted as incomplete in the same step as it is counted as a connection.

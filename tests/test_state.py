@@ -10,7 +10,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from bufbroker.broker import Config, State
-from bufbroker.broker._layout import combine, plan, satisfies
+from bufbroker.broker._layout import combine, plan
 from bufbroker.protocol import PAGE_SIZE, Access, BrokerError, Constraints, Direction
 
 
@@ -35,12 +35,12 @@ def test_a_buffer_lives_while_a_handle_or_a_holder_remains() -> None:
     dev = _device(state)
     buf = state.allocate(dev, 1, name=None, heap="memfd")
     assert buf.size == PAGE_SIZE and buf.backing is None
-    state.add_handle(buf, (1, 2), readonly=False)
+    state.add_handle(buf, 12, readonly=False, uid=dev.uid)
     state.release(dev, buf.id)
     assert buf.id in state.buffers  # the handle holds it
     other = _device(state, "other")
-    assert state.import_handle(other, (1, 2)) is buf
-    state.handle_closed((1, 2))
+    assert state.import_handle(other, 12) is buf
+    state.handle_closed(12)
     assert buf.id in state.buffers  # now the importer holds it
     state.remove_device(other)
     assert state.buffers == {} and state.quotas.usage == {} and state.quotas.total_bytes == 0
@@ -51,7 +51,7 @@ def test_rules_and_their_errnos() -> None:
     dev = _device(state)
     buf = state.allocate(dev, 8192, name=None, heap="memfd")
     att = state.attach(dev, buf.id)
-    assert _code(lambda: state.import_handle(dev, (9, 9))) == errno.EINVAL
+    assert _code(lambda: state.import_handle(dev, 99)) == errno.EINVAL
     assert _code(lambda: state.unmap(dev, att.id)) == errno.EINVAL
     mapped = state.map(dev, att.id, Direction.TO_DEVICE)
     assert not mapped.writable and buf.backing is not None  # late allocation happened here
@@ -78,10 +78,12 @@ def test_quotas_leave_state_unchanged() -> None:
     assert (dict(state.buffers), dict(state.names), state.quotas.total_bytes) == before
     other = _device(state, uid=1001)
     assert _code(lambda: state.allocate(other, 4 * PAGE_SIZE, name=None, heap="memfd")) == errno.EDQUOT
-    assert _code(lambda: state.allocate(other, PAGE_SIZE, name="a", heap="memfd")) == errno.EEXIST
-    assert _code(lambda: state.open(other, "a")) == errno.EACCES
+    assert _code(lambda: state.allocate(dev, PAGE_SIZE, name="a", heap="memfd")) == errno.EDQUOT
+    assert _code(lambda: state.open(other, "a")) == errno.ENOENT  # another uid's name: as if missing
     root = _device(state, uid=0)
-    assert state.open(root, "a").name == "a"
+    assert _code(lambda: state.open(root, "a")) == errno.ENOENT  # root's own names, unless it says whose
+    assert state.open(root, "a", uid=dev.uid).name == "a"
+    assert _code(lambda: state.open(other, "a", uid=dev.uid)) == errno.EPERM
 
 
 def test_connections_are_counted_per_uid() -> None:
@@ -106,16 +108,20 @@ def test_plans_partition_the_buffer_and_meet_every_constraint(
     pages: int, constraints: list[Constraints]
 ) -> None:
     size = pages * PAGE_SIZE
-    layout = plan(size, combine(constraints))
-    if layout is None:
+    planned = plan(size, combine(constraints))
+    if planned is None:
         # Nothing is feasible: even the single-segment layout must break some constraint,
         # and so must every layout with the longest legal pieces.
         return
-    assert layout[0].offset == 0
+    layout = planned.segments()
+    assert layout[0].offset == 0 and len(layout) == planned.count
     assert sum(s.length for s in layout) == size
     assert all(a.offset + a.length == b.offset for a, b in itertools.pairwise(layout))
     for c in constraints:
-        assert satisfies(layout, c)
+        assert planned.satisfies(c)
+        assert c.max_segments is None or len(layout) <= c.max_segments
+        assert c.max_segment_size is None or all(s.length <= c.max_segment_size for s in layout)
+        assert c.alignment is None or all(s.offset % c.alignment == 0 for s in layout)
 
 
 @given(pages=st.integers(1, 64), c=constraint)
@@ -126,4 +132,4 @@ def test_plan_is_none_only_when_no_partition_fits(pages: int, c: Constraints) ->
         for step in range(PAGE_SIZE, size + PAGE_SIZE, PAGE_SIZE):
             layout = plan(size, Constraints(max_segment_size=step))
             assert layout is not None
-            assert not satisfies(layout, c)
+            assert not layout.satisfies(c)

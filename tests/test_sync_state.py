@@ -55,7 +55,7 @@ def test_a_timeline_is_watched_only_while_something_waits_on_it() -> None:
     state, sync, hooks, _ = _setup()
     dev = _device(state)
     tl = sync.make_timeline(dev, "t", TimelinePage.create("t"))
-    fence = sync.add_fence(dev.uid, (1, 1), sync.fence_points(dev, tl.id, 2))
+    fence = sync.add_fence(dev.uid, 1, sync.fence_points(dev, tl.id, 2))
     assert hooks.watched == {tl.id} and fence.wait.pending == 1
     page.signal(tl.page.slots, 1, 0, 0)
     sync.woke(tl)
@@ -69,7 +69,7 @@ def test_an_unkept_promise_fails_the_timeline_at_its_deadline() -> None:
     state, sync, hooks, now = _setup(max_fence_time=10.0)
     dev = _device(state)
     tl = sync.make_timeline(dev, None, TimelinePage.create("t"))
-    fence = sync.add_fence(dev.uid, (1, 1), sync.fence_points(dev, tl.id, 3))
+    fence = sync.add_fence(dev.uid, 1, sync.fence_points(dev, tl.id, 3))
     assert sync.expire() == 110.0
     now[0] = 109.0
     assert sync.expire() == 110.0 and not hooks.kicked
@@ -94,8 +94,8 @@ def test_the_signallers_end_fails_with_esrch_and_frees_what_nobody_holds() -> No
     dev, other = _device(state), _device(state)
     kept = sync.make_timeline(dev, None, TimelinePage.create("kept"))
     lone = sync.make_timeline(dev, None, TimelinePage.create("lone"))
-    sync.add_handle(kept, (9, 9))
-    sync.import_timeline(other, (9, 9))
+    sync.add_handle(kept, 99, dev.uid)
+    sync.import_timeline(other, 99)
     page.signal(kept.page.slots, 4, 0, 0)
     state.remove_device(dev)
     assert hooks.gone == [lone.id] and kept.id in sync.timelines
@@ -112,7 +112,7 @@ def test_a_reservation_follows_dma_resv_add_fence() -> None:
     b = sync.make_timeline(dev, None, TimelinePage.create("b"))
 
     def fence(tl: Timeline, point: int, key: int) -> Fence:
-        return sync.add_fence(dev.uid, (0, key), sync.fence_points(dev, tl.id, point))
+        return sync.add_fence(dev.uid, key, sync.fence_points(dev, tl.id, point))
 
     sync.attach_fence(buf, fence(a, 1, 1), Access.READ)
     sync.attach_fence(buf, fence(b, 1, 2), Access.WRITE)

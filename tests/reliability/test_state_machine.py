@@ -72,15 +72,15 @@ class Model(RuleBasedStateMachine):
         )
         if buf is not None and named is False:
             self.keys += 1
-            self.state.add_handle(buf, (0, self.keys), readonly=bool(self.keys % 2))
+            self.state.add_handle(buf, self.keys, readonly=bool(self.keys % 2), uid=buf.owner)
 
     @rule(key=ids)
     def close_handle(self, key: int) -> None:
-        self.state.handle_closed((0, key))
+        self.state.handle_closed(key)
 
     @rule(d=ids, key=ids)
     def import_handle(self, d: int, key: int) -> None:
-        self._try(self.state.import_handle, self._dev(d), (0, key))
+        self._try(self.state.import_handle, self._dev(d), key)
 
     @rule(d=ids, b=ids)
     def release(self, d: int, b: int) -> None:
@@ -115,27 +115,36 @@ class Model(RuleBasedStateMachine):
         state = self.state
         for buf in state.buffers.values():
             assert buf.alive  # nothing lives without a handle or a holder
+            assert sum(buf.attached.values()) == len(buf.attachments)
             for att in buf.attachments.values():
                 assert buf.id in att.device.refs  # attachments only under a hold
                 assert (att.map_count == 0) == (att.direction is None)
             if buf.layout is not None:
-                assert sum(s.length for s in buf.layout) == buf.size
+                assert sum(s.length for s in buf.layout.segments()) == buf.size
         per_uid: dict[int, tuple[int, int]] = {}
         for buf in state.buffers.values():
             n, b = per_uid.get(buf.owner, (0, 0))
             per_uid[buf.owner] = (n + 1, b + buf.size)
+        handles: dict[int, int] = {}
+        for handle in state.handles.values():
+            handles[handle.uid] = handles.get(handle.uid, 0) + 1
         for uid, usage in state.quotas.usage.items():
             assert (usage.buffers, usage.bytes) == per_uid.get(uid, (0, 0))
+            assert usage.handles == handles.get(uid, 0)
         assert state.quotas.total_bytes == sum(b.size for b in state.buffers.values())
-        assert all(state.names[n].name == n and state.names[n].id in state.buffers for n in state.names)
+        assert all(
+            buf.name == name and buf.owner == owner and buf.id in state.buffers
+            for (owner, name), buf in state.names.items()
+        )
 
     def teardown(self) -> None:
         backings = [b.backing for b in self.state.buffers.values() if b.backing is not None]
         for device in list(self.devices):
             self.state.remove_device(device)
         for key in range(self.keys + 1):
-            self.state.handle_closed((0, key))
-        assert self.state.buffers == {} and self.state.quotas.total_bytes == 0
+            self.state.handle_closed(key)
+        quotas = self.state.quotas
+        assert self.state.buffers == {} and quotas.usage == {} and quotas.total_bytes == 0
         for backing in backings:  # freed buffers closed their memfds
             assert backing.fd == -1
         assert os.getpid()

@@ -15,7 +15,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-__all__ = ["Config", "add_arguments", "from_arguments", "load_toml", "parse_size"]
+from ..protocol import MAX_REPLY_BYTES
+
+__all__ = ["MAX_LAYOUT_SEGMENTS", "Config", "add_arguments", "from_arguments", "load_toml", "parse_size"]
+
+# A segment packs into at most 20 bytes ([fd, offset, length]: a header and two 64-bit ints);
+# a map reply carries every segment and a little more within MAX_REPLY_BYTES.
+MAX_LAYOUT_SEGMENTS = (MAX_REPLY_BYTES - 1024) // 20
 
 _UNITS = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
 
@@ -50,11 +56,22 @@ class Config:
     max_fds_per_message: int = _count(16, "descriptors one message may carry (ETOOMANYREFS beyond)")
     max_pending_requests: int = _count(128, "requests in flight per connection (EAGAIN beyond)")
     max_connections_per_uid: int = _count(256, "connections one uid may hold (ECONNREFUSED beyond)")
-    max_incomplete_connections: int = _count(64, "connections that have not said hello yet")
+    max_incomplete_connections: int = _count(
+        256, "connections of all non-root uids together that have not said hello yet (EAGAIN beyond)"
+    )
+    max_incomplete_connections_per_uid: int = _count(
+        8, "connections one uid may have that have not said hello yet (EAGAIN beyond)"
+    )
     max_buffers_per_uid: int = _count(4096, "live buffers one uid may own (EDQUOT beyond)")
     max_bytes_per_uid: int = _size(
         _physical_memory() // 4, "bytes of buffers one uid may own (EDQUOT beyond)"
     )
+    max_handles_per_uid: int = _count(4096, "live handles minted for one uid (EDQUOT beyond)")
+    max_waiting_opens_per_uid: int = _count(256, "opens one uid may have waiting for a name (EDQUOT beyond)")
+    max_layout_segments: int = _count(
+        2048, f"segments in one layout, at most {MAX_LAYOUT_SEGMENTS} (EMSGSIZE at attach beyond)"
+    )
+    fd_reserve: int = _count(256, "descriptors kept for root: other uids get EMFILE when only these are left")
     max_attachments_per_device: int = _count(1024, "attachments one device may hold at once (EDQUOT beyond)")
     max_buffer_size: int = _size(4 << 30, "largest single buffer (EINVAL beyond)")
     max_memory: int = _size(_physical_memory() // 2, "bytes of all buffers together (ENOMEM beyond)")
@@ -74,6 +91,10 @@ class Config:
         for f in dataclasses.fields(self):
             if getattr(self, f.name) <= 0:
                 raise ValueError(f"{f.name} must be positive")
+        if self.max_layout_segments > MAX_LAYOUT_SEGMENTS:
+            raise ValueError(
+                f"max_layout_segments must be at most {MAX_LAYOUT_SEGMENTS}: one reply carries them"
+            )
 
 
 def _flag(name: str) -> str:

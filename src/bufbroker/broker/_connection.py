@@ -1,10 +1,12 @@
 """One client connection: receive a packet, hand it to the state model, send the answer.
 
 Every descriptor that arrives is owned by an ``FdBag`` until a handler takes it on purpose;
-whatever is left is closed when the request is done, on every path. Requests are answered in
-order, except ``open`` with a timeout and ``cpu_begin`` on a buffer whose reservation is not
-yet signalled, which wait in their own tasks (up to max_pending_requests at once) so that a
-waiting request does not stall the connection.
+whatever is left goes to the server's ``Discard`` when the request is done, on every path, to
+be closed off the loop (a client's descriptor can make close() wait). Requests are answered
+in order, except ``open`` with a timeout and ``cpu_begin`` on a buffer whose reservation has
+not signalled yet, which wait in their own tasks (up to max_pending_requests at once, and
+max_waiting_opens_per_uid for the uid) so that a waiting request does not stall the
+connection; each gives up its request's descriptors before it waits.
 """
 
 from __future__ import annotations
@@ -13,6 +15,8 @@ import errno
 import logging
 import math
 import mmap
+import os
+import select
 import socket
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
@@ -22,9 +26,10 @@ import trio
 from .. import protocol as p
 from ..protocol import BrokerError, ProtocolError, RequestError
 from . import _fence_ops, _stream_ops
+from ._discard import Discard
 from ._handles import handle_key
 from ._heap import adopt_memfd
-from ._introspect import REPLY_BYTES, buffer_page, device_page, stats, stream_page, timeline_page
+from ._introspect import buffer_page, device_page, stats, stream_page, timeline_page
 from ._records import Buffer, Device
 from ._state import Mapped
 from ._sync import Points
@@ -61,10 +66,12 @@ _SETTLE_FIRST = frozenset(
 
 
 class FdBag:
-    """Received descriptors: each is taken on purpose or closed when the bag closes."""
+    """Received descriptors: each is taken on purpose, or discarded (closed off the loop)."""
 
-    def __init__(self, fds: Sequence[int]) -> None:
+    def __init__(self, fds: Sequence[int], discard: Discard | None = None, uid: int = 0) -> None:
         self.fds = list(fds)
+        self._discard = discard
+        self._uid = uid
 
     def take(self, index: int) -> int:
         fd, self.fds[index] = self.fds[index], -1
@@ -72,13 +79,14 @@ class FdBag:
 
     def close(self) -> None:
         if self.fds:
-            p.close_all(fd for fd in self.fds if fd >= 0)
+            left = [fd for fd in self.fds if fd >= 0]
             self.fds.clear()
+            if self._discard is not None:
+                self._discard.close(self._uid, left)
+            else:
+                p.close_all(left)
 
 
-# A segment packs into at most 20 bytes ([fd, offset, length]: a header and two 64-bit ints),
-# so this many always fit one reply: counted, not packed, on every map.
-_MAX_SEGMENTS = REPLY_BYTES // 20
 _NO_FDS = FdBag(())  # shared by the packets that carry none (most): nothing to take or close
 
 
@@ -113,7 +121,7 @@ def inbox(size: int) -> mmap.mmap:
 async def receive(
     sock: trio.socket.SocketType, inbox: mmap.mmap, max_fds: int
 ) -> tuple[memoryview, list[int], bool]:
-    """One packet into ``inbox``: (data, fds, truncated). FdOverflow comes with its fds closed.
+    """One packet into ``inbox``: (data, fds, truncated). FdOverflow comes with its fds open.
 
     ``data`` is a view of ``inbox``, valid until the next receive into it. The handshake's
     way; a connection's requests come in through ``Connection._receive``.
@@ -125,7 +133,7 @@ async def receive(
 def _packet(
     inbox: mmap.mmap, n: int, ancdata: list[tuple[int, int, bytes]], flags: int, max_fds: int
 ) -> tuple[memoryview, list[int], bool]:
-    fds = p.fds_from_ancillary(ancdata, flags, max_fds) if ancdata or flags else []
+    fds = p.fds_from_ancillary(ancdata, flags, max_fds, close=False) if ancdata or flags else []
     return memoryview(inbox)[:n], fds, bool(flags & p.MSG_TRUNC)
 
 
@@ -133,6 +141,7 @@ class Connection:
     def __init__(self, server: Server, sock: trio.socket.SocketType, device: Device) -> None:
         self.server = server
         self.state = server.state
+        self.discard = server.discard
         self.sock = sock
         self.device = device
         self.pending = 0
@@ -197,6 +206,15 @@ class Connection:
                 finally:
                     awake.count += 1
 
+    def _hung_up(self) -> bool:
+        """After a read of nothing: end of file, or an empty packet from a peer still there?
+
+        SOCK_SEQPACKET reads both as zero bytes; only the shutdown of the peer's side tells.
+        """
+        poll = select.poll()
+        poll.register(self._raw.fileno(), select.POLLRDHUP)
+        return any(events & (select.POLLRDHUP | select.POLLHUP) for _, events in poll.poll(0))
+
     async def run(self) -> None:
         cfg = self.state.config
         buffer = inbox(cfg.max_message_size)
@@ -211,23 +229,35 @@ class Connection:
     async def _serve(self, buffer: mmap.mmap) -> None:
         cfg = self.state.config
         max_fds = cfg.max_fds_per_message
+        uid = self.device.uid
         served = 0
         async with trio.open_nursery() as nursery:
             while not self.gone:
                 served += 1
                 if served % FAIRNESS == 0:
                     await trio.lowlevel.checkpoint()  # let others run, and cancellation in
+                if self.discard.pending(uid):
+                    await self.discard.wait_room(uid)  # this uid's closes first, nobody else's
                 try:
                     data, fds, truncated = await self._receive(buffer, max_fds)
                 except p.FdOverflow as e:
+                    self.discard.close(uid, e.fds)
                     await self.send(p.Error.from_exception(None, e))
                     continue
                 except OSError:
                     break  # ECONNRESET and the like: the peer is gone
                 if not data and not fds:
-                    break  # end of file
-                bag = FdBag(fds) if fds else _NO_FDS
+                    if self._hung_up():
+                        break  # end of file
+                    await self.send(p.Error.from_exception(None, ProtocolError("an empty packet")))
+                    break
+                bag = FdBag(fds, self.discard, uid) if fds else _NO_FDS
                 try:
+                    if fds and not self.state.reserve.allows(uid, max(fds)):
+                        try:
+                            self.state.reserve.check(uid, fds)
+                        except BrokerError as e:  # EMFILE: these are kept for root
+                            raise RequestError(p.peek_request_id(data) or 0, e) from None
                     if truncated:
                         raise RequestError(
                             p.peek_request_id(data) or 0,
@@ -246,18 +276,13 @@ class Connection:
                             ),
                         )
                     if type(message.args) is p.Open and message.args.timeout:
-                        self.pending += 1
-                        nursery.start_soon(self._waiting_open, message, bag)
-                        bag = _NO_FDS
+                        self._park_open(nursery, message)
                         continue
                     if type(message.args) is p.Subscribe and message.args.timeout:
-                        self.pending += 1
-                        nursery.start_soon(_stream_ops.waiting_subscribe, self, message)
+                        _stream_ops.park_subscribe(self, nursery, message)
                         continue
                     if type(message.args) is p.CpuBegin and (points := self._reserved(message.args)):
-                        self.pending += 1
-                        nursery.start_soon(self._waiting_cpu, message, bag, points)
-                        bag = _NO_FDS
+                        self._park_cpu(nursery, message, points)
                         continue
                     await self._send(*self._answer(message, bag))
                 except RequestError as e:
@@ -281,27 +306,50 @@ class Connection:
             log.exception("%s failed for %s", request.op, self.device.label)
             return p.encode(p.Error(id=request.id, errno=errno.EIO, message="internal broker error")), ()
         try:
-            return p.encode_reply(request.id, result), owned
+            packet = p.encode_reply(request.id, result)
         except BaseException:
             p.close_all(owned)
             raise
+        if len(packet) > p.MAX_REPLY_BYTES:  # a bug: never send what a client may not receive
+            p.close_all(owned)
+            log.error("%s for %s made a reply of %d bytes", request.op, self.device.label, len(packet))
+            refusal = p.Error(id=request.id, errno=errno.EMSGSIZE, message="the reply is too large")
+            return p.encode(refusal), ()
+        return packet, owned
 
     async def send_answer(self, request: p.Request) -> None:
         """Answer ``request`` now (one that carried no descriptors and waited in its own task)."""
         await self._send(*self._answer(request, _NO_FDS))
 
-    async def _waiting_open(self, request: p.Request, bag: FdBag) -> None:
-        """``open`` that waits for the name to appear, like Plasma's get with a timeout."""
-        assert isinstance(request.args, p.Open)
+    def _park_open(self, nursery: trio.Nursery, request: p.Request) -> None:
+        """Start an ``open`` that waits for its name, charged to the uid.
+
+        Its request's descriptors stay with the caller's bag, which discards them at once: a
+        waiting request holds nothing but its place among the name's waiters.
+        """
+        args = request.args
+        assert isinstance(args, p.Open)
         try:
-            with trio.move_on_after(request.args.timeout or 0):
-                while request.args.name not in self.state.names:
-                    await self.server.names_changed.park()
-            answer = p.Request(id=request.id, op="open", args=p.Open(name=request.args.name))
-            await self._send(*self._answer(answer, bag))
+            key = self.state.name_key(self.device, args.name, args.uid)
+            self.state.quotas.begin_wait(self.device.uid)
+        except BrokerError as e:
+            raise RequestError(request.id, e) from None
+        self.pending += 1
+        nursery.start_soon(self._waiting_open, request, key)
+
+    async def _waiting_open(self, request: p.Request, key: tuple[int, str]) -> None:
+        """``open`` that waits for the name to appear, like Plasma's get with a timeout."""
+        args = request.args
+        assert isinstance(args, p.Open)
+        try:
+            with trio.move_on_after(args.timeout or 0):
+                while key not in self.state.names:
+                    await self.server.names.wait(key)
+            answer = p.Request(id=request.id, op="open", args=p.Open(name=args.name, uid=args.uid))
+            await self._send(*self._answer(answer, _NO_FDS))
         finally:
             self.pending -= 1
-            bag.close()
+            self.state.quotas.end_wait(self.device.uid)
 
     def _reserved(self, args: p.CpuBegin) -> Points:
         """The reservation's points a cpu access must wait for (none if the request is bad)."""
@@ -311,7 +359,16 @@ class Connection:
         except BrokerError:
             return {}  # answered in turn, with this error
 
-    async def _waiting_cpu(self, request: p.Request, bag: FdBag, points: Points) -> None:
+    def _park_cpu(self, nursery: trio.Nursery, request: p.Request, points: Points) -> None:
+        """Start a ``cpu_begin`` that waits for its buffer's fences, charged to the uid."""
+        try:
+            self.state.quotas.begin_wait(self.device.uid)
+        except BrokerError as e:
+            raise RequestError(request.id, e) from None
+        self.pending += 1
+        nursery.start_soon(self._waiting_cpu, request, points)
+
+    async def _waiting_cpu(self, request: p.Request, points: Points) -> None:
         """``cpu_begin`` parked until its reservation signals, as DMA_BUF_IOCTL_SYNC waits."""
         assert isinstance(request.args, p.CpuBegin)
         sync = self.state.sync
@@ -322,14 +379,14 @@ class Connection:
             with trio.move_on_after(math.inf if timeout is None else timeout):
                 await signalled.wait()
             if signalled.is_set():
-                await self._send(*self._answer(request, bag))
+                await self._send(*self._answer(request, _NO_FDS))
             else:
                 error = BrokerError(errno.ETIME, f"the buffer's fences did not signal within {timeout} s")
                 await self.send(p.Error.from_exception(request.id, error))
         finally:
             sync.cancel(wait)
             self.pending -= 1
-            bag.close()
+            self.state.quotas.end_wait(self.device.uid)
 
     # --- the ops -------------------------------------------------------------------------
 
@@ -354,17 +411,23 @@ class Connection:
                     raise
                 return self._with_handle(buffer, readonly=False, new_ref=True)
             case p.Import():
-                buffer = state.import_handle(dev, handle_key(bag.fds[0]))
+                try:
+                    key = handle_key(bag.fds[0])
+                except OSError:  # not a socket: no handle either
+                    raise BrokerError(errno.EINVAL, "the descriptor is not a bufbroker handle") from None
+                buffer = state.import_handle(dev, key)
+                # A live handle's client end: a quick close, its queue holds our byte at most.
+                os.close(bag.take(0))
                 return self._describe(buffer), []
-            case p.Open(name=name):
-                buffer = state.open(dev, name)
+            case p.Open(name=name, uid=uid):
+                buffer = state.open(dev, name, uid)
                 return self._with_handle(buffer, readonly=False, new_ref=True)
             case p.Share(buffer=buffer_id, readonly=readonly):
                 return self._with_handle(state.share(dev, buffer_id, readonly=readonly), readonly=readonly)
             case p.SetName(buffer=buffer_id, name=name):
-                state.set_name(dev, buffer_id, name)
+                buffer = state.set_name(dev, buffer_id, name)
                 if name:
-                    self.server.names_changed.unpark_all()
+                    self.server.names.appeared((buffer.owner, name))
                 return {}, []
             case p.Release(buffer=buffer_id):
                 state.release(dev, buffer_id)
@@ -407,37 +470,43 @@ class Connection:
         raise BrokerError(errno.ENOTTY, f"{request.op} cannot be used after hello")
 
     def _describe(self, buffer: Buffer) -> dict[str, Any]:
+        uid = self.device.uid
+        theirs = uid != 0 and buffer.owner != uid  # names of other uids are theirs alone
         return {
             "id": buffer.id,
             "size": buffer.size,
-            "name": buffer.name,
+            "name": None if theirs else buffer.name,
             "heap": buffer.heap,
-            "exporter": buffer.exporter[1],
+            "exporter": None if theirs else buffer.exporter[1],
             "readonly": not self.device.refs[buffer.id].writable,
         }
 
     def _with_handle(self, buffer: Buffer, *, readonly: bool, new_ref: bool = False) -> tuple[Any, list[int]]:
-        """A freshly minted handle for ``buffer``; if minting fails, the request is undone."""
+        """A freshly minted handle for ``buffer``, charged to this uid; if that fails, the
+        request is undone."""
+        dev, handles = self.device, self.server.handles
         try:
-            fd, key = self.server.handles.mint()
-        except OSError as e:
+            self.state.check_handle(dev)
+            try:
+                ours, theirs, key = handles.mint(dev.uid)
+            except OSError as e:
+                raise BrokerError(e.errno or errno.EMFILE, f"cannot mint a handle: {e.strerror}") from None
+            if not self.state.reserve.allows(dev.uid, ours):
+                os.close(theirs)
+                handles.discard(key)
+                self.state.reserve.check(dev.uid, [ours])
+        except BrokerError:
             if new_ref:
-                self.state.release(self.device, buffer.id)
-            raise BrokerError(e.errno or errno.EMFILE, f"cannot mint a handle: {e.strerror}") from None
-        self.state.add_handle(buffer, key, readonly=readonly)
+                self.state.release(dev, buffer.id)
+            raise
+        self.state.add_handle(buffer, key, readonly=readonly, uid=dev.uid)
         if new_ref and buffer.name:
-            self.server.names_changed.unpark_all()
-        return (self._describe(buffer) if new_ref else {}), [fd]
+            self.server.names.appeared((buffer.owner, buffer.name))
+        return (self._describe(buffer) if new_ref else {}), [theirs]
 
     def _backing(self, mapped: Mapped, undo: Any) -> tuple[Any, list[int]]:
-        segments = [s.to_wire() for s in mapped.layout]
-        if len(segments) > _MAX_SEGMENTS:
-            undo()
-            raise BrokerError(
-                errno.EMSGSIZE,
-                f"the layout has {len(segments)} segments, more than one reply can carry: "
-                "allow longer segments (max_segment_size)",
-            )
+        # attach refused any layout longer than max_layout_segments: this always fits a reply
+        segments = mapped.layout.to_wire()
         try:
             fds = mapped.backing.descriptors(mapped.writable)
         except OSError as e:

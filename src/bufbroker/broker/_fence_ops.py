@@ -9,6 +9,7 @@ else's read-only.
 from __future__ import annotations
 
 import errno
+import os
 from typing import TYPE_CHECKING, Any
 
 from .. import protocol as p
@@ -45,15 +46,19 @@ def answer(conn: Connection, args: p.OpArgs, bag: FdBag) -> tuple[Any, list[int]
     match args:
         case p.MakeTimeline(name=name):
             page = TimelinePage.create(name or str(dev.id))
+            if not state.reserve.allows(dev.uid, max(page.fd, page.eventfd)):
+                page.close()
+                state.reserve.check(dev.uid, [state.reserve.ceiling])
             timeline = sync.make_timeline(dev, name, page)
             return _with_page(conn, timeline, lambda: sync.release_timeline(dev, timeline.id))
         case p.ShareTimeline(timeline=id):
             timeline = sync.held(dev, id)
+            state.check_handle(dev)
             fd, key = _mint(conn)
-            sync.add_handle(timeline, key)
+            sync.add_handle(timeline, key, dev.uid)
             return {}, [fd]
         case p.ImportTimeline():
-            timeline = sync.import_timeline(dev, handle_key(bag.fds[0]))
+            timeline = sync.import_timeline(dev, _key(bag.fds[0]))
             return _with_page(conn, timeline, lambda: sync.release_timeline(dev, timeline.id))
         case p.ReleaseTimeline(timeline=id):
             sync.release_timeline(dev, id)
@@ -61,13 +66,13 @@ def answer(conn: Connection, args: p.OpArgs, bag: FdBag) -> tuple[Any, list[int]
         case p.MakeFence(timeline=id, point=point):
             return _new_fence(conn, sync.fence_points(dev, id, point), (id,))
         case p.ImportFence(have=have):
-            fence = sync.fence(handle_key(bag.fds[0]))
+            fence = sync.fence(_key(bag.fds[0]))
             return _describe_fence(conn, fence.points, have, [])
         case p.MergeFences(have=have):
-            first, second = (sync.fence(handle_key(fd)) for fd in bag.fds[:2])
+            first, second = (sync.fence(_key(fd)) for fd in bag.fds[:2])
             return _new_fence(conn, sync.merge(first, second), have)
         case p.AttachFence(buffer=buffer_id, access=access):
-            fence = sync.fence(handle_key(bag.fds[0]))
+            fence = sync.fence(_key(bag.fds[0]))
             buffer = state.share(dev, buffer_id, readonly=not access.writes)  # EACCES, EBADF
             sync.attach_fence(buffer, fence, access)
             return {}, []
@@ -77,11 +82,25 @@ def answer(conn: Connection, args: p.OpArgs, bag: FdBag) -> tuple[Any, list[int]
     raise BrokerError(errno.ENOTTY, f"{type(args).__name__} is not a timeline op")
 
 
-def _mint(conn: Connection, *, mark: bool = True) -> tuple[int, tuple[int, int]]:
+def _key(fd: int) -> int:
     try:
-        return conn.server.handles.mint(mark=mark)
+        return handle_key(fd)
+    except OSError:  # not a socket: no timeline handle or fence either
+        raise BrokerError(errno.EINVAL, "the descriptor is not a bufbroker timeline or fence") from None
+
+
+def _mint(conn: Connection, *, fence: bool = False) -> tuple[int, int]:
+    """A new handle (or fence): its client end and key; EMFILE past the descriptors kept for root."""
+    dev, handles, reserve = conn.device, conn.server.handles, conn.state.reserve
+    try:
+        ours, theirs, key = handles.mint(dev.uid, fence=fence)
     except OSError as e:
         raise BrokerError(e.errno or errno.EMFILE, f"cannot mint a handle: {e.strerror}") from None
+    if not reserve.allows(dev.uid, ours):
+        os.close(theirs)
+        handles.discard(key)
+        reserve.check(dev.uid, [ours])
+    return theirs, key
 
 
 def _with_page(conn: Connection, timeline: Timeline, undo: Any) -> tuple[Any, list[int]]:
@@ -96,7 +115,7 @@ def _with_page(conn: Connection, timeline: Timeline, undo: Any) -> tuple[Any, li
 def _new_fence(conn: Connection, points: Points, have: tuple[int, ...]) -> tuple[Any, list[int]]:
     sync = conn.state.sync
     sync.check_fence_quota(conn.device.uid)
-    fd, key = _mint(conn, mark=False)
+    fd, key = _mint(conn, fence=True)
     sync.add_fence(conn.device.uid, key, points)
     return _describe_fence(conn, points, have, [fd])
 

@@ -2,48 +2,63 @@
 
 The broker keeps one end of each pair and sends the other (it never keeps a copy of the
 client end). When every copy of the client end is closed, in any process or still in flight
-inside some Unix socket, the kernel gives the broker's end EPOLLHUP: the handle is gone.
+inside some Unix socket, the kernel shuts the broker's end down (EPOLLHUP): the handle is gone.
+
+A handle is known by the SO_COOKIE of its client end: 64 bits the kernel never hands out
+twice. (Inode numbers come from a 32-bit counter that wraps, and a socket made later could
+then import as someone's handle.)
 
 Thousands of handles are watched through one epoll instance that trio waits on as a single
 readable descriptor, instead of a task parked on each handle (a parked task costs ~2.8 KB).
-Anything a holder writes into its handle is read and thrown away, descriptors included, so a
-handle sent into itself cannot keep itself alive.
+The broker's end is shut down for reading as it is minted, so a holder cannot write into a
+handle at all (EPIPE): there is nothing to drain, and nothing queued in it to free at close.
 
 The kernel frees a dma-buf as its last fd is closed; here the news arrives a little later, when
 the watcher runs. ``settle`` takes what the kernel has already reported, so that a request sent
 after a close (an allocate at the quota, an open of a name just let go, a listing) sees it.
 
-A holder that calls ``shutdown()`` on its copy shuts the broker's end down too, exactly as the
-last close would. So every hang-up is checked against the kernel's socket table (sock_diag):
-a client end that still exists was only shut down, and the handle lives on. Its end then stays
-readable for ever, so it leaves the epoll set and is looked up again every RECHECK seconds.
+A fence is minted the same way, without the byte, so that its client end reads nothing until it
+is signalled (``signal``): then the broker shuts its end down for writing, and every copy reads
+end-of-file. The broker's end, shut down both ways, reports EPOLLHUP for ever from then on, so
+it is watched edge-triggered: the one event its own shutdown causes is passed over, and the
+next (the last close, or a holder's shutdown) is looked up, as below. Without the byte a
+fence's last close is always looked up: a fence must read nothing but end-of-file.
+
+A holder that calls ``shutdown(SHUT_RD)`` on its copy shuts the broker's end down too, exactly
+as the last close would. Such hang-ups are checked against the kernel's socket table
+(sock_diag, by inode and cookie) in a worker thread, at most LOOKUPS_PER_UID of each uid's
+handles per round: a client end that still exists was only shut down, and is looked up again
+every RECHECK seconds until it is really closed.
 """
 
 from __future__ import annotations
 
 import errno
 import logging
-import math
 import os
 import select
 import socket
-import time
-from collections.abc import Callable
+from collections import Counter
+from collections.abc import Callable, Iterable
 
 import trio
 
 from ._records import Key
-from ._sockdiag import SocketDiag
+from ._sockdiag import SocketDiag, socket_cookie
+
+handle_key: Callable[[int], Key] = socket_cookie
+"""The key of the handle ``fd`` is (OSError, ENOTSOCK, for what cannot be one)."""
 
 __all__ = ["RECHECK", "HandleTable", "handle_key"]
 
 log = logging.getLogger("bufbroker.broker")
 
-RECHECK = 1.0  # seconds between lookups of handles that a holder shut down
+RECHECK = 1.0  # seconds between lookups of a handle that a holder shut down
+ROUND_GAP = 0.05  # seconds at least between two rounds of lookups
+LOOKUPS_PER_UID = 32  # handles of one uid looked up in one round, at most
 
-_CLOSED = select.EPOLLHUP | select.EPOLLRDHUP | select.EPOLLERR
-_DRAIN_PACKETS = 64  # per wake-up, so one chatty holder cannot starve the others
-_SETTLE_ROUNDS = 64  # of 256 events: a bound, in case holders write without end
+_CLOSED = select.EPOLLHUP | select.EPOLLERR
+_SETTLE_ROUNDS = 64  # of 256 events: a bound on the work of one settle
 
 
 def _reset(fd: int) -> bool:
@@ -61,9 +76,24 @@ def _reset(fd: int) -> bool:
         end.detach()
 
 
-def handle_key(fd: int) -> Key:
-    st = os.fstat(fd)
-    return (st.st_dev, st.st_ino)
+def _peer_gone(end: socket.socket) -> bool:
+    """Whether the other end was released (its last copy closed): our end is then shut down."""
+    poller = select.poll()
+    poller.register(end, select.POLLHUP)
+    return any(flags & select.POLLHUP for _, flags in poller.poll(0))
+
+
+class _End:
+    """The broker's end of one handle: what it is known by, and whom it is charged to."""
+
+    __slots__ = ("due", "ino", "key", "quiet", "uid")
+
+    def __init__(self, key: Key, ino: int, uid: int) -> None:
+        self.key = key
+        self.ino = ino  # of the client end, for sock_diag
+        self.uid = uid
+        self.due = 0.0  # while unsure: when to look it up next
+        self.quiet = False  # a signalled fence's end: its next event is its own shutdown's
 
 
 class HandleTable:
@@ -71,10 +101,9 @@ class HandleTable:
         """``closed(key)`` is called for each handle whose last copy was closed."""
         self._closed = closed
         self._epoll = select.epoll()
-        self._ends: dict[int, Key] = {}  # by broker-end fd (a bare int: a socket object is 100 bytes)
+        self._ends: dict[int, _End] = {}  # by broker-end fd (a bare int: a socket object is 100 bytes)
         self._by_key: dict[Key, int] = {}
-        self._shut: set[int] = set()  # broker-end fds of handles shut down, not closed: off epoll
-        self._checked = 0.0  # when the shut-down handles were last looked up
+        self._unsure: set[int] = set()  # broker-end fds hung up without a reset: off epoll, to look up
         self._parked: trio.CancelScope | None = None  # the watcher's wait, while it waits
         try:
             self._diag: SocketDiag | None = SocketDiag()
@@ -89,112 +118,161 @@ class HandleTable:
     def __len__(self) -> int:
         return len(self._ends)
 
-    def mint(self, *, mark: bool = True) -> tuple[int, Key]:
-        """A new handle: returns the client end's fd (the caller sends, then closes it).
-
-        Without ``mark`` (a fence, whose client end must read nothing until it is signalled)
-        no byte is queued, and every last close is confirmed through the socket table.
-        """
+    def mint(self, uid: int, *, fence: bool = False) -> tuple[int, int, Key]:
+        """A new handle for ``uid``: (broker end, client end, key); the caller sends the client end,
+        then closes it, or gives both back with ``discard``. A fence's reads nothing until ``signal``."""
         ours, theirs = socket.socketpair(
             socket.AF_UNIX, socket.SOCK_SEQPACKET | socket.SOCK_CLOEXEC | socket.SOCK_NONBLOCK
         )
         try:
             key = handle_key(theirs.fileno())
-            if mark:
+            ino = os.fstat(theirs.fileno()).st_ino  # our own socket: nothing can make this wait
+            if not fence:
                 ours.send(b"\0")  # left unread in the client end: see _reset
-            self._epoll.register(ours.fileno(), select.EPOLLIN | select.EPOLLRDHUP)
+            ours.shutdown(socket.SHUT_RD)  # holders' writes fail (EPIPE): nothing to drain, ever
+            self._epoll.register(ours.fileno(), 0)  # EPOLLHUP and EPOLLERR only, always reported
         except BaseException:
             ours.close()
             theirs.close()
             raise
         fd = ours.detach()
-        self._ends[fd] = key
+        self._ends[fd] = _End(key, ino, uid)
         self._by_key[key] = fd
-        return theirs.detach(), key
+        return fd, theirs.detach(), key
 
-    def adopt(self, fd: int, key: Key) -> None:
+    def discard(self, key: Key) -> None:
+        """Forget a handle just minted whose client end was never sent (the request failed)."""
+        fd = self._by_key.get(key)
+        if fd is not None:
+            self._forget(fd)
+
+    def adopt(self, fd: int, key: Key, ino: int, uid: int) -> None:
         """Watch the broker's end of a handle minted before a restart (from the fd store)."""
         os.set_blocking(fd, False)
-        self._epoll.register(fd, select.EPOLLIN | select.EPOLLRDHUP)
-        self._ends[fd] = key
+        end = socket.socket(fileno=fd)
+        try:
+            end.shutdown(socket.SHUT_RD)
+        except OSError:
+            pass  # already shut down: the watcher finds out what became of it
+        finally:
+            end.detach()
+        self._epoll.register(fd, 0)
+        self._ends[fd] = _End(key, ino, uid)
         self._by_key[key] = fd
+
+    def signal(self, key: Key) -> None:
+        """Make every copy of fence ``key`` read end-of-file."""
+        fd = self._by_key.get(key)
+        if fd is None:
+            return
+        end = socket.socket(fileno=fd)
+        try:
+            if end.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR) or _peer_gone(end):
+                return  # every copy is gone already: its hang-up is reported as it is
+            end.shutdown(socket.SHUT_WR)
+        except OSError:
+            return
+        finally:
+            end.detach()
+        if fd not in self._unsure:
+            self._ends[fd].quiet = True
+            self._epoll.modify(fd, select.EPOLLET)
 
     def end_of(self, key: Key) -> int | None:
         """The broker's end of handle ``key`` (for the fd store), if it is still open."""
         return self._by_key.get(key)
 
+    def ino_of(self, key: Key) -> int:
+        return self._ends[self._by_key[key]].ino
+
     async def watch(self) -> None:
         """Run forever, reporting handles as their last copies are closed."""
+        next_round = 0.0
         while True:
             with trio.CancelScope() as self._parked:
-                if self._shut:
-                    self._parked.deadline = trio.current_time() + RECHECK
+                if self._unsure:
+                    due = min(self._ends[fd].due for fd in self._unsure)
+                    self._parked.deadline = max(due, next_round)
                 await trio.lowlevel.wait_readable(self._epoll.fileno())
             self._parked = None
             try:
                 self.settle()
+                if self._unsure and trio.current_time() >= next_round:
+                    next_round = trio.current_time() + ROUND_GAP
+                    await self._look_up()
             except Exception:  # a bug here must not stop the broker: log it, and go on
                 log.exception("watching handles failed")
                 await trio.sleep(RECHECK)
 
     def settle(self) -> None:
-        """Report every handle the kernel has already seen closed; never waits."""
+        """Report every handle the kernel has already seen closed; never waits.
+
+        A hang-up with a reset is a close, reported here; any other is set aside for the
+        watcher to look up off the loop.
+        """
         for _ in range(_SETTLE_ROUNDS):
             events = self._epoll.poll(0, 256)
-            hung: list[int] = []
-            for fd, flags in events:
-                if flags & _CLOSED:
-                    hung.append(fd)
+            for fd, _flags in events:  # only EPOLLHUP and EPOLLERR are asked for
+                end = self._ends[fd]
+                if end.quiet:  # a signalled fence's own shutdown
+                    end.quiet = False
+                    continue
+                if _reset(fd):  # released with our byte unread: closed, no need to ask the kernel
+                    self._gone(fd)
                 else:
-                    self._drain(fd, _DRAIN_PACKETS)
-            if hung:  # each round's at once: off the epoll set before the next round
-                self._hung_up(hung)
+                    self._epoll.unregister(fd)  # it would be reported for ever: look it up instead
+                    self._unsure.add(fd)
+                    self._ends[fd].due = 0.0
+                    self._wake()
             if len(events) < 256:
                 break
-        if self._shut and time.monotonic() - self._checked >= RECHECK:
-            self._checked = time.monotonic()
-            self._hung_up(list(self._shut))
 
-    def _drain(self, fd: int, most: int) -> None:
-        """Read and drop what holders wrote into a handle, descriptors included."""
-        for _ in range(most):
-            try:
-                if not os.read(fd, 1):  # one packet, whatever its size; SCM_RIGHTS are discarded
-                    return
-            except OSError:
-                return
+    def _wake(self) -> None:
+        if self._parked is not None:
+            self._parked.deadline = min(self._parked.deadline, trio.current_time())
 
-    def _hung_up(self, fds: list[int]) -> None:
-        """These broker ends were shut down: by the last close, or by a holder."""
-        unsure = []
-        for fd in fds:
-            if _reset(fd):  # released with our byte unread: closed, no need to ask the kernel
-                self._gone(fd, self._ends[fd])
-                continue
-            # Descriptors queued in the broker's end (a handle sent into itself) would keep the
-            # client end alive: drop them first. Nothing new comes once the end is shut down.
-            self._drain(fd, 1 << 16)
-            unsure.append(fd)
-        if not unsure:
+    def _round(self) -> list[int]:
+        """The unsure handles due now, at most LOOKUPS_PER_UID of each uid's."""
+        now = trio.current_time()
+        taken: Counter[int] = Counter()
+        batch = []
+        for fd in sorted(self._unsure, key=lambda fd: self._ends[fd].due):
+            end = self._ends[fd]
+            if end.due > now:
+                break
+            if taken[end.uid] < LOOKUPS_PER_UID:
+                taken[end.uid] += 1
+                batch.append(fd)
+        return batch
+
+    async def _look_up(self) -> None:
+        """Ask the kernel, in a worker thread, which of the due handles still exist."""
+        batch = self._round()
+        if not batch:
             return
-        keys = {fd: self._ends[fd] for fd in unsure}
-        try:
-            alive = self._diag.existing({ino for _, ino in keys.values()}) if self._diag else set()
-        except OSError as e:
-            log.warning("cannot look up %d handle(s) that hung up, will again: %s", len(fds), e)
-            alive = {ino for _, ino in keys.values()}
-        for fd, key in keys.items():
-            if key[1] in alive:
-                if fd not in self._shut:  # it would be reported for ever: look again later
-                    self._epoll.unregister(fd)
-                    self._shut.add(fd)
-                    if self._parked is not None and self._parked.deadline == math.inf:
-                        self._parked.deadline = trio.current_time() + RECHECK  # wake to look
+        asked = [(self._ends[fd].ino, self._ends[fd].key) for fd in batch]
+        diag = self._diag
+        if diag is None:
+            alive: set[Key] = set()
+        else:
+            try:
+                alive = await trio.to_thread.run_sync(_existing, diag, asked)
+            except OSError as e:
+                log.warning("cannot look up %d handle(s) that hung up, will again: %s", len(batch), e)
+                alive = {key for _, key in asked}
+        again = trio.current_time() + RECHECK
+        for fd in batch:
+            end = self._ends.get(fd)
+            if end is None:  # gone meanwhile (the table was closed)
+                continue
+            if end.key in alive:
+                end.due = again
             else:
-                self._gone(fd, key)
+                self._gone(fd)
 
-    def _gone(self, fd: int, key: Key) -> None:
-        """Forget handle ``key`` and report it closed; a failure costs this handle only."""
+    def _gone(self, fd: int) -> None:
+        """Forget the handle of broker end ``fd`` and report it closed; a failure costs it only."""
+        key = self._ends[fd].key
         self._forget(fd)
         try:
             self._closed(key)
@@ -202,13 +280,13 @@ class HandleTable:
             log.exception("handle %s closed, but its buffer could not be updated", key)
 
     def _forget(self, fd: int) -> None:
-        key = self._ends.pop(fd)
-        del self._by_key[key]
-        if fd in self._shut:
-            self._shut.discard(fd)
+        end = self._ends.pop(fd)
+        del self._by_key[end.key]
+        if fd in self._unsure:
+            self._unsure.discard(fd)
         else:
             self._epoll.unregister(fd)
-        os.close(fd)
+        os.close(fd)  # nothing can be queued in it (shut down for reading): a quick close
 
     def close(self) -> None:
         for fd in list(self._ends):
@@ -216,3 +294,8 @@ class HandleTable:
         self._epoll.close()
         if self._diag is not None:
             self._diag.close()
+
+
+def _existing(diag: SocketDiag, asked: Iterable[tuple[int, Key]]) -> set[Key]:
+    """The keys of the handles in ``asked`` (client-end inode, cookie) whose sockets still exist."""
+    return {key for ino, key in asked if diag.exists(ino, key)}

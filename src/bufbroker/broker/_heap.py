@@ -65,22 +65,29 @@ def allocate_memfd(size: int, label: str) -> Backing:
 def adopt_memfd(fd: int) -> Backing:
     """Take a client's memfd as a buffer's backing, under udmabuf's rules (udmabuf_create).
 
-    On success the Backing owns ``fd``; on error the caller still does.
+    On success the Backing owns ``fd``; on error the caller still does. F_GET_SEALS comes
+    first: it fails at once for anything but shmem, so nothing below can be made to wait
+    (an fstat of a FUSE file could).
     """
     try:
-        target = os.readlink(f"/proc/self/fd/{fd}")
         seals = fcntl.fcntl(fd, fcntl.F_GET_SEALS)
+        target = os.readlink(f"/proc/self/fd/{fd}")
     except OSError:
         raise BrokerError(errno.EBADFD, "not a memfd: its seals cannot be read") from None
     if not target.startswith("/memfd:"):
         raise BrokerError(errno.EBADFD, f"not a memfd: {target}")
-    if not seals & fcntl.F_SEAL_SHRINK:
-        raise BrokerError(errno.EINVAL, "the memfd must be sealed F_SEAL_SHRINK")
+    if seals & (fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW) != fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW:
+        # Without F_SEAL_GROW the memfd could grow past the size it was charged for.
+        raise BrokerError(errno.EINVAL, "the memfd must be sealed F_SEAL_SHRINK and F_SEAL_GROW")
     if seals & (fcntl.F_SEAL_WRITE | F_SEAL_FUTURE_WRITE):
         raise BrokerError(errno.EINVAL, "the memfd must not be sealed against writing")
     if fcntl.fcntl(fd, fcntl.F_GETFL) & os.O_ACCMODE != os.O_RDWR:
         raise BrokerError(errno.EACCES, "the memfd must be open read-write")
-    size = os.fstat(fd).st_size
+    st = os.fstat(fd)
+    if st.st_blksize > PAGE_SIZE:
+        # A hole punched in a hugetlb memfd SIGBUSes every reader; shmem refills holes with zeros.
+        raise BrokerError(errno.EINVAL, "hugetlb memfds cannot be exported (a hole would SIGBUS readers)")
+    size = st.st_size
     if size == 0 or size % PAGE_SIZE:
         raise BrokerError(errno.EINVAL, f"the memfd's size must be a non-zero multiple of {PAGE_SIZE}")
     # Read-only handles must stay read-only for other uids, who could otherwise reopen the
@@ -95,8 +102,6 @@ def adopt_memfd(fd: int) -> Backing:
             "group or others may write the memfd, and the broker cannot change its mode: "
             "take their write permission off first (fchmod 0600)",
         )
-    if not seals & fcntl.F_SEAL_SEAL:
-        fcntl.fcntl(fd, fcntl.F_ADD_SEALS, fcntl.F_SEAL_GROW)
     return Backing(fd, size)
 
 

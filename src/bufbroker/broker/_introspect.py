@@ -1,16 +1,19 @@
 """What the inspection ops return: the state as plain maps (the wire schema in PROTOCOL.md).
 
 A non-root caller sees the buffers its uid owns or holds and its uid's devices; root sees all,
-as /sys/kernel/debug/dma_buf/bufinfo is for root only.
+as /sys/kernel/debug/dma_buf/bufinfo is for root only. Of a buffer it did not make, a non-root
+caller sees nothing of other uids: no name, and no device, pid or command name of another
+uid among its exporter, importers, attachments and cpu accesses (such entries are left out).
 
 Listings come in pages that fit one packet whatever the state: at most PAGE entries and
-REPLY_BYTES of them. An entry too big for a page on its own (a buffer attached by thousands of
-devices, or laid out in thousands of segments) has its longest lists cut short and says so
-with ``"truncated": true``.
+REPLY_BYTES of them, so that with the reply's envelope they stay within MAX_REPLY_BYTES. An
+entry too big for a page on its own (a buffer attached by thousands of devices, or laid out
+in thousands of segments) has its longest lists cut short and says so with ``"truncated": true``.
 """
 
 from __future__ import annotations
 
+import itertools
 import os
 from collections.abc import Iterable
 from typing import Any
@@ -23,32 +26,41 @@ from ._streams import Stream
 
 __all__ = ["PAGE", "REPLY_BYTES", "buffer_page", "device_page", "stats", "stream_page", "timeline_page"]
 
-REPLY_BYTES = 96 << 10  # in one reply at most: well below the largest packet the kernel sends (SO_SNDBUF)
+REPLY_BYTES = p.MAX_REPLY_BYTES - 1024  # of entries in one page; the rest is the reply's envelope
 PAGE = 128  # entries per page at most
+MOST_LISTED = 2048  # items of one list in one entry at most (more cannot fit a reply anyway)
 
 
 def _visible_buffer(buffer: Buffer, viewer: int) -> bool:
     return viewer == 0 or buffer.owner == viewer or any(d.uid == viewer for d in buffer.holders.values())
 
 
-def _buffer(state: State, buffer: Buffer) -> dict[str, Any]:
+def _buffer(state: State, buffer: Buffer, viewer: int) -> dict[str, Any]:
     device_id, name, pid = buffer.exporter
     devices = state.devices
+    theirs = viewer != 0 and buffer.owner != viewer  # another uid's buffer, seen by a holder
+
+    def seen(device: Device) -> bool:
+        return not theirs or device.uid == viewer
+
     return {
         "id": buffer.id,
-        "name": buffer.name,
+        "name": None if theirs else buffer.name,
         "size": buffer.size,
         "heap": buffer.heap,
-        "exporter": {"device": device_id, "name": name, "pid": pid},
+        "exporter": {"device": None, "name": None, "pid": None}
+        if theirs
+        else {"device": device_id, "name": name, "pid": pid},
         "owner": buffer.owner,
         "created": buffer.created,
         "handles": len(buffer.handles),
-        "layout": None if buffer.layout is None else [s.to_wire() for s in buffer.layout],
-        "importers": [
+        "layout": None if buffer.layout is None else buffer.layout.to_wire(),
+        "importers": _first(
             {"device": d.id, "name": d.name, "pid": d.pid, "count": d.refs[buffer.id].count}
             for d in buffer.holders.values()
-        ],
-        "attachments": [
+            if seen(d)
+        ),
+        "attachments": _first(
             {
                 "id": a.id,
                 "device": a.device.id,
@@ -58,8 +70,9 @@ def _buffer(state: State, buffer: Buffer) -> dict[str, Any]:
                 "map_count": a.map_count,
             }
             for a in buffer.attachments.values()
-        ],
-        "cpu_access": [
+            if seen(a.device)
+        ),
+        "cpu_access": _first(
             {
                 "device": dev_id,
                 "name": devices[dev_id].name,
@@ -68,11 +81,12 @@ def _buffer(state: State, buffer: Buffer) -> dict[str, Any]:
                 "count": count,
             }
             for (dev_id, access), count in buffer.cpu.items()
-        ],
+            if seen(devices[dev_id])
+        ),
         "fences": [
             {
                 "timeline": r.timeline.id,
-                "name": r.timeline.name,
+                "name": r.timeline.name if viewer in (0, r.timeline.owner) else None,
                 "point": r.point,
                 "usage": "write" if r.write else "read",
                 "status": r.timeline.page.status(r.point),
@@ -83,28 +97,46 @@ def _buffer(state: State, buffer: Buffer) -> dict[str, Any]:
     }
 
 
-def _timeline(state: State, timeline: Timeline) -> dict[str, Any]:
+def _timeline(state: State, timeline: Timeline, viewer: int) -> dict[str, Any]:
+    """A timeline as listed; of another uid's timeline, a holder sees no names or pids."""
     device_id, name, pid = timeline.signaller
+    theirs = viewer != 0 and timeline.owner != viewer
     slots = timeline.page.slots
+    devices = state.devices
     return {
         "id": timeline.id,
-        "name": timeline.name,
+        "name": None if theirs else timeline.name,
         "owner": timeline.owner,
         "created": timeline.created,
-        "signaller": {"device": device_id, "name": name, "pid": pid, "alive": timeline.live is not None},
+        "signaller": {
+            "device": None if theirs else device_id,
+            "name": None if theirs else name,
+            "pid": None if theirs else pid,
+            "alive": timeline.live is not None,
+        },
         "value": tl.value(slots),
         "promised": tl.promised(slots),
         "error": tl.error(slots),
         "error_point": tl.error_point(slots) if tl.error(slots) else None,
         "signalled_at": tl.signalled_at(slots),
         "handles": len(timeline.handles),
-        "holders": [
-            {"device": d, "name": state.devices[d].name, "pid": state.devices[d].pid, "count": ref.count}
+        "holders": _first(
+            {"device": d, "name": devices[d].name, "pid": devices[d].pid, "count": ref.count}
             for d, ref in timeline.holders.items()
-        ],
+            if not theirs or devices[d].uid == viewer
+        ),
         "references": timeline.refs,
         "waits": len(timeline.waits),
     }
+
+
+def _first(items: Iterable[dict[str, Any]]) -> list[dict[str, Any]]:
+    """At most MOST_LISTED of ``items``, plus one to tell that there were more (``_fill`` cuts it).
+
+    A buffer may have hundreds of thousands of attachments; a listing builds no more of them
+    than a page could hold.
+    """
+    return list(itertools.islice(items, MOST_LISTED + 1))
 
 
 def _device(device: Device) -> dict[str, Any]:
@@ -127,7 +159,7 @@ def _device(device: Device) -> dict[str, Any]:
 def buffer_page(state: State, viewer: int, after: int) -> tuple[list[dict[str, Any]], bool]:
     """The visible buffers with ids above ``after``, in id order: (one page, more to come)."""
     visible = (b for i, b in state.buffers.items() if i > after and _visible_buffer(b, viewer))
-    return _fill(_buffer(state, b) for b in visible)
+    return _fill(_buffer(state, b, viewer) for b in visible)
 
 
 def device_page(state: State, viewer: int, after: int) -> tuple[list[dict[str, Any]], bool]:
@@ -137,13 +169,13 @@ def device_page(state: State, viewer: int, after: int) -> tuple[list[dict[str, A
 
 def timeline_page(state: State, viewer: int, after: int) -> tuple[list[dict[str, Any]], bool]:
     """The visible timelines (owned by the viewer's uid, or held by one of its devices)."""
-    timelines = state.sync.timelines
+    devices = state.devices
     visible = (
         t
-        for i, t in timelines.items()
-        if i > after and (viewer in (0, t.owner) or any(state.devices[d].uid == viewer for d in t.holders))
+        for i, t in state.sync.timelines.items()
+        if i > after and (viewer in (0, t.owner) or any(devices[d].uid == viewer for d in t.holders))
     )
-    return _fill(_timeline(state, t) for t in visible)
+    return _fill(_timeline(state, t, viewer) for t in visible)
 
 
 def _stream(stream: Stream) -> dict[str, Any]:
@@ -187,6 +219,9 @@ def _fill(entries: Iterable[dict[str, Any]]) -> tuple[list[dict[str, Any]], bool
     page: list[dict[str, Any]] = []
     used = 0
     for entry in entries:
+        if any(isinstance(v, list) and len(v) > MOST_LISTED for v in entry.values()):
+            entry = {k: v[:MOST_LISTED] if isinstance(v, list) else v for k, v in entry.items()}
+            entry["truncated"] = True
         size = p.packed_size(entry)
         if size > REPLY_BYTES:
             entry, size = _shrink(entry)
@@ -231,15 +266,17 @@ def stats(state: State, viewer: int, version: str, connections: int) -> dict[str
         "connections": connections if viewer == 0 else usage.connections,
         "handles": sum(len(b.handles) for b in buffers),
         "attachments": sum(len(d.attachments) for d in devices),
+        "mappings": sum(a.map_count for d in devices for a in d.attachments.values()),
         "timelines": usage.timelines if viewer else len(state.sync.timelines),
         "fences": usage.fences if viewer else len(state.sync.fences),
-        "mappings": sum(a.map_count for d in devices for a in d.attachments.values()),
         "limits": state.config.as_dict(),
         "usage": {
             "uid": viewer,
             "connections": usage.connections,
             "buffers": usage.buffers,
             "bytes": usage.bytes,
+            "handles": usage.handles,
+            "waiting": usage.waiting,
             "timelines": usage.timelines,
             "fences": usage.fences,
         },

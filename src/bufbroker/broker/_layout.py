@@ -9,15 +9,57 @@ With the memfd heap every segment lies in one memfd and the segments partition i
 segment's offset is the sum of the lengths before it. The plan that needs the fewest segments
 cuts the buffer into pieces of the longest allowed length, and everything fits iff that
 count is within max_segments.
+
+Such a layout is two numbers, whatever its length: the size and the length of every segment
+but the last. So it is planned, checked and stored in constant time and space; only a reply
+spells its segments out, and a layout longer than one reply can carry is refused before
+anything is fixed (a client's constraints decide the length, so its cost must not depend on it).
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable
+from dataclasses import dataclass
 
 from ..protocol import Constraints, Segment
 
-__all__ = ["combine", "plan", "satisfies"]
+__all__ = ["Layout", "combine", "plan"]
+
+
+@dataclass(frozen=True, slots=True)
+class Layout:
+    """``size`` bytes cut into segments of ``length`` bytes, the last one shorter if need be."""
+
+    size: int
+    length: int
+
+    @property
+    def count(self) -> int:
+        return -(-self.size // self.length)
+
+    def segments(self) -> list[Segment]:
+        size, length = self.size, self.length
+        return [Segment(offset, min(length, size - offset)) for offset in range(0, size, length)]
+
+    def to_wire(self) -> list[list[int]]:
+        return [s.to_wire() for s in self.segments()]
+
+    def satisfies(self, c: Constraints) -> bool:
+        """Whether this layout already meets ``c`` (attach after allocation)."""
+        if c.max_segments is not None and self.count > c.max_segments:
+            return False
+        if c.max_segment_size is not None and min(self.length, self.size) > c.max_segment_size:
+            return False
+        # Offsets are the multiples of ``length``: all aligned iff ``length`` is (or there is one).
+        return c.alignment is None or self.count == 1 or self.length % c.alignment == 0
+
+    @classmethod
+    def from_segments(cls, segments: list[Segment]) -> Layout | None:
+        """The layout these segments spell out, if they are one (a stored snapshot's)."""
+        if not segments:
+            return None
+        layout = cls(sum(s.length for s in segments), segments[0].length)
+        return layout if layout.segments() == segments else None
 
 
 def combine(constraints: Iterable[Constraints]) -> Constraints:
@@ -35,7 +77,7 @@ def combine(constraints: Iterable[Constraints]) -> Constraints:
     return Constraints(max_segment_size=mss, max_segments=ms, alignment=al)
 
 
-def plan(size: int, c: Constraints) -> list[Segment] | None:
+def plan(size: int, c: Constraints) -> Layout | None:
     """The layout with the fewest segments that meets ``c``, or None if none can."""
     longest = size if c.max_segment_size is None else min(size, c.max_segment_size)
     if c.alignment is not None and longest < size:
@@ -43,19 +85,7 @@ def plan(size: int, c: Constraints) -> list[Segment] | None:
         longest -= longest % c.alignment
         if longest == 0:
             return None
-    count = -(-size // longest)
-    if c.max_segments is not None and count > c.max_segments:
+    layout = Layout(size, longest)
+    if c.max_segments is not None and layout.count > c.max_segments:
         return None
-    return [Segment(offset, min(longest, size - offset)) for offset in range(0, size, longest)]
-
-
-def satisfies(layout: Sequence[Segment], c: Constraints) -> bool:
-    """Whether an existing layout already meets ``c`` (attach after allocation)."""
-    if c.max_segments is not None and len(layout) > c.max_segments:
-        return False
-    for seg in layout:
-        if c.max_segment_size is not None and seg.length > c.max_segment_size:
-            return False
-        if c.alignment is not None and seg.offset % c.alignment:
-            return False
-    return True
+    return layout

@@ -1,7 +1,10 @@
 """Quotas: what each uid holds, against the limits; plain bookkeeping, no I/O.
 
 Buffers are charged to their owner (the exporter's uid) by size at creation, not when their
-memory is allocated at the first map: late allocation must not let a uid over-commit.
+memory is allocated at the first map: late allocation must not let a uid over-commit. A
+handle is charged to the uid it was minted for, for as long as any copy of it is open
+anywhere (its broker end is a descriptor the broker holds). Connections, those still in their
+handshake, and opens waiting for a name are charged to the peer's uid.
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ class Quotas:
         self.config = config
         self.usage: dict[int, Usage] = {}
         self.total_bytes = 0
+        self.incomplete = 0  # connections of non-root uids that have not said hello yet
 
     def of(self, uid: int) -> Usage:
         return self.usage.get(uid) or Usage()
@@ -44,6 +48,63 @@ class Quotas:
 
     def leave(self, uid: int) -> None:
         self._usage(uid).connections -= 1
+        self._forget_idle(uid)
+
+    def begin_handshake(self, uid: int) -> None:
+        """Count a connection that has not said hello yet; root is held back by its own only.
+
+        The global limit bounds what all other uids together may keep waiting; each uid's
+        limit keeps one uid from taking it all.
+        """
+        cfg = self.config
+        usage = self._usage(uid)
+        if usage.incomplete >= cfg.max_incomplete_connections_per_uid:
+            raise BrokerError(
+                errno.EAGAIN,
+                f"uid {uid} has {usage.incomplete} connections still handshaking "
+                f"(max_incomplete_connections_per_uid={cfg.max_incomplete_connections_per_uid})",
+            )
+        if uid != 0 and self.incomplete >= cfg.max_incomplete_connections:
+            raise BrokerError(errno.EAGAIN, "too many connections are still handshaking")
+        usage.incomplete += 1
+        self.incomplete += uid != 0
+
+    def end_handshake(self, uid: int) -> None:
+        self._usage(uid).incomplete -= 1
+        self.incomplete -= uid != 0
+        self._forget_idle(uid)
+
+    def check_handle(self, uid: int) -> None:
+        """Raise EDQUOT if ``uid`` may not have one more handle (checked before one is minted)."""
+        handles = self.of(uid).handles
+        if handles >= self.config.max_handles_per_uid:
+            raise BrokerError(
+                errno.EDQUOT,
+                f"uid {uid} has {handles} live handles (max_handles_per_uid="
+                f"{self.config.max_handles_per_uid}); close some",
+            )
+
+    def charge_handle(self, uid: int) -> None:
+        self._usage(uid).handles += 1
+
+    def uncharge_handle(self, uid: int) -> None:
+        self._usage(uid).handles -= 1
+        self._forget_idle(uid)
+
+    def begin_wait(self, uid: int) -> None:
+        """Count an open that waits for its name, or raise EDQUOT."""
+        usage = self._usage(uid)
+        if usage.waiting >= self.config.max_waiting_opens_per_uid:
+            self._forget_idle(uid)
+            raise BrokerError(
+                errno.EDQUOT,
+                f"uid {uid} has {usage.waiting} opens waiting (max_waiting_opens_per_uid="
+                f"{self.config.max_waiting_opens_per_uid})",
+            )
+        usage.waiting += 1
+
+    def end_wait(self, uid: int) -> None:
+        self._usage(uid).waiting -= 1
         self._forget_idle(uid)
 
     def check(self, uid: int, size: int) -> None:

@@ -12,8 +12,9 @@ from collections import Counter, deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from ..protocol import Access, Constraints, Direction, Segment
+from ..protocol import Access, Constraints, Direction
 from ._heap import Backing
+from ._layout import Layout
 from ._timeline_page import TimelinePage
 
 __all__ = [
@@ -31,8 +32,12 @@ __all__ = [
     "Wait",
 ]
 
-Key = tuple[int, int]
-"""A handle's identity: (st_dev, st_ino) of the client end of its socketpair."""
+Key = int
+"""A handle's identity: the SO_COOKIE of the client end of its socketpair (64 bits, never reused).
+
+Not its inode number: those come from a 32-bit counter that wraps, and a socket made later
+could then pass for the handle.
+"""
 
 
 @dataclass(eq=False, slots=True, kw_only=True)
@@ -84,6 +89,7 @@ class Handle:
     key: Key
     buffer: Buffer
     readonly: bool
+    uid: int  # charged for it: the uid of the device it was minted for
 
 
 @dataclass(eq=False, slots=True, kw_only=True)
@@ -98,8 +104,9 @@ class Buffer:
     handles: dict[Key, Handle] = field(default_factory=dict)
     holders: dict[int, Device] = field(default_factory=dict)  # by device id
     attachments: dict[int, Attachment] = field(default_factory=dict)
+    attached: Counter[int] = field(default_factory=Counter)  # attachments per device id
     cpu: Counter[tuple[int, Access]] = field(default_factory=Counter)  # (device id, mode)
-    layout: list[Segment] | None = None  # chosen at the first map or cpu access
+    layout: Layout | None = None  # chosen at the first map or cpu access
     backing: Backing | None = None  # exists from export for adopted memfds, else with layout
     reservation: list[Reserved] = field(default_factory=list)  # dma_resv: points to wait for
 
@@ -113,8 +120,11 @@ class Usage:
     """What one uid holds, against its quotas."""
 
     connections: int = 0
+    incomplete: int = 0  # connections that have not said hello yet
     buffers: int = 0
     bytes: int = 0
+    handles: int = 0
+    waiting: int = 0  # opens waiting for a name
     timelines: int = 0
     fences: int = 0
     streams: int = 0
@@ -146,7 +156,7 @@ class Timeline:
     created: float
     page: TimelinePage
     live: Device | None  # the signaller while its device lives and holds the timeline
-    handles: set[Key] = field(default_factory=set)
+    handles: dict[Key, int] = field(default_factory=dict)  # the uid each is charged to
     holders: dict[int, TimelineRef] = field(default_factory=dict)  # by device id
     refs: int = 0  # fences and reservation entries that name it
     waits: list[tuple[int, int, Wait]] = field(default_factory=list)  # heap of (point, seq, wait)

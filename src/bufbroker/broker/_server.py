@@ -1,9 +1,10 @@
 """The trio server: accepts connections and moves messages between them and the state model.
 
 One task per connection (plus one for every request that waits); one task watches every
-handle, one the timelines that fences and waiting requests need. ``serve`` follows trio's
-convention for long-running entry points: it calls
-``task_status.started()`` once it is accepting, and returns only when cancelled.
+handle; one the timelines that fences and waiting requests need; one closes, off the loop,
+the descriptors clients gave and nobody keeps. ``serve`` follows trio's convention for
+long-running entry points: it calls ``task_status.started()`` once it is accepting, and
+returns only when cancelled.
 """
 
 from __future__ import annotations
@@ -20,11 +21,13 @@ from .. import protocol as p
 from ..protocol import BrokerError, ProtocolError
 from ._config import Config
 from ._connection import Awake, Connection, inbox, receive
+from ._discard import Discard
 from ._fdstore import FdStore, Notifier, restore
 from ._handles import HandleTable
 from ._reaper import Reaper
 from ._records import Device
 from ._state import State
+from ._waiters import NameWaiters
 from ._watch import TimelineWatch
 
 __all__ = ["Server"]
@@ -35,13 +38,16 @@ _CRED = struct.Struct("3i")
 
 
 def _command(pid: int) -> str:
+    """The peer's command name (``comm``, at most 15 bytes).
+
+    Not its command line: reading /proc/<pid>/cmdline takes the peer's memory lock, which the
+    peer can hold to stall the reader (the whole loop); ``comm`` is kept beside the task.
+    """
     try:
-        with open(f"/proc/{pid}/cmdline", "rb") as f:
-            argv = f.read(4096).rstrip(b"\0").split(b"\0")
+        with open(f"/proc/{pid}/comm", "rb") as f:
+            return f.read(64).decode(errors="replace").strip()
     except OSError:
         return "?"
-    # One line, whatever the arguments held (a `python -c` script spans many).
-    return " ".join(" ".join(a.decode(errors="replace").split()) for a in argv)[:200]
 
 
 class Server:
@@ -63,10 +69,12 @@ class Server:
             generation = restore(stored or [], self.state, self.handles, fdstore)
             self._fdstore = FdStore(fdstore, self.state, self.handles, generation)
             self.state.observer = self._fdstore
-        self.names_changed = trio.lowlevel.ParkingLot()
+            self.state.sync.observer = self._fdstore.timelines
+        self.names = NameWaiters()
+        self.stream_names = NameWaiters()  # subscribes waiting for a stream
+        self.discard = Discard()
         self.version = version
         self.connections = 0
-        self._incomplete = 0
         self._live: set[Connection] = set()
         self.awake = Awake()
 
@@ -81,6 +89,7 @@ class Server:
                 nursery.start_soon(self.handles.watch)
                 nursery.start_soon(self.timelines.run)
                 nursery.start_soon(self._reaper.run)
+                nursery.start_soon(self.discard.run)
                 if self._fdstore is not None:
                     nursery.start_soon(self._fdstore.run)
                 task_status.started()
@@ -96,6 +105,7 @@ class Server:
             self.handles.close()
             self.timelines.close()
             self._reaper.close()
+            self.discard.close_now()
 
     async def announce_shutdown(self, grace: float = 0.5) -> None:
         """Tell every device the broker is stopping (the ``shutdown`` event), briefly."""
@@ -108,6 +118,7 @@ class Server:
         with sock:
             pid, uid, gid = _CRED.unpack(sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, _CRED.size))
             try:
+                self.state.reserve.check(uid, [sock.fileno()])
                 self.state.admit(uid)
             except BrokerError as e:
                 await self._refuse(sock, e)
@@ -139,17 +150,22 @@ class Server:
 
     async def _handshake(self, sock: trio.socket.SocketType, pid: int, uid: int, gid: int) -> Device | None:
         cfg = self.state.config
-        if self._incomplete >= cfg.max_incomplete_connections:
-            await self._refuse(sock, BrokerError(errno.EAGAIN, "too many connections are still handshaking"))
+        quotas = self.state.quotas
+        try:
+            quotas.begin_handshake(uid)
+        except BrokerError as e:
+            await self._refuse(sock, e)
             return None
-        self._incomplete += 1
         try:
             with trio.move_on_after(cfg.handshake_timeout):
                 try:
                     data, fds, _ = await receive(sock, inbox(cfg.max_message_size), cfg.max_fds_per_message)
+                except p.FdOverflow as e:
+                    self.discard.close(uid, e.fds)
+                    return None
                 except OSError:
                     return None
-                p.close_all(fds)  # hello carries none
+                self.discard.close(uid, fds)  # hello carries none
                 try:
                     message = p.decode(data)
                 except BrokerError as e:
@@ -196,4 +212,4 @@ class Server:
             log.info("pid %d did not say hello within %ss; dropped", pid, cfg.handshake_timeout)
             return None
         finally:
-            self._incomplete -= 1
+            quotas.end_handshake(uid)

@@ -1,11 +1,13 @@
-"""Whether a Unix socket still exists, asked of the kernel by inode (sock_diag, unix_diag).
+"""Whether a Unix socket still exists, asked of the kernel by inode and cookie (unix_diag).
 
 A handle's end-of-file cannot tell "every copy was closed" from "some holder called
 shutdown()": both leave the broker's end shut down both ways. Only the kernel's socket table
-can: a released socket is gone from it, one that was shut down is still there.
+can: a released socket is gone from it, one that was shut down is still there. The cookie
+makes the answer exact: a socket that got the inode number again later is not the handle
+(the kernel answers ESTALE).
 
-The kernel finds a socket by inode by walking every Unix socket, so many lookups at once (a
-process that held thousands of handles exits) are made as one dump of the table instead.
+Each lookup blocks on the kernel (which walks its Unix sockets), so the broker asks from a
+worker thread; never a dump of the whole table, whose parsing would hold the interpreter.
 """
 
 from __future__ import annotations
@@ -15,22 +17,32 @@ import itertools
 import os
 import socket
 import struct
-from collections.abc import Collection, Iterator
 
-__all__ = ["SocketDiag"]
+__all__ = ["SocketDiag", "socket_cookie"]
 
 _NETLINK_SOCK_DIAG = 4
 _SOCK_DIAG_BY_FAMILY = 20
 _NLM_F_REQUEST = 1
-_NLM_F_DUMP = 0x300
 _NLMSG_ERROR = 2
-_NLMSG_DONE = 3
-_EXACT_AT_MOST = 16  # lookups one by one; beyond, one dump of the whole table
-_TIMEOUT = 2.0  # seconds: the kernel answers at once, this is insurance for the event loop
+_TIMEOUT = 2.0  # seconds: the kernel answers at once, this is insurance
 _HEADER = struct.Struct("=IHHII")  # struct nlmsghdr
 _REQUEST = struct.Struct("=BBHIIIII")  # struct unix_diag_req
 _ALL_STATES = 0xFFFFFFFF
-_NO_COOKIE = 0xFFFFFFFF
+_SO_COOKIE = 57  # asm-generic/socket.h; Python has no name for it
+_U64 = struct.Struct("=Q")
+
+
+def socket_cookie(fd: int) -> int:
+    """The socket's SO_COOKIE: 64 bits the kernel never gives another. OSError for a non-socket.
+
+    Nothing here can wait on what the descriptor is (unlike fstat of a FUSE file).
+    """
+    sock = socket.socket(fileno=fd)
+    try:
+        value: int = _U64.unpack(sock.getsockopt(socket.SOL_SOCKET, _SO_COOKIE, _U64.size))[0]
+        return value
+    finally:
+        sock.detach()
 
 
 class SocketDiag:
@@ -46,7 +58,7 @@ class SocketDiag:
         # socket known to exist must be found.
         probe, other = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET | socket.SOCK_CLOEXEC)
         try:
-            if not self.exists(os.fstat(probe.fileno()).st_ino):
+            if not self.exists(os.fstat(probe.fileno()).st_ino, socket_cookie(probe.fileno())):
                 raise OSError(errno.EAFNOSUPPORT, "the kernel does not answer unix_diag lookups")
         except OSError:
             self._sock.close()
@@ -55,51 +67,26 @@ class SocketDiag:
             probe.close()
             other.close()
 
-    def existing(self, inos: Collection[int]) -> set[int]:
-        """Those of the Unix socket inodes ``inos`` whose sockets have not been released."""
-        if len(inos) <= _EXACT_AT_MOST:
-            return {ino for ino in inos if self.exists(ino)}
-        return self._all() & set(inos)
-
-    def exists(self, ino: int) -> bool:
-        """Whether the Unix socket with inode ``ino`` has not been released yet."""
-        found = False
-        for kind, data, offset in self._ask(_NLM_F_REQUEST, ino):
-            if kind == _NLMSG_ERROR:
-                (code,) = struct.unpack_from("=i", data, offset)
-                if code == -errno.ENOENT:
-                    return False
-                raise OSError(-code, f"sock_diag lookup failed: {errno.errorcode.get(-code, code)}")
-            found = True
-        return found
-
-    def _all(self) -> set[int]:
-        inos: set[int] = set()
-        for kind, data, offset in self._ask(_NLM_F_REQUEST | _NLM_F_DUMP, 0):
-            if kind == _NLMSG_ERROR:
-                (code,) = struct.unpack_from("=i", data, offset)
-                raise OSError(-code, f"sock_diag dump failed: {errno.errorcode.get(-code, code)}")
-            inos.add(struct.unpack_from("=I", data, offset + 4)[0])  # struct unix_diag_msg
-        return inos
-
-    def _ask(self, flags: int, ino: int) -> Iterator[tuple[int, bytes, int]]:
-        """Send one request; yield (type, packet, offset of the payload) of each answer."""
+    def exists(self, ino: int, cookie: int) -> bool:
+        """Whether the Unix socket with inode ``ino`` and ``cookie`` has not been released yet."""
         seq = next(self._seq)
-        body = _REQUEST.pack(socket.AF_UNIX, 0, 0, _ALL_STATES, ino, 0, _NO_COOKIE, _NO_COOKIE)
-        self._sock.send(_HEADER.pack(_HEADER.size + len(body), _SOCK_DIAG_BY_FAMILY, flags, seq, 0) + body)
+        body = _REQUEST.pack(socket.AF_UNIX, 0, 0, _ALL_STATES, ino, 0, cookie & 0xFFFFFFFF, cookie >> 32)
+        header = _HEADER.pack(_HEADER.size + len(body), _SOCK_DIAG_BY_FAMILY, _NLM_F_REQUEST, seq, 0)
+        self._sock.send(header + body)
         while True:
             data = self._sock.recv(1 << 16)
             offset = 0
             while offset + _HEADER.size <= len(data):
                 length, kind, _, got, _ = _HEADER.unpack_from(data, offset)
                 if length < _HEADER.size:
-                    return
+                    break
                 if got == seq:  # else a late answer to a lookup that failed half-way
-                    if kind == _NLMSG_DONE:
-                        return
-                    yield kind, data, offset + _HEADER.size
-                    if not flags & _NLM_F_DUMP:
-                        return
+                    if kind != _NLMSG_ERROR:
+                        return True
+                    (code,) = struct.unpack_from("=i", data, offset + _HEADER.size)
+                    if code in (-errno.ENOENT, -errno.ESTALE):
+                        return False
+                    raise OSError(-code, f"sock_diag lookup failed: {errno.errorcode.get(-code, code)}")
                 offset += (length + 3) & ~3
 
     def close(self) -> None:

@@ -5,10 +5,14 @@ every method either applies whole or raises before changing anything. Descriptor
 through here: handles are known by their inode key (the server mints and watches the sockets)
 and backing storage comes from, and goes back to, the functions given to the constructor.
 
-Where DESIGN.md is silent we follow drivers/dma-buf/dma-buf.c, and docs/PROTOCOL.md records it:
-a buffer id this device does not hold is EBADF (like a closed fd); a name already taken by a
-live buffer is EEXIST; an unknown heap is ENODEV; releasing a buffer with cpu access still
-begun is EBUSY, as releasing one still attached is.
+Where the rules leave a detail open we follow drivers/dma-buf/dma-buf.c, and docs/PROTOCOL.md
+records it: a buffer id this device does not hold is EBADF (like a closed fd); a name already
+taken by a live buffer of the same owner is EEXIST; an unknown heap is ENODEV; releasing a
+buffer with cpu access still begun is EBUSY, as releasing one still attached is.
+
+Names belong to the buffer's owner: each uid has a namespace of its own, so no uid can take,
+shadow or even learn of another's names. ``open`` looks in the caller's namespace (root may
+say whose), and a name found nowhere is ENOENT whoever else may have it.
 """
 
 from __future__ import annotations
@@ -18,12 +22,13 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from ..protocol import Access, BrokerError, Constraints, Direction, Segment, page_round
+from ..protocol import Access, BrokerError, Constraints, Direction, page_round
 from ._config import Config
 from ._heap import HEAPS, Backing, allocate_memfd
-from ._layout import combine, plan, satisfies
+from ._layout import Layout, combine, plan
 from ._quota import Quotas
 from ._records import Attachment, Buffer, Device, Handle, Key, Ref
+from ._reserve import Reserve
 from ._streams import Streams
 from ._sync import QuietHooks, Sync
 
@@ -50,7 +55,7 @@ class Observer:
 class Mapped:
     """What a map or cpu access hands the client: the layout and the backing, RO or RW."""
 
-    layout: list[Segment]
+    layout: Layout
     backing: Backing
     writable: bool
 
@@ -72,12 +77,17 @@ class State:
         self.buffers: dict[int, Buffer] = {}  # insertion order is id order
         self.devices: dict[int, Device] = {}
         self.handles: dict[Key, Handle] = {}
-        self.names: dict[str, Buffer] = {}
+        self.names: dict[tuple[int, str], Buffer] = {}  # by (owner uid, name)
         self.quotas = Quotas(config)
+        self.reserve = Reserve(config.fd_reserve)
         self._next_ids: dict[str, int] = {}
         self.observer = Observer()
         self.sync = Sync(config, self.quotas, self._id, clock, time.monotonic, QuietHooks())
         self.streams = Streams(config, self.quotas, self.sync, self._id, clock, lambda b: self.free(b))
+
+    def reserve_id(self, kind: str, id: int) -> None:
+        """An id kept across a restart: new ones of its kind come after it."""
+        self._next_ids[kind] = max(self._next_ids.get(kind, 1), id + 1)
 
     def _id(self, kind: str) -> int:
         """Ids count per kind (buffer 1, 2, ...; device 1, 2, ...) and are never reused."""
@@ -125,15 +135,15 @@ class State:
 
     # --- creating buffers ----------------------------------------------------------------
 
-    def _check_name_free(self, name: str | None, buffer: Buffer | None = None) -> None:
-        if name and self.names.get(name, buffer) is not buffer:
+    def _check_name_free(self, owner: int, name: str | None, buffer: Buffer | None = None) -> None:
+        if name and self.names.get((owner, name), buffer) is not buffer:
             raise BrokerError(errno.EEXIST, f"the name {name!r} belongs to another buffer")
 
     def _create(
         self, device: Device, size: int, heap: str, name: str | None, backing: Backing | None
     ) -> Buffer:
         self.quotas.check(device.uid, size)
-        self._check_name_free(name)
+        self._check_name_free(device.uid, name)
         buffer = Buffer(
             id=self._id("buffer"),
             size=size,
@@ -160,7 +170,7 @@ class State:
         exporter: tuple[int, str, int],
         created: float,
         backing: Backing | None,
-        layout: list[Segment] | None,
+        layout: Layout | None,
     ) -> Buffer:
         """A buffer carried across a broker restart; only its handles hold it until imported.
 
@@ -179,7 +189,7 @@ class State:
         self.buffers = dict(sorted({**self.buffers, id: buffer}.items()))
         self._next_ids["buffer"] = max(self._next_ids.get("buffer", 1), id + 1)
         self.quotas.charge(owner, size)
-        if name and name not in self.names:
+        if name and (owner, name) not in self.names:
             self._set_name(buffer, name)
         return buffer
 
@@ -199,8 +209,14 @@ class State:
         """A client's own memfd as a buffer (udmabuf); the backing is already checked."""
         return self._create(device, backing.size, "memfd", name, backing)
 
-    def add_handle(self, buffer: Buffer, key: Key, *, readonly: bool) -> None:
-        handle = Handle(key=key, buffer=buffer, readonly=readonly)
+    def check_handle(self, device: Device) -> None:
+        """Raise EDQUOT if no handle may be minted for ``device`` (before it is minted)."""
+        self.quotas.check_handle(device.uid)
+
+    def add_handle(self, buffer: Buffer, key: Key, *, readonly: bool, uid: int) -> None:
+        """Record a minted handle, charged to ``uid`` until its last copy is closed."""
+        handle = Handle(key=key, buffer=buffer, readonly=readonly, uid=uid)
+        self.quotas.charge_handle(uid)
         self.handles[key] = handle
         buffer.handles[key] = handle
         self.observer.handle_added(handle)
@@ -212,6 +228,7 @@ class State:
             self.sync.handle_closed(key)
         else:
             del handle.buffer.handles[key]
+            self.quotas.uncharge_handle(handle.uid)
             self.observer.handle_removed(handle)
             self._maybe_free(handle.buffer)
 
@@ -246,15 +263,18 @@ class State:
         self._add_ref(device, handle.buffer, writable=not handle.readonly)
         return handle.buffer
 
-    def open(self, device: Device, name: str) -> Buffer:
-        buffer = self.names.get(name)
+    def name_key(self, device: Device, name: str, uid: int | None) -> tuple[int, str]:
+        """Where ``open(name, uid=uid)`` looks: the caller's own names unless root says whose."""
+        if uid is None or uid == device.uid:
+            return (device.uid, name)
+        if device.uid != 0:
+            raise BrokerError(errno.EPERM, "only root may open the names of another uid")
+        return (uid, name)
+
+    def open(self, device: Device, name: str, uid: int | None = None) -> Buffer:
+        buffer = self.names.get(self.name_key(device, name, uid))
         if buffer is None:
             raise BrokerError(errno.ENOENT, f"no buffer is named {name!r}")
-        if buffer.owner != device.uid and device.uid != 0:
-            raise BrokerError(
-                errno.EACCES,
-                f"buffer {name!r} belongs to uid {buffer.owner}; across users, pass a handle",
-            )
         self._add_ref(device, buffer, writable=True)
         return buffer
 
@@ -276,17 +296,21 @@ class State:
             raise BrokerError(errno.EBUSY, f"buffer {buffer_id} has cpu access in progress")
         self._drop_ref(device, ref)
 
-    def set_name(self, device: Device, buffer_id: int, name: str | None) -> None:
-        buffer = self._ref(device, buffer_id).buffer
-        self._check_name_free(name, buffer)
-        self._set_name(buffer, name)
+    def set_name(self, device: Device, buffer_id: int, name: str | None) -> Buffer:
+        """DMA_BUF_SET_NAME, for holders that may write: the name goes in the owner's namespace."""
+        ref = self._ref(device, buffer_id)
+        if not ref.writable:
+            raise BrokerError(errno.EACCES, "only a holder with write access may rename a buffer")
+        self._check_name_free(ref.buffer.owner, name, ref.buffer)
+        self._set_name(ref.buffer, name)
+        return ref.buffer
 
     def _set_name(self, buffer: Buffer, name: str | None) -> None:
         if buffer.name is not None:
-            del self.names[buffer.name]
+            del self.names[(buffer.owner, buffer.name)]
         buffer.name = name or None
         if buffer.name is not None:
-            self.names[buffer.name] = buffer
+            self.names[(buffer.owner, buffer.name)] = buffer
         self.observer.changed(buffer)
 
     def _maybe_free(self, buffer: Buffer) -> None:
@@ -307,18 +331,38 @@ class State:
         if len(device.attachments) >= limit:
             raise BrokerError(errno.EDQUOT, f"max_attachments_per_device ({limit}) reached")
         self._check_fits(buffer, device)
+        self._check_length(buffer, device)
         att = Attachment(id=self._id("attachment"), device=device, buffer=buffer)
         buffer.attachments[att.id] = att
+        buffer.attached[device.id] += 1
         device.attachments[att.id] = att
         return att
+
+    def _attached(self, buffer: Buffer) -> list[Device]:
+        """The devices attached to ``buffer``, each once, however many attachments it has."""
+        return [self.devices[device_id] for device_id in buffer.attached]
+
+    def _check_length(self, buffer: Buffer, device: Device) -> None:
+        """A layout too long for one map reply is refused here, before anything is fixed."""
+        if buffer.layout is not None:
+            return
+        wanted = combine([device.constraints, *(d.constraints for d in self._attached(buffer))])
+        layout = plan(buffer.size, wanted)
+        limit = self.config.max_layout_segments
+        if layout is not None and layout.count > limit:
+            raise BrokerError(
+                errno.EMSGSIZE,
+                f"the layout would have {layout.count} segments, more than max_layout_segments "
+                f"({limit}): allow longer segments (max_segment_size)",
+            )
 
     def _check_fits(self, buffer: Buffer, device: Device) -> None:
         mine = device.constraints
         if buffer.layout is not None:
-            if not satisfies(buffer.layout, mine):
+            if not buffer.layout.satisfies(mine):
                 raise BrokerError(
                     errno.EBUSY,
-                    f"buffer {buffer.id} is already laid out in {len(buffer.layout)} segment(s) "
+                    f"buffer {buffer.id} is already laid out in {buffer.layout.count} segment(s) "
                     f"that {device.label} cannot address",
                 )
             return
@@ -327,7 +371,7 @@ class State:
                 errno.EINVAL,
                 f"{device.label} cannot address {buffer.size} bytes with its own constraints",
             )
-        others = {a.device.id: a.device for a in buffer.attachments.values()}
+        others = {d.id: d for d in self._attached(buffer)}
         for other in others.values():
             if plan(buffer.size, combine([mine, other.constraints])) is None:
                 raise BrokerError(
@@ -356,18 +400,27 @@ class State:
         self._drop_attachment(att)
 
     def _drop_attachment(self, att: Attachment) -> None:
-        del att.buffer.attachments[att.id]
+        buffer = att.buffer
+        del buffer.attachments[att.id]
+        buffer.attached[att.device.id] -= 1
+        if not buffer.attached[att.device.id]:
+            del buffer.attached[att.device.id]
         del att.device.attachments[att.id]
 
-    def _materialize(self, buffer: Buffer) -> tuple[list[Segment], Backing]:
+    def _materialize(self, buffer: Buffer, device: Device) -> tuple[Layout, Backing]:
         """Late allocation: the layout (and memfd) chosen for everyone attached right now."""
         if buffer.layout is None:
-            wanted = combine(a.device.constraints for a in buffer.attachments.values())
+            wanted = combine(d.constraints for d in self._attached(buffer))
             layout = plan(buffer.size, wanted)
             if layout is None:  # attach refuses such combinations; this guards the invariant
                 raise BrokerError(errno.EINVAL, "the attached devices admit no common layout")
             if buffer.backing is None:
-                buffer.backing = self._allocate(buffer.size, buffer.name or str(buffer.id))
+                backing = self._allocate(buffer.size, buffer.name or str(buffer.id))
+                fd = backing.fd
+                if not self.reserve.allows(device.uid, fd):
+                    self.free(backing)
+                    self.reserve.check(device.uid, [fd])
+                buffer.backing = backing
             buffer.layout = layout
             self.observer.changed(buffer)
         assert buffer.backing is not None
@@ -383,7 +436,7 @@ class State:
                 errno.EBUSY,
                 f"attachment {att.id} is mapped {current.value}; unmap it before mapping {direction.value}",
             )
-        layout, backing = self._materialize(att.buffer)
+        layout, backing = self._materialize(att.buffer, device)
         if not att.map_count:
             att.direction = direction
         att.map_count += 1
@@ -403,7 +456,7 @@ class State:
         ref = self._ref(device, buffer_id)
         if access.writes and not ref.writable:
             raise BrokerError(errno.EACCES, "a read-only handle allows cpu access read only")
-        layout, backing = self._materialize(ref.buffer)
+        layout, backing = self._materialize(ref.buffer, device)
         device.cpu[(buffer_id, access)] += 1
         ref.buffer.cpu[(device.id, access)] += 1
         return Mapped(layout, backing, access.writes)

@@ -26,7 +26,7 @@ from ._timeline_page import TimelinePage
 if TYPE_CHECKING:
     from ._connection import Connection
 
-__all__ = ["OPS", "PoolControl", "answer", "waiting_subscribe"]
+__all__ = ["OPS", "PoolControl", "answer", "park_subscribe"]
 
 OPS = (p.Publish, p.Subscribe, p.StreamMembers, p.Unpublish, p.Unsubscribe)
 
@@ -101,7 +101,7 @@ def _publish(conn: Connection, name: str, size: int, slots: int) -> tuple[Any, l
         p.close_all(fds)
         state.streams.end(dev, stream.id)
         raise BrokerError(e.errno or errno.EMFILE, f"cannot hand out the stream: {e.strerror}") from None
-    conn.server.names_changed.unpark_all()
+    conn.server.stream_names.appeared((dev.uid, name))
     return {**describe(stream), "frames": describe_timeline(stream.frames, dev)}, fds
 
 
@@ -143,14 +143,26 @@ def _members(conn: Connection, subs: list[Subscriber], have: set[int]) -> tuple[
     return {"subscribers": members, "timelines": timelines, "more": missing > 0}, fds
 
 
-async def waiting_subscribe(conn: Connection, request: p.Request) -> None:
+def park_subscribe(conn: Connection, nursery: trio.Nursery, request: p.Request) -> None:
+    """Start a ``subscribe`` that waits for its stream, charged to the uid as a waiting open."""
+    assert isinstance(request.args, p.Subscribe)
+    try:
+        conn.state.quotas.begin_wait(conn.device.uid)
+    except BrokerError as e:
+        raise p.RequestError(request.id, e) from None
+    conn.pending += 1
+    nursery.start_soon(_waiting_subscribe, conn, request)
+
+
+async def _waiting_subscribe(conn: Connection, request: p.Request) -> None:
     """``subscribe`` that waits for the stream to be published, as ``open`` waits for a name."""
     assert isinstance(request.args, p.Subscribe)
     key = (conn.device.uid, request.args.name)
     try:
         with trio.move_on_after(request.args.timeout or 0):
             while key not in conn.state.streams.names:
-                await conn.server.names_changed.park()
+                await conn.server.stream_names.wait(key)
         await conn.send_answer(request)
     finally:
         conn.pending -= 1
+        conn.state.quotas.end_wait(conn.device.uid)

@@ -35,7 +35,7 @@ from ._quota import Quotas
 from ._records import Buffer, Device, Fence, Key, Reserved, Timeline, TimelineRef, Wait
 from ._timeline_page import TimelinePage
 
-__all__ = ["Points", "QuietHooks", "Sync", "SyncHooks"]
+__all__ = ["Points", "QuietHooks", "Sync", "SyncHooks", "SyncObserver"]
 
 Points = dict[int, tuple[Timeline, int]]  # one point per timeline, by timeline id
 _PROMISES = 1024  # unkept promises remembered per timeline; past that, the last one is raised
@@ -51,6 +51,22 @@ class SyncHooks(Protocol):
     def deadline(self, when: float) -> None: ...
 
     def freed(self, timeline: Timeline) -> None: ...
+
+
+class SyncObserver:
+    """Told of the timelines and handles that outlive a connection; the fd store keeps them."""
+
+    def timeline_added(self, timeline: Timeline) -> None:
+        pass
+
+    def timeline_removed(self, timeline: Timeline) -> None:
+        pass
+
+    def handle_added(self, timeline: Timeline, key: Key) -> None:
+        pass
+
+    def handle_removed(self, timeline: Timeline, key: Key) -> None:
+        pass
 
 
 class QuietHooks:
@@ -88,6 +104,7 @@ class Sync:
         self._clock = clock
         self._monotonic = monotonic
         self.hooks = hooks
+        self.observer = SyncObserver()
         self.timelines: dict[int, Timeline] = {}
         self.handles: dict[Key, Timeline] = {}
         self.fences: dict[Key, Fence] = {}
@@ -114,12 +131,19 @@ class Sync:
         )
         self.timelines[timeline.id] = timeline
         self._hold(device, timeline)
+        self.observer.timeline_added(timeline)
         return timeline
 
     def restore(self, timeline: Timeline) -> None:
-        """A timeline kept across a restart: its signaller is gone, its handles hold it."""
-        self.timelines[timeline.id] = timeline
+        """A timeline kept across a restart: its signaller's device is gone, its handles hold it.
+
+        A point promised before the restart gets a new max_fence_time from now.
+        """
+        self.timelines = dict(sorted({**self.timelines, timeline.id: timeline}.items()))
         self.quotas.charge_object_unchecked(timeline.owner, "timelines")
+        page = timeline.page
+        if page.value < page.promised:
+            self._promise(timeline, page.promised)
 
     def _hold(self, device: Device, timeline: Timeline) -> None:
         ref = device.timelines.get(timeline.id)
@@ -138,9 +162,12 @@ class Sync:
             raise BrokerError(errno.EBADF, f"timeline {timeline_id} is not held by this device")
         return ref.timeline
 
-    def add_handle(self, timeline: Timeline, key: Key) -> None:
-        timeline.handles.add(key)
+    def add_handle(self, timeline: Timeline, key: Key, uid: int) -> None:
+        """Record a minted timeline handle, charged to ``uid`` until its last copy is closed."""
+        self.quotas.charge_handle(uid)
+        timeline.handles[key] = uid
         self.handles[key] = timeline
+        self.observer.handle_added(timeline, key)
 
     def import_timeline(self, device: Device, key: Key) -> Timeline:
         timeline = self.handles.get(key)
@@ -169,7 +196,8 @@ class Sync:
         """The last copy of a handle or a fence was closed; False if it is neither of ours."""
         timeline = self.handles.pop(key, None)
         if timeline is not None:
-            timeline.handles.discard(key)
+            self.quotas.uncharge_handle(timeline.handles.pop(key))
+            self.observer.handle_removed(timeline, key)
             self._maybe_free(timeline)
             return True
         fence = self.fences.pop(key, None)
@@ -191,6 +219,7 @@ class Sync:
         del self.timelines[timeline.id]
         timeline.promises.clear()
         self.quotas.uncharge_object(timeline.owner, "timelines")
+        self.observer.timeline_removed(timeline)
         self.hooks.freed(timeline)
 
     def device_gone(self, device: Device) -> None:
@@ -221,7 +250,7 @@ class Sync:
         return {timeline.id: (timeline, point)}
 
     def _promise(self, timeline: Timeline, point: int) -> None:
-        timeline.page.promise(point)
+        timeline.page.promise(point)  # page.promised is written for readers; the deadlines stay here
         promises = timeline.promises
         if promises and promises[-1][1] >= point:
             return  # an earlier promise of a later point already covers it

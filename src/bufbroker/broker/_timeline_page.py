@@ -76,6 +76,10 @@ class TimelinePage:
         return page.value(self.slots)
 
     @property
+    def promised(self) -> int:
+        return page.promised(self.slots)
+
+    @property
     def signalled_at(self) -> int:
         return page.signalled_at(self.slots)
 

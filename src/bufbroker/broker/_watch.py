@@ -3,7 +3,7 @@
 The broker is not in the path of a signal; it watches a timeline only while a fence or a parked
 cpu access waits on it, through one epoll instance (registered edge-triggered, as every waiter
 does) that trio waits on as one descriptor. Fences are signalled by shutting the broker's end
-of their socketpair down for writing: every holder's copy then reads end-of-file.
+of their socketpair down for writing (``HandleTable.signal``): every copy then reads end-of-file.
 
 Waking a timeline's waiters is a write to its eventfd, which any holder can make block (clear
 O_NONBLOCK on the shared file, fill the counter): the broker's writes (when it fails a
@@ -18,7 +18,6 @@ import logging
 import math
 import os
 import select
-import socket
 import time
 
 import trio
@@ -46,6 +45,7 @@ class TimelineWatch:
         self._nursery: trio.Nursery | None = None
         self._limiters: dict[int, trio.CapacityLimiter] = {}
         self._deadline_moved = trio.Event()
+        self._unkicked: list[Timeline] = []  # failed before the broker served (a restore)
 
     def attach(self, sync: Sync) -> None:
         self._sync = sync
@@ -66,7 +66,8 @@ class TimelineWatch:
 
     def kick(self, timeline: Timeline) -> None:
         if self._nursery is None:
-            return  # not serving yet (a restore): nobody can be waiting
+            self._unkicked.append(timeline)  # failed at a restore: woken once serving
+            return
         efd = os.dup(timeline.page.eventfd)
         limiter = self._limiters.get(timeline.owner)
         if limiter is None:
@@ -86,16 +87,7 @@ class TimelineWatch:
             log.warning("cannot wake the waiters of a timeline: %s", e)
 
     def fence_done(self, fence: Fence) -> None:
-        fd = self._handles.end_of(fence.key)
-        if fd is None:
-            return
-        end = socket.socket(fileno=fd)
-        try:
-            end.shutdown(socket.SHUT_WR)  # every copy of the fence now reads end-of-file
-        except OSError:
-            pass  # the holders are all gone already
-        finally:
-            end.detach()
+        self._handles.signal(fence.key)  # every copy of the fence now reads end-of-file
 
     def deadline(self, when: float) -> None:
         self._deadline_moved.set()
@@ -109,6 +101,10 @@ class TimelineWatch:
     async def run(self) -> None:
         async with trio.open_nursery() as nursery:
             self._nursery = nursery
+            for timeline in self._unkicked:
+                if timeline.page.eventfd >= 0:
+                    self.kick(timeline)
+            self._unkicked.clear()
             nursery.start_soon(self._watchdog)
             await self._watch()
 

@@ -5,7 +5,8 @@ byte for byte, using its own printf formats, so that people and scripts that rea
 file read ours. Per buffer the kernel prints::
 
     "%08zu\t%08x\t%08x\t%08ld\t%s\t%08lu\t%s\n"   size, f_flags, f_mode, file_count, exp_name, ino, name
-    dma_resv_describe() lines (fences; bufbroker has none yet)
+    dma_resv_describe() lines: "\t%s fence:" usage, then dma_fence_describe()'s
+        "%s %s seq %llu %ssignalled\n"  driver ("bufbroker"), timeline name, point, "" or "un"
     "\tAttached Devices:\n", then "\t%s\n" per attachment (dev_name), then
     "Total %d devices attached\n\n"
 
@@ -27,9 +28,10 @@ from __future__ import annotations
 import re
 from typing import Any
 
-__all__ = ["FLAGS", "MODE", "parse_bufinfo", "render_bufinfo"]
+__all__ = ["DRIVER", "FLAGS", "MODE", "parse_bufinfo", "render_bufinfo"]
 
 FLAGS = 0o2  # O_RDWR
+DRIVER = "bufbroker"  # dma_fence_ops.get_driver_name of every fence
 MODE = 0x02080007
 
 # exp_name is taken up to the first tab, so a buffer name may itself hold tabs.
@@ -59,11 +61,17 @@ def render_bufinfo(buffers: list[dict[str, Any]]) -> str:
                 FLAGS,
                 MODE,
                 _count(b),
-                b["exporter"]["name"],
+                "-" if b["exporter"]["name"] is None else b["exporter"]["name"],
                 b["id"],
                 "<none>" if b["name"] is None else b["name"],
             )
         )
+        for f in b.get("fences", ()):
+            timeline = f["name"] or "timeline-%d" % f["timeline"]
+            out.append(
+                "\t%s fence:%s %s seq %d %ssignalled\n"
+                % (f["usage"], DRIVER, timeline, f["point"], "" if f["status"] else "un")
+            )
         out.append("\tAttached Devices:\n")
         out.extend("\t%s\n" % a["name"] for a in b["attachments"])
         out.append("Total %d devices attached\n\n" % len(b["attachments"]))

@@ -17,10 +17,12 @@ __all__ = [
     "DeviceRow",
     "NoSuchBuffer",
     "Source",
+    "TimelineRow",
     "buffer_row",
     "device_rows",
     "list_buffers",
     "list_devices",
+    "list_timelines",
     "show_buffer",
 ]
 
@@ -33,6 +35,8 @@ class Source(Protocol):
     def devices(self) -> list[dict[str, Any]]: ...
 
     def stats(self) -> dict[str, Any]: ...
+
+    def timelines(self) -> list[dict[str, Any]]: ...
 
 
 class NoSuchBuffer(LookupError):
@@ -57,6 +61,29 @@ class BufferRow(TypedDict):
     attached: int  # attachments, mapped or not
     mapped: int  # the attachments' map counts, summed
     owner: int  # uid; the table prints the user name
+    age: float
+
+
+class Signaller(TypedDict):
+    device: int | None  # None for another uid's timeline
+    name: str | None
+    pid: int | None
+    alive: bool
+
+
+class TimelineRow(TypedDict):
+    """One ``timelines`` row: ID NAME SIGNALLER VALUE PROMISED ERROR HOLDERS HANDLES AGE."""
+
+    id: int
+    name: str | None
+    signaller: Signaller
+    value: int
+    promised: int
+    error: int  # errno, 0 for none
+    error_point: int | None
+    holders: list[dict[str, Any]]  # devices holding it: {device, name, pid, count}
+    handles: int
+    owner: int
     age: float
 
 
@@ -101,7 +128,9 @@ def show_buffer(source: Source, buffer_id: int, now: float | None = None) -> dic
 
     Added to the row: ``created`` (Unix time), ``layout`` (None until the first map or cpu
     access allocates backing; else ``[{"fd", "offset", "length"}]``, fd being the index of the
-    backing memfd), and the broker's ``importers``, ``attachments`` and ``cpu_access`` lists.
+    backing memfd), and the broker's ``importers``, ``attachments``, ``cpu_access`` and
+    ``fences`` (the reservation: ``{"timeline", "name", "point", "usage", "status",
+    "signalled_at"}``) lists.
     """
     now = time.time() if now is None else now
     for entry in source.buffers():
@@ -119,6 +148,7 @@ def show_buffer(source: Source, buffer_id: int, now: float | None = None) -> dic
         "importers": entry["importers"],
         "attachments": entry["attachments"],
         "cpu_access": entry["cpu_access"],
+        "fences": entry.get("fences", []),
     }
 
 
@@ -169,3 +199,24 @@ def list_devices(source: Source, *, exclude: int | None = None) -> list[DeviceRo
     """
     devices = [d for d in source.devices() if d["id"] != exclude]
     return device_rows(devices, source.buffers())
+
+
+def list_timelines(source: Source, now: float | None = None) -> list[TimelineRow]:
+    """``timelines``: one row per timeline, in id order."""
+    now = time.time() if now is None else now
+    return [
+        {
+            "id": t["id"],
+            "name": t["name"],
+            "signaller": t["signaller"],
+            "value": t["value"],
+            "promised": t["promised"],
+            "error": t["error"],
+            "error_point": t["error_point"],
+            "holders": t["holders"],
+            "handles": t["handles"],
+            "owner": t["owner"],
+            "age": max(0.0, now - t["created"]),
+        }
+        for t in source.timelines()
+    ]

@@ -84,6 +84,7 @@ def _parser() -> argparse.ArgumentParser:
     command("ls", "one row per buffer")
     command("show", "everything about one buffer").add_argument("id", type=int, metavar="ID")
     command("devices", "one row per device (client connection)")
+    command("timelines", "one row per timeline: its signaller, value, promises, error and holders")
     command("bufinfo", "the buffers in the kernel's debugfs dma_buf/bufinfo format")
     command("stats", "totals, limits and their use, uptime")
     top = command("top", "the buffers, redrawn in place until Ctrl-C")
@@ -137,6 +138,13 @@ def _inspect(args: argparse.Namespace, source: Device) -> str | None:
         case "devices":
             devices = commands.list_devices(source, exclude=source.id)
             return render.render_json(devices) if args.json else render.render_devices(devices, legend=legend)
+        case "timelines":
+            timelines = commands.list_timelines(source)
+            return (
+                render.render_json(timelines)
+                if args.json
+                else render.render_timelines(timelines, legend=legend)
+            )
         case "bufinfo":
             from ._bufinfo import parse_bufinfo, render_bufinfo
 

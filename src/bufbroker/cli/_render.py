@@ -9,22 +9,26 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
-from ._commands import BufferRow, DeviceRow
+from ._commands import BufferRow, DeviceRow, TimelineRow
 from ._format import age, iec, styled, table
 
 __all__ = [
     "BUFFER_COLUMNS",
     "DEVICE_COLUMNS",
+    "TIMELINE_COLUMNS",
     "buffer_cells",
+    "fence_status",
     "render_buffers",
     "render_devices",
     "render_json",
     "render_show",
     "render_stats",
+    "render_timelines",
     "user_name",
 ]
 
 BUFFER_COLUMNS = ("ID", "NAME", "SIZE", "HEAP", "EXPORTER", "HANDLES", "ATTACHED", "MAPPED", "OWNER", "AGE")
+TIMELINE_COLUMNS = ("ID", "NAME", "SIGNALLER", "VALUE", "PROMISED", "ERROR", "HOLDERS", "HANDLES", "AGE")
 DEVICE_COLUMNS = ("PID", "UID", "NAME", "COMMAND", "BUFFERS", "BYTES", "PSS", "ATTACHMENTS", "MAPPINGS")
 # Sizes and ages are text in the table but quantities all the same: flush right, like numbers.
 _RIGHT = {"SIZE", "AGE", "BYTES", "PSS", "LENGTH", "OFFSET"}
@@ -58,7 +62,7 @@ def buffer_cells(row: BufferRow) -> list[object]:
         row["name"],
         iec(row["size"]),
         row["heap"],
-        f"{exporter['name']}/{exporter['pid']}",
+        "-" if exporter["name"] is None else f"{exporter['name']}/{exporter['pid']}",  # another uid's
         row["handles"],
         row["attached"],
         row["mapped"],
@@ -111,7 +115,9 @@ def render_show(data: dict[str, Any], *, legend: bool = True) -> str:
     lines = [
         f"buffer {data['id']}: {data['name'] or '(no name)'}",
         f"size: {iec(data['size'])} ({data['size']} bytes), heap {data['heap']}",
-        f"exporter: {exporter['name']} (device {exporter['device']}, pid {exporter['pid']})",
+        "exporter: (another user's device)"
+        if exporter["name"] is None
+        else f"exporter: {exporter['name']} (device {exporter['device']}, pid {exporter['pid']})",
         f"owner: {user_name(data['owner'])} (uid {data['owner']}), age {age(data['age'])}",
         f"handles: {data['handles']} live",
     ]
@@ -129,7 +135,42 @@ def render_show(data: dict[str, Any], *, legend: bool = True) -> str:
         legend,
     )
     lines += _section("cpu access", data["cpu_access"], ("device", "name", "pid", "access", "count"), legend)
+    fences = [{**f, "status": fence_status(f["status"])} for f in data.get("fences", [])]
+    lines += _section("fences", fences, ("timeline", "name", "point", "usage", "status"), legend)
     return "\n".join(lines)
+
+
+def fence_status(status: int) -> str:
+    """sync_file's status in words: pending, signalled, or the failure's errno name."""
+    if status < 0:
+        import errno
+
+        return errno.errorcode.get(-status, str(-status))
+    return "signalled" if status else "pending"
+
+
+def render_timelines(rows: Sequence[TimelineRow], *, legend: bool = True) -> str:
+    cells = []
+    for r in rows:
+        signaller = r["signaller"]
+        who = "-" if signaller["name"] is None else f"{signaller['name']}/{signaller['pid']}"
+        error = "-"
+        if r["error"]:
+            error = f"{fence_status(-r['error'])} from {r['error_point']}"
+        cells.append(
+            [
+                r["id"],
+                r["name"],
+                who if signaller["alive"] else f"({who} gone)",
+                r["value"],
+                r["promised"],
+                error,
+                len(r["holders"]),
+                r["handles"],
+                age(r["age"]),
+            ]
+        )
+    return table(TIMELINE_COLUMNS, cells, legend=legend, right=_RIGHT)
 
 
 def render_stats(data: dict[str, Any], *, legend: bool = True) -> str:

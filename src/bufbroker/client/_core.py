@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import fcntl
 import itertools
 import os
 from typing import Any, Protocol
@@ -115,7 +116,8 @@ class Session:
 
 
 def exportable(memfd: int) -> None:
-    """Take group and other write permission off ``memfd`` before it is exported.
+    """Take group and other write permission off ``memfd``, and seal it against growing,
+    before it is exported.
 
     A process of another uid that gets a read-only descriptor of the buffer could otherwise
     reopen it for writing through /proc/self/fd. The broker makes the memfd mode 0400 where it
@@ -131,6 +133,11 @@ def exportable(memfd: int) -> None:
     if mode & 0o022:
         with contextlib.suppress(PermissionError):
             os.fchmod(memfd, mode & ~0o022)
+    # The broker requires F_SEAL_GROW, so that the size it charged is the size for good: add it
+    # (an exported memfd never grows anyway); one sealed F_SEAL_SEAL stays as it is.
+    with contextlib.suppress(OSError):
+        if not fcntl.fcntl(memfd, fcntl.F_GET_SEALS) & fcntl.F_SEAL_SEAL:
+            fcntl.fcntl(memfd, fcntl.F_ADD_SEALS, fcntl.F_SEAL_GROW)
 
 
 def take_one_fd(fds: list[int]) -> int:

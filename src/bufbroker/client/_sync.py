@@ -165,9 +165,12 @@ class Device(DeviceBase, _Closing):
         """The buffer behind handle ``fd``; the caller keeps (and should close) ``fd``."""
         return self._buffer(p.Import(), [fd])
 
-    def open(self, name: str, *, timeout: float | None = None) -> Buffer:
-        """The buffer named ``name`` (same uid, or root); waits up to ``timeout`` s for it."""
-        return self._buffer(p.Open(name=name, timeout=timeout))
+    def open(self, name: str, *, timeout: float | None = None, uid: int | None = None) -> Buffer:
+        """The buffer this uid named ``name``; waits up to ``timeout`` s for it to appear.
+
+        Each uid has names of its own; root opens another uid's by saying whose (``uid``).
+        """
+        return self._buffer(p.Open(name=name, timeout=timeout, uid=uid))
 
     def export_memfd(self, memfd: int, *, name: str | None = None) -> Buffer:
         """A buffer over this process's own sealed memfd, without a copy (udmabuf).

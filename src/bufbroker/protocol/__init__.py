@@ -19,6 +19,8 @@ from ._fds import (
     one_handle,
 )
 from ._messages import (
+    MAX_REPLY_BYTES,
+    MAX_REPLY_FDS,
     PROTOCOL_VERSION,
     Error,
     Event,
@@ -82,6 +84,8 @@ __all__ = [
     "HANDLE_MARK",
     "MAX_FENCE_TIMELINES",
     "MAX_NAME_BYTES",
+    "MAX_REPLY_BYTES",
+    "MAX_REPLY_FDS",
     "MSG_TRUNC",
     "OPS",
     "OP_NAMES",

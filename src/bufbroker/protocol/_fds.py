@@ -41,7 +41,12 @@ AncData = list[tuple[int, int, bytes]]
 
 
 class FdOverflow(BrokerError):
-    """A packet carried more descriptors than the receiver had room for (MSG_CTRUNC)."""
+    """A packet carried more descriptors than the receiver had room for (MSG_CTRUNC).
+
+    ``fds`` are those that did fit, still open when the receiver asked to close them itself.
+    """
+
+    fds: list[int] = []  # noqa: RUF012 (replaced per instance, never changed in place)
 
 
 @functools.cache
@@ -77,13 +82,14 @@ def one_handle(fds: list[int]) -> int:
     return fds[0]
 
 
-def fds_from_ancillary(ancdata: AncData, msg_flags: int, max_fds: int) -> list[int]:
+def fds_from_ancillary(ancdata: AncData, msg_flags: int, max_fds: int, *, close: bool = True) -> list[int]:
     """Every descriptor the kernel installed for one ``recvmsg``.
 
     On MSG_CTRUNC the kernel has already dropped what did not fit; the ones that did fit are
-    closed here and ``FdOverflow`` is raised, so a truncated message never half-applies. The
-    kernel rounds the control buffer up to 8 bytes, so with an odd ``max_fds`` one more may
-    fit than was allowed: that is an overflow too.
+    closed here (or, with ``close=False``, left open in the exception's ``fds`` for a caller
+    that closes them elsewhere) and ``FdOverflow`` is raised, so a truncated message never
+    half-applies. The kernel rounds the control buffer up to 8 bytes, so with an odd
+    ``max_fds`` one more may fit than was allowed: that is an overflow too.
     """
     fds: list[int] = []
     for level, kind, data in ancdata:
@@ -91,6 +97,10 @@ def fds_from_ancillary(ancdata: AncData, msg_flags: int, max_fds: int) -> list[i
             whole = len(data) - len(data) % _INT
             fds.extend(array.array("i", data[:whole]))
     if msg_flags & _CTRUNC or len(fds) > max_fds:
-        close_all(fds)
-        raise FdOverflow(errno.ETOOMANYREFS, f"a message may carry at most {max_fds} descriptors")
+        error = FdOverflow(errno.ETOOMANYREFS, f"a message may carry at most {max_fds} descriptors")
+        if close:
+            close_all(fds)
+        else:
+            error.fds = fds
+        raise error
     return fds

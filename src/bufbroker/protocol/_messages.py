@@ -48,6 +48,11 @@ __all__ = [
 
 PROTOCOL_VERSION = 1
 
+MAX_REPLY_BYTES = 64 << 10
+"""The largest packet the broker ever sends: a client's receive buffer of this size never truncates."""
+MAX_REPLY_FDS = 4
+"""The most descriptors one packet from the broker carries (today's replies carry at most one)."""
+
 REQUEST, REPLY, ERROR, EVENT = 0, 1, 2, 3
 
 

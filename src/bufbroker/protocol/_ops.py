@@ -150,6 +150,7 @@ _CHECKS: dict[str, Callable[[Any], Any]] = {
     "Constraints": _constraints,
     "str | None": _optional(_str),
     "tuple[int, ...]": _ids,
+    "int | None": _optional(_int),
 }
 _BY_NAME: dict[tuple[str, str], Callable[[Any], Any]] = {
     ("name", "str"): _name,
@@ -272,6 +273,7 @@ class Import(OpArgs):
 class Open(OpArgs):
     name: str
     timeout: float | None = None
+    uid: int | None = None  # whose name: the caller's own unless root says another
 
 
 @op("share", reply_fds=True)
