@@ -32,13 +32,14 @@ def content(seq: int, size: int) -> bytes:
 
 def publish(path: str, name: str, size: str, slots: str, count: str) -> None:
     """Publish; on "prime" learn the subscribers; on "go" send ``count`` frames; exit on "end"."""
-    with bufbroker.connect("publisher", socket=path) as dev, dev.publish(name, size=int(size), slots=int(slots)) as pub:
+    dev = bufbroker.connect("publisher", socket=path)
+    with dev, dev.publish(name, size=int(size), slots=int(slots)) as pub:
         say(ready=True)
         while (word := sys.stdin.readline().strip()) != "go":
             if word == "prime":
                 pub.loan(timeout=10).discard()  # asks who subscribes: no broker message after this
                 say(primed=pub.subscribers)
-        for seq in range(1, int(count) + 1):
+        for _ in range(int(count)):
             with pub.loan(timeout=10) as frame:
                 data = content(frame.seq, int(size))
                 frame.memory[: len(data)] = data
