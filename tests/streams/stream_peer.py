@@ -9,10 +9,12 @@ import ctypes
 import errno
 import json
 import mmap
+import os
 import sys
 import time
 
 import bufbroker
+from bufbroker import protocol as p
 
 
 def say(**values: object) -> None:
@@ -125,6 +127,30 @@ def publish_until_killed(path: str, name: str, size: str, slots: str, count: str
     time.sleep(3600)
 
 
+def stranger(path: str, uid: str, name: str) -> None:
+    """As another uid: the stream ``name`` of uid 0 is not there, and is not ours to end."""
+    os.setgroups([])
+    os.setgid(int(uid))
+    os.setuid(int(uid))
+    with bufbroker.connect("stranger", socket=path) as dev:
+        result: dict[str, object] = {}
+        for what, call in (
+            ("subscribe", lambda: dev.subscribe(name)),
+            ("unpublish", lambda: dev._call(p.Unpublish(stream=1))),
+            ("unsubscribe", lambda: dev._call(p.Unsubscribe(subscriber=1))),
+            ("members", lambda: dev._call(p.StreamMembers(stream=1))),
+        ):
+            try:
+                call()
+                result[what] = 0
+            except bufbroker.BrokerError as e:
+                result[what] = e.errno
+        with dev.publish(name, size=10, slots=1):  # names are per uid
+            result["listed"] = [s["name"] for s in dev.streams()]
+            result["usage"] = dev.stats()["usage"]["streams"]
+        say(**result)
+
+
 if __name__ == "__main__":
     role, *args = sys.argv[1:]
     {
@@ -134,4 +160,5 @@ if __name__ == "__main__":
         "hold": hold,
         "write": write,
         "publish_until_killed": publish_until_killed,
+        "stranger": stranger,
     }[role](*args)

@@ -269,6 +269,7 @@ def stats(state: State, viewer: int, version: str, connections: int) -> dict[str
         "mappings": sum(a.map_count for d in devices for a in d.attachments.values()),
         "timelines": usage.timelines if viewer else len(state.sync.timelines),
         "fences": usage.fences if viewer else len(state.sync.fences),
+        "streams": usage.streams if viewer else len(state.streams.streams),
         "limits": state.config.as_dict(),
         "usage": {
             "uid": viewer,
@@ -279,5 +280,7 @@ def stats(state: State, viewer: int, version: str, connections: int) -> dict[str
             "waiting": usage.waiting,
             "timelines": usage.timelines,
             "fences": usage.fences,
+            "streams": usage.streams,
+            "subscriptions": usage.subscriptions,
         },
     }
