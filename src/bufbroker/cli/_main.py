@@ -85,6 +85,7 @@ def _parser() -> argparse.ArgumentParser:
     command("show", "everything about one buffer").add_argument("id", type=int, metavar="ID")
     command("devices", "one row per device (client connection)")
     command("timelines", "one row per timeline: its signaller, value, promises, error and holders")
+    command("streams", "one row per stream, and under it each subscriber's position and lag")
     command("bufinfo", "the buffers in the kernel's debugfs dma_buf/bufinfo format")
     command("stats", "totals, limits and their use, uptime")
     top = command("top", "the buffers, redrawn in place until Ctrl-C")
@@ -145,6 +146,11 @@ def _inspect(args: argparse.Namespace, source: Device) -> str | None:
                 if args.json
                 else render.render_timelines(timelines, legend=legend)
             )
+        case "streams":
+            from ._streams import list_streams, render_streams
+
+            streams = list_streams(source)
+            return render.render_json(streams) if args.json else render_streams(streams, legend=legend)
         case "bufinfo":
             from ._bufinfo import parse_bufinfo, render_bufinfo
 
