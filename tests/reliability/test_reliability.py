@@ -36,6 +36,7 @@ def test_chaos_short(broker: Broker) -> None:
     assert report.kills == 8 and report.worker_ops > 0
     assert report.leftovers == 0
     assert report.survivor_intact
+    assert report.stream_intact and report.stream_frames > 0
     assert report.broker_fds[1] == report.broker_fds[0]
 
 
