@@ -9,6 +9,7 @@ sent) to the moment both pages were read. It stops when the control socket close
 - ``stream-trio CTL_FD SOCKET NAME``: the same from trio;
 - ``ring CTL_FD MEMFD EVENTFD SLOTS SIZE``: the floor, a bare ring in a shared memfd whose
   header holds the latest frame's number, woken by an eventfd read;
+- ``ring-trio ...``: the same floor in trio (its eventfd awaited with ``wait_readable``);
 - ``iceoryx2 CTL_FD SERVICE``: an iceoryx2 subscriber woken by an iceoryx2 event listener.
 """
 
@@ -87,6 +88,34 @@ def ring(ctl_fd: str, memfd: str, eventfd: str, slots: str, size: str) -> None:
                 return
 
 
+def ring_trio(ctl_fd: str, memfd: str, eventfd: str, slots: str, size: str) -> None:
+    """The floor under trio: the same ring, its eventfd awaited through trio's own epoll."""
+    import trio
+
+    ctl = socket.socket(fileno=int(ctl_fd))
+    n, length = int(slots), int(size)
+    pool = mmap.mmap(int(memfd), PAGE + n * length, prot=mmap.PROT_READ)
+    view = memoryview(pool)
+    header = view[:8].cast("Q")
+    efd = int(eventfd)
+    os.set_blocking(efd, False)
+
+    async def main() -> None:
+        seen = 0
+        ctl.send(b"ready")
+        while True:
+            await trio.lowlevel.wait_readable(efd)
+            os.eventfd_read(efd)
+            latest = int(header[0])
+            while seen < latest:
+                seen += 1
+                slot = (seen - 1) % n
+                if not _answer(ctl, view[PAGE + slot * length : PAGE + (slot + 1) * length]):
+                    return
+
+    trio.run(main)
+
+
 def iceoryx2(ctl_fd: str, service: str) -> None:
     import iceoryx2 as iox2
 
@@ -110,4 +139,5 @@ def iceoryx2(ctl_fd: str, service: str) -> None:
 
 if __name__ == "__main__":
     role, *args = sys.argv[1:]
-    {"stream": stream, "stream-trio": stream_trio, "ring": ring, "iceoryx2": iceoryx2}[role](*args)
+    roles = {"stream": stream, "stream-trio": stream_trio, "ring": ring, "ring-trio": ring_trio}
+    {**roles, "iceoryx2": iceoryx2}[role](*args)

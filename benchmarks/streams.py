@@ -141,8 +141,9 @@ def run(settings: Settings) -> list[Row]:
         dev = stack.enter_context(bufbroker.connect("bench-publisher", socket=b.socket))
         blocking = stack.enter_context(dev.publish("p6", size=SIZE, slots=SLOTS))
         in_trio = stack.enter_context(dev.publish("p6-trio", size=SIZE, slots=SLOTS))
-        ring = _Ring()
+        ring, ring_for_trio = _Ring(), _Ring()
         stack.callback(ring.close)
+        stack.callback(ring_for_trio.close)
         cases: dict[str, Callable[[], float]] = {
             "stream": _stream_case(blocking, stack.enter_context(_subscriber("stream", b.socket, "p6"))),
             "stream, trio subscriber": _stream_case(
@@ -157,6 +158,14 @@ def run(settings: Settings) -> list[Row]:
             return _took(ring_ctl)
 
         cases["bare ring + eventfd"] = floor
+        fds = (ring_for_trio.memfd, ring_for_trio.eventfd)
+        trio_ctl = stack.enter_context(_subscriber("ring-trio", *map(str, (*fds, SLOTS, SIZE)), pass_fds=fds))
+
+        def trio_floor() -> float:
+            ring_for_trio.send()
+            return _took(trio_ctl)
+
+        cases["bare ring + eventfd, trio"] = trio_floor
         if missing is None:
             iox = _Iceoryx2(f"bufbroker-bench-{os.getpid()}")
             cases["iceoryx2, event"] = iox.case(stack.enter_context(_subscriber("iceoryx2", iox.service)))
@@ -167,6 +176,11 @@ def run(settings: Settings) -> list[Row]:
         for name in ("stream", "stream, trio subscriber"):
             rows.append(against(found[name], base))
             rows[-1].note = "target: at most 1.5 times"
+        rows.append(against(found["bare ring + eventfd, trio"], base))
+        rows[-1].note = "what trio's wake-up costs on its own"
+        trio_case = "stream, trio subscriber"
+        again = summarize(GROUP, trio_case, "1 MiB, one way", samples[trio_case])
+        rows.append(against(again, found["bare ring + eventfd, trio"]))
         if missing is None:
             rows.append(found["iceoryx2, event"])
             for name in ("stream", "stream, trio subscriber"):

@@ -24,7 +24,7 @@ from .. import protocol as p
 from ..protocol import BrokerError
 from ..protocol import stream as ring
 from ..protocol import timeline as page
-from ._timeline import Point, View, Views
+from ._timeline import View, Views
 
 __all__ = ["FrameBase", "LoanBase", "Pool", "PublisherCore", "SubscriberCore"]
 
@@ -209,15 +209,21 @@ class SubscriberCore:
         self._held: set[int] = set()
         self.closed = False
 
-    def point(self) -> list[Point]:
+    def status(self) -> int:
+        """The next frame's point: 1 sent, 0 not yet, ``-errno`` if the stream failed before it."""
         if self.closed:
             raise BrokerError(errno.EBADF, f"the subscription to {self.name!r} is closed")
-        return [(self.frames, self.next)]
+        return page.point_status(self.frames.slots, self.next)
 
-    def ended(self, error: BrokerError) -> BrokerError:
-        if error.errno == errno.ESRCH:
+    def failed(self, status: int) -> BrokerError:
+        if status == -errno.ESRCH:
             return BrokerError(errno.ESRCH, f"stream {self.name!r} ended: its publisher is gone")
-        return error
+        return BrokerError(-status, f"stream {self.name!r} failed before frame {self.next}")
+
+    def timed_out(self, timeout: float | None) -> BrokerError:
+        return BrokerError(
+            errno.ETIME, f"frame {self.next} of stream {self.name!r} did not come within {timeout} s"
+        )
 
     def take(self) -> tuple[int, int, int, memoryview]:
         """The next frame, its timeline point reached: (seq, size, timestamp, memory)."""

@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING, Any
 from .. import protocol as p
 from ..protocol import BrokerError
 from ._stream import FrameBase, LoanBase, PublisherCore, SubscriberCore
-from ._timeline import View, _thread_epoll, blocking_wait
+from ._timeline import View, _thread_epoll
 
 if TYPE_CHECKING:
     from ._sync import Device
@@ -120,10 +120,9 @@ class Subscriber:
     def receive(self, timeout: float | None = None) -> Frame:
         """The next frame (ETIME after ``timeout``; ESRCH once the publisher is gone and all is read)."""
         core = self._core
-        try:
-            blocking_wait(core.point(), timeout, f"frame {core.next} of stream {self.name!r}")
-        except BrokerError as e:
-            raise core.ended(e) from None
+        status = core.status() or _wait_frame(core, timeout)
+        if status < 0:
+            raise core.failed(status)
         return Frame(core)
 
     def __iter__(self) -> Iterator[Frame]:
@@ -153,6 +152,20 @@ class Subscriber:
 
     def __exit__(self, *exc: Any) -> None:
         self.close()
+
+
+def _wait_frame(core: SubscriberCore, timeout: float | None) -> int:
+    """The next frame's status once it is not pending (ETIME after ``timeout``)."""
+    view, point = core.frames, core.next
+    epoll = _thread_epoll()
+    epoll.watch(view)  # before the second look: a later signal cannot be missed
+    deadline = None if timeout is None else time.monotonic() + timeout
+    while not (status := view.status(point)):
+        left = -1.0 if deadline is None else deadline - time.monotonic()
+        if deadline is not None and left <= 0:
+            raise core.timed_out(timeout)
+        epoll.epoll.poll(left, 64)
+    return status
 
 
 class Frame(FrameBase):

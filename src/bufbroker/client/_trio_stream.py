@@ -12,7 +12,7 @@ from .. import protocol as p
 from ..protocol import BrokerError
 from ._stream import FrameBase, LoanBase, PublisherCore, SubscriberCore
 from ._trio_opening import AsyncClosing, Opening
-from ._trio_timeline import _hub, _wake_up, wait_points
+from ._trio_timeline import _hub, _wake_up
 
 if TYPE_CHECKING:
     from ._trio import Device
@@ -109,10 +109,13 @@ class Subscriber(AsyncClosing):
 
     async def _receive(self, timeout: float | None) -> Frame:
         core = self._core
-        try:
-            await wait_points(core.point(), timeout, f"frame {core.next} of stream {self.name!r}")
-        except BrokerError as e:
-            raise core.ended(e) from None
+        status = core.status()
+        if status:
+            await trio.lowlevel.checkpoint()
+        else:
+            status = await _wait_frame(core, timeout)
+        if status < 0:
+            raise core.failed(status)
         return Frame(core)
 
     def __aiter__(self) -> Subscriber:
@@ -141,6 +144,18 @@ class Subscriber(AsyncClosing):
     def _close_local(self) -> None:
         self._core.close_local()
         self._device._syncs.discard(self)
+
+
+async def _wait_frame(core: SubscriberCore, timeout: float | None) -> int:
+    """The next frame's status once it is not pending (ETIME after ``timeout``)."""
+    view, point = core.frames, core.next
+    hub = _hub()
+    hub.epoll.watch(view)  # before the second look: a later signal cannot be missed
+    with trio.move_on_after(math.inf if timeout is None else timeout):
+        while not (status := view.status(point)):
+            await _wake_up(hub, [view.eventfd])
+        return status
+    raise core.timed_out(timeout)
 
 
 class Frame(FrameBase, AsyncClosing):
