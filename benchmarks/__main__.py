@@ -1,4 +1,4 @@
-"""``python -m benchmarks [--quick] [--json] [--only handoff,roundtrip,throughput,scale,streams]``."""
+"""``python -m benchmarks [--quick] [--json] [--only handoff,roundtrip,throughput,scale,fences,streams]``."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import argparse
 import sys
 from collections.abc import Callable
 
-from . import handoff, roundtrip, scale, streams, throughput
+from . import fences, handoff, roundtrip, scale, streams, throughput
 from ._harness import Row, Settings, machine, render
 
 GROUPS: dict[str, Callable[[Settings], list[Row]]] = {
@@ -14,6 +14,7 @@ GROUPS: dict[str, Callable[[Settings], list[Row]]] = {
     "roundtrip": roundtrip.run,
     "throughput": throughput.run,
     "scale": scale.run,
+    "fences": fences.run,
     "streams": streams.run,
 }
 

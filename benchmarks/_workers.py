@@ -4,6 +4,9 @@
 - ``trio-server PATH``: the floor of this stack, a bare trio SOCK_SEQPACKET request/response
   server speaking the broker's message shape (msgpack ``[0, id, op, args]`` → ``[1, id, {}]``);
 - ``echo FD``: the floor of Python, a blocking socketpair ping-pong;
+- ``eventfd-echo IN OUT``: the floor of a fence wake-up, a blocking eventfd ping-pong;
+- ``timeline-echo FD BROKER_SOCKET``: receives a timeline handle over FD, sends back one of its
+  own, then waits for each point of the first and signals the same point on its own;
 - ``load KIND SOCKET SECONDS START``: a client doing round trips for a while, printing its count
   (KIND: ``broker``, our client; ``bare``, the floor's client against the bare server;
   ``broker-bare-client``, the floor's client against the broker, once registered).
@@ -117,6 +120,31 @@ def echo(fd: str) -> None:
         sock.send(data)
 
 
+def eventfd_echo(fd_in: str, fd_out: str) -> None:
+    while True:
+        os.eventfd_read(int(fd_in))
+        os.eventfd_write(int(fd_out), 1)
+
+
+def timeline_echo(fd: str, broker_socket: str) -> None:
+    import bufbroker
+
+    sock = socket.socket(fileno=int(fd))
+    with bufbroker.connect("timeline-echo", socket=broker_socket) as dev:
+        handle = bufbroker.recv_handle(sock)
+        theirs = dev.import_timeline(handle)
+        os.close(handle)
+        mine = dev.timeline(name="echo")
+        handle = mine.share()
+        bufbroker.send_handle(sock, handle)
+        os.close(handle)
+        point = 1
+        while True:
+            theirs.wait(point)
+            mine.signal(point)
+            point += 1
+
+
 def bare_round_trip(sock: socket.socket, id: int) -> None:
     sock.send(msgpack.packb([0, id, "ping", {}]))
     msgpack.unpackb(sock.recv(65536))
@@ -154,6 +182,8 @@ if __name__ == "__main__":
         "consumer": consumer,
         "trio-server": trio_server,
         "echo": echo,
+        "eventfd-echo": eventfd_echo,
+        "timeline-echo": timeline_echo,
         "load": load,
     }
     roles[role](*args)

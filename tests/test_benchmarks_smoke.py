@@ -21,6 +21,11 @@ def test_every_benchmark_group_produces_rows() -> None:
     assert out.returncode == 0, out.stderr[-3000:]
     rows = json.loads(out.stdout)
     groups = {row["group"] for row in rows}
-    assert groups == {"hand-off", "round trip", "throughput", "scale", "memory", "stream"}
+    assert groups == {"hand-off", "round trip", "throughput", "scale", "memory", "fences", "stream"}
     assert all(row["p50"] > 0 for row in rows)
-    assert {row["baseline"] for row in rows if row["ratio"] is not None} >= {"bare memfd", "bare trio server"}
+    assert {row["baseline"] for row in rows if row["ratio"] is not None} >= {
+        "bare memfd",
+        "bare trio server",
+        "eventfd ping-pong",
+        "eventfd ping-pong, trio",
+    }

@@ -1,8 +1,11 @@
 """Chaos: workers run random sequences of real operations and are killed with SIGKILL at random
 points; afterwards nothing of theirs is left in the broker, and a buffer they all shared with a
-survivor is intact, byte for byte. Workers also publish streams and subscribe to the survivor's,
-holding its frames when they die: the survivor's own subscriber still receives every frame, in
-order, and its publisher is never refused a slot.
+survivor is intact, byte for byte. Each worker signals a timeline of its own, makes fences and
+puts them in its buffers' reservations; the survivor waits on every victim's timeline as it is
+killed, and each of those waits must end with the timeline's error (ESRCH, or ETIMEDOUT if a
+promise lapsed first), not with its own timeout. Workers also publish streams and subscribe to
+the survivor's, holding its frames when they die: the survivor's own subscriber still receives
+every frame, in order, and its publisher is never refused a slot.
 
     python -m tools.chaos --kills 100 [--workers 4] [--seed N]
 """
@@ -10,6 +13,7 @@ order, and its publisher is never refused a slot.
 from __future__ import annotations
 
 import argparse
+import errno
 import hashlib
 import json
 import os
@@ -20,7 +24,7 @@ import subprocess
 import sys
 import threading
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import bufbroker
@@ -38,6 +42,8 @@ class Report:
     broker_fds: tuple[int, int] = (0, 0)
     broker_rss_kib: tuple[int, int] = (0, 0)
     usage_after: dict[str, int] | None = None
+    waits_ended: int = 0  # survivor waits on a victim's timeline that ended with its error
+    waits_wrong: list[str] = field(default_factory=list)
     stream_frames: int = 0  # frames the survivor's subscriber received
     stream_intact: bool = False  # every one, in order, with its bytes, and no loan refused
     seconds: float = 0.0
@@ -48,9 +54,14 @@ STREAM = "chaos-survivor"
 def worker(path: str, fd: str, seed: str) -> None:
     """Random real operations until killed; the shared buffer arrives read-only on ``fd``."""
     rng = random.Random(int(seed))
-    handle = bufbroker.recv_handle(socket.socket(fileno=int(fd)))
+    sock = socket.socket(fileno=int(fd))
+    handle = bufbroker.recv_handle(sock)
     dev = bufbroker.connect(f"chaos-{os.getpid()}", socket=path)
     shared = dev.import_handle(handle)
+    timeline = dev.timeline(name="chaos")
+    handle = timeline.share()
+    bufbroker.send_handle(sock, handle)
+    os.close(handle)
     mine: list[bufbroker.Buffer] = []
     open_things: list[object] = []
     ops = 0
@@ -58,7 +69,7 @@ def worker(path: str, fd: str, seed: str) -> None:
         ops += 1
         if ops % 50 == 0:
             print(ops, flush=True)
-        action = rng.randrange(10)
+        action = rng.randrange(12)
         try:
             if action == 0 or not mine:
                 mine.append(dev.allocate(rng.choice([4096, 65536, 1 << 20])))
@@ -67,7 +78,7 @@ def worker(path: str, fd: str, seed: str) -> None:
                 open_things.append(att.map(Direction.TO_DEVICE))
                 open_things.append(att)
             elif action == 2:
-                access = rng.choice(mine).cpu_access(Access.WRITE)
+                access = rng.choice(mine).cpu_access(Access.WRITE, timeout=0.01)  # own promises: ETIME
                 access.begin()[:4] = b"junk"
                 open_things.append(access)
             elif action == 3:
@@ -81,12 +92,21 @@ def worker(path: str, fd: str, seed: str) -> None:
                 b.close()
             elif action == 6:
                 dev.ping()
-            elif action == 7:  # subscribe to the survivor's stream and keep what arrives
+            elif action == 7:  # keep the promises made (else max_fence_time fails the timeline)
+                timeline.signal(max(timeline.value + rng.randrange(1, 3), timeline.promised))
+            elif action == 8:  # a promise, in one of its buffers' reservation
+                fence = timeline.fence(timeline.value + rng.randrange(1, 5))
+                rng.choice(mine).attach_fence(fence, rng.choice([Access.READ, Access.WRITE]))
+                open_things.append(fence)
+            elif action == 9:
+                fence = rng.choice(mine).export_fence(Access.RW)
+                fence.wait(timeout=rng.choice([0, 0.001]))
+            elif action == 10:  # subscribe to the survivor's stream and keep what arrives
                 sub = dev.subscribe(STREAM)
                 open_things.append(sub)
                 if rng.random() < 0.5:
                     open_things.append(sub.receive(timeout=0.2))
-            elif action == 8:  # a stream of one's own, subscribed to by oneself
+            elif action == 11:  # a stream of one's own, subscribed to by oneself
                 pub = dev.publish(f"chaos-{os.getpid()}-{ops}", size=rng.choice([100, 70_000]), slots=2)
                 open_things.append(pub)
                 open_things.append(dev.subscribe(pub.name))
@@ -108,6 +128,7 @@ def run(target: Target, *, kills: int, workers: int = 3, seed: int = 1) -> Repor
         fds0, rss0 = target.fds(), target.rss_kib()
         usage0 = dev.stats()["usage"]
         running: list[subprocess.Popen[str]] = []
+        timelines: dict[int, int] = {}  # worker pid -> handle to its timeline
         stop = threading.Event()
         survivor = _SurvivorStream(target.socket, stop)
 
@@ -132,8 +153,29 @@ def run(target: Target, *, kills: int, workers: int = 3, seed: int = 1) -> Repor
             handle = shared.share(readonly=True)
             bufbroker.send_handle(ours, handle)
             os.close(handle)
+            timelines[proc.pid] = bufbroker.recv_handle(ours)
             ours.close()
             return proc
+
+        def wait_on(victim: int) -> tuple[threading.Thread, bufbroker.Timeline]:
+            """Wait on the victim's timeline, far ahead: only its death can end this wait."""
+            handle = timelines.pop(victim)
+            waiter = dev.import_timeline(handle)
+            os.close(handle)
+
+            def wait() -> None:
+                try:
+                    waiter.wait(1 << 62, timeout=10)
+                    report.waits_wrong.append("a wait for a point never signalled returned")
+                except bufbroker.BrokerError as e:
+                    if e.errno in (errno.ESRCH, errno.ETIMEDOUT):  # its death, or an unkept promise
+                        report.waits_ended += 1
+                    else:
+                        report.waits_wrong.append(f"a wait ended with {e.code}, not ESRCH")
+
+            thread = threading.Thread(target=wait)
+            thread.start()
+            return thread, waiter
 
         running = [start() for _ in range(workers)]
         try:
@@ -145,10 +187,13 @@ def run(target: Target, *, kills: int, workers: int = 3, seed: int = 1) -> Repor
                     if not line:
                         break
                     report.worker_ops = max(report.worker_ops, int(line))
+                waiting, waiter = wait_on(victim.pid)
                 time.sleep(rng.random() * 0.02)
                 os.kill(victim.pid, signal.SIGKILL)
                 victim.wait()
                 victim.stdout.close()
+                waiting.join()
+                waiter.close()
                 report.kills += 1
                 running.append(start())
         finally:
@@ -157,17 +202,20 @@ def run(target: Target, *, kills: int, workers: int = 3, seed: int = 1) -> Repor
                 proc.wait()
                 if proc.stdout:
                     proc.stdout.close()
+            for handle in timelines.values():
+                os.close(handle)
             stop.set()
             report.stream_frames, report.stream_intact = survivor.join()
         deadline = time.monotonic() + 15
         while time.monotonic() < deadline:
             leftovers = [d for d in dev.devices() if str(d["name"]).startswith("chaos-")]
             buffers = [b for b in dev.buffers() if b["id"] != shared.id]
-            leftovers += [s for s in dev.streams()]
-            if not leftovers and not buffers:
+            lines = dev.timelines()
+            leftovers += dev.streams()
+            if not leftovers and not buffers and not lines:
                 break
             time.sleep(0.05)
-        report.leftovers = len(leftovers) + len(buffers)
+        report.leftovers = len(leftovers) + len(buffers) + len(lines)
         [entry] = [b for b in dev.buffers() if b["id"] == shared.id]
         report.leftovers += len(entry["attachments"]) + len(entry["cpu_access"]) + entry["handles"] - 1
         with shared.cpu_access(Access.READ) as mem:

@@ -1,6 +1,8 @@
 """A live fuzzer: clients send random and mutated frames with descriptors of every kind while a
 well-behaved client keeps doing real work; afterwards the broker's descriptors and memory are
-back where they started, and no dead handle imports.
+back where they started, and no dead handle imports. The descriptors include copies of live
+timeline handles and fences, and the good client's work includes timelines, fences and a
+reservation that a cpu access waits on.
 
 Handles come live (copies of the good client's) and dead. A live broker never closes its end
 of a handle while a copy is open anywhere, so a handle is dead when the broker that minted it
@@ -52,6 +54,9 @@ VALUES: list[object] = [
     {},
     {"max_segments": 0},
     b"\x00" * 8,
+    [1, 2, 3],
+    [2**63],
+    list(range(5000)),
 ]
 KEYS = [
     "size",
@@ -66,6 +71,9 @@ KEYS = [
     "after",
     "version",
     "constraints",
+    "timeline",
+    "point",
+    "have",
     "bogus",
 ]
 
@@ -262,20 +270,31 @@ def _good_client(
             bufbroker.connect("good-peer", socket=target.socket) as peer,
         ):
             n = 0
+            timeline = dev.timeline(name="good")
+            handle = timeline.share()
+            waiter = peer.import_timeline(handle)
+            with lock:
+                pool.append(handle)  # a live timeline handle, for the fuzzers to send
             while not stop.is_set():
                 buf = dev.allocate(8192, name=f"good-{n}")
-                with buf.cpu_access(Access.WRITE) as mem:
-                    mem[:8] = n.to_bytes(8, "little")
+                fence = timeline.fence(n + 1)  # the write is promised, then done, then signalled
+                buf.attach_fence(fence, Access.WRITE)
+                with buf.attach() as att, att.map(Direction.FROM_DEVICE) as m:
+                    m.memory[:8] = n.to_bytes(8, "little")
                 handle = buf.share()
                 with lock:
                     pool.append(os.dup(handle))
-                    if len(pool) > 8:
+                    pool.append(os.dup(fence.fileno()))
+                    while len(pool) > 8:
                         os.close(pool.pop(0))
                 theirs = peer.import_handle(handle)
                 os.close(handle)
-                with theirs.attach() as att, att.map(Direction.TO_DEVICE) as m:
-                    if int.from_bytes(m.memory[:8], "little") != n:
+                timeline.signal(n + 1)
+                waiter.wait(n + 1, timeout=5)
+                with theirs.cpu_access(Access.READ, timeout=5) as mem:  # waits on the reservation
+                    if int.from_bytes(mem[:8], "little") != n:
                         raise AssertionError("the good client read back the wrong bytes")
+                fence.close()
                 theirs.close()
                 buf.close()
                 n += 1

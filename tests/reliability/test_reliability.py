@@ -34,6 +34,7 @@ def test_fuzz_short(broker: Broker) -> None:
 def test_chaos_short(broker: Broker) -> None:
     report = chaos.run(_target(broker), kills=8, workers=3, seed=5)
     assert report.kills == 8 and report.worker_ops > 0
+    assert report.waits_ended == 8 and report.waits_wrong == []  # every killed signaller's waiter woke
     assert report.leftovers == 0
     assert report.survivor_intact
     assert report.stream_intact and report.stream_frames > 0

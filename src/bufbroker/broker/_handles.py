@@ -18,11 +18,12 @@ the watcher runs. ``settle`` takes what the kernel has already reported, so that
 after a close (an allocate at the quota, an open of a name just let go, a listing) sees it.
 
 A fence is minted the same way, without the byte, so that its client end reads nothing until it
-is signalled (``signal``): then the broker shuts its end down for writing, and every copy reads
-end-of-file. The broker's end, shut down both ways, reports EPOLLHUP for ever from then on, so
-it is watched edge-triggered: the one event its own shutdown causes is passed over, and the
-next (the last close, or a holder's shutdown) is looked up, as below. Without the byte a
-fence's last close is always looked up: a fence must read nothing but end-of-file.
+is signalled (``signal``): then the broker queues the byte and shuts its end down for writing,
+so that every copy turns readable: one byte, then end-of-file. The broker's end, shut down both
+ways, reports EPOLLHUP for ever from then on, so it is watched edge-triggered. The one event
+its own shutdown causes is passed over, unless the kernel reset the end meanwhile (the last
+close came at once); any later event is a last close (a reset, while nobody read the byte) or
+a holder's shutdown, looked up as below.
 
 A holder that calls ``shutdown(SHUT_RD)`` on its copy shuts the broker's end down too, exactly
 as the last close would. Such hang-ups are checked against the kernel's socket table
@@ -74,13 +75,6 @@ def _reset(fd: int) -> bool:
         return end.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR) == errno.ECONNRESET
     finally:
         end.detach()
-
-
-def _peer_gone(end: socket.socket) -> bool:
-    """Whether the other end was released (its last copy closed): our end is then shut down."""
-    poller = select.poll()
-    poller.register(end, select.POLLHUP)
-    return any(flags & select.POLLHUP for _, flags in poller.poll(0))
 
 
 class _End:
@@ -161,17 +155,16 @@ class HandleTable:
         self._by_key[key] = fd
 
     def signal(self, key: Key) -> None:
-        """Make every copy of fence ``key`` read end-of-file."""
+        """Make every copy of fence ``key`` readable: the byte (see _reset), then end-of-file."""
         fd = self._by_key.get(key)
         if fd is None:
             return
         end = socket.socket(fileno=fd)
         try:
-            if end.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR) or _peer_gone(end):
-                return  # every copy is gone already: its hang-up is reported as it is
+            end.send(b"\0")
             end.shutdown(socket.SHUT_WR)
         except OSError:
-            return
+            return  # every copy is gone already (EPIPE): its hang-up is reported as it is
         finally:
             end.detach()
         if fd not in self._unsure:
@@ -214,11 +207,10 @@ class HandleTable:
             events = self._epoll.poll(0, 256)
             for fd, _flags in events:  # only EPOLLHUP and EPOLLERR are asked for
                 end = self._ends[fd]
-                if end.quiet:  # a signalled fence's own shutdown
-                    end.quiet = False
-                    continue
                 if _reset(fd):  # released with our byte unread: closed, no need to ask the kernel
                     self._gone(fd)
+                elif end.quiet:  # a signalled fence's own shutdown
+                    end.quiet = False
                 else:
                     self._epoll.unregister(fd)  # it would be reported for ever: look it up instead
                     self._unsure.add(fd)

@@ -8,7 +8,7 @@ The broker keeps only what outlives one process and what it must guarantee:
   it is freed when nobody does, and charged to its maker's uid until then;
 * fences: each is a set of points, one per timeline (``SYNC_IOC_MERGE`` keeps the later point
   of a timeline that both sides name); its ``Wait`` counts the points not yet reached, and when
-  none is left the server shuts its descriptor down, so that every holder reads end-of-file;
+  none is left the server signals its descriptor, which every holder sees turn readable;
 * each buffer's reservation (``dma_resv``): the points writers and readers attached;
 * waits (fences, cpu accesses parked on a reservation), indexed per timeline by point in a
   heap, so that a signal settles exactly the waits it reached. A timeline is watched (its

@@ -2,8 +2,9 @@
 
 The broker is not in the path of a signal; it watches a timeline only while a fence or a parked
 cpu access waits on it, through one epoll instance (registered edge-triggered, as every waiter
-does) that trio waits on as one descriptor. Fences are signalled by shutting the broker's end
-of their socketpair down for writing (``HandleTable.signal``): every copy then reads end-of-file.
+does) that trio waits on as one descriptor. Fences are signalled by a byte and shutting the
+broker's end of their socketpair down for writing (``HandleTable.signal``): every copy turns
+readable, for good.
 
 Waking a timeline's waiters is a write to its eventfd, which any holder can make block (clear
 O_NONBLOCK on the shared file, fill the counter): the broker's writes (when it fails a
@@ -87,7 +88,7 @@ class TimelineWatch:
             log.warning("cannot wake the waiters of a timeline: %s", e)
 
     def fence_done(self, fence: Fence) -> None:
-        self._handles.signal(fence.key)  # every copy of the fence now reads end-of-file
+        self._handles.signal(fence.key)  # every copy of the fence turns readable
 
     def deadline(self, when: float) -> None:
         self._deadline_moved.set()

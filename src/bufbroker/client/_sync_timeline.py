@@ -24,7 +24,7 @@ class Timeline(TimelineBase):
 
     def wait(self, point: int, *, timeout: float | None = None) -> None:
         """Until ``point`` is reached (no broker message); its error if it failed; ETIME on timeout."""
-        blocking_wait(self._points(point), timeout, f"point {point} of timeline {self.id}")
+        blocking_wait(self._points(point), timeout)
 
     def fence(self, point: int) -> Fence:
         """A fence for ``point``: the signaller's promises it (max_fence_time starts)."""
@@ -50,7 +50,7 @@ class Timeline(TimelineBase):
 
 
 class Fence(FenceBase):
-    """A sync_file: ``fileno()`` turns readable (end-of-file) once every point is reached."""
+    """A sync_file: ``fileno()`` turns readable, for good, once every point is reached."""
 
     def __init__(self, device: Device, fd: int, result: dict[str, Any], fds: list[int]) -> None:
         super().__init__(device._views, fd, result, fds)
@@ -59,7 +59,7 @@ class Fence(FenceBase):
 
     def wait(self, timeout: float | None = None) -> None:
         """Until every point is reached (no broker message); a point's error; ETIME on timeout."""
-        blocking_wait(self._points, timeout, "the fence")
+        blocking_wait(self._points, timeout)
 
     def close(self) -> None:
         self.close_local()

@@ -29,7 +29,17 @@ from .. import protocol as p
 from ..protocol import BrokerError
 from ..protocol import timeline as page
 
-__all__ = ["FenceBase", "Point", "TimelineBase", "View", "Views", "blocking_wait", "combined", "raise_for"]
+__all__ = [
+    "FenceBase",
+    "Point",
+    "TimelineBase",
+    "View",
+    "Views",
+    "blocking_wait",
+    "combined",
+    "raise_for",
+    "timed_out",
+]
 
 
 class Epoll:
@@ -129,6 +139,9 @@ Point = tuple[View, int]
 
 def combined(points: Sequence[Point]) -> int:
     """A fence's status: the first failed point's ``-errno``, else 1 once all are reached, else 0."""
+    if len(points) == 1:
+        view, point = points[0]
+        return page.point_status(view.slots, point)
     pending = False
     for view, point in points:
         status = view.status(point)
@@ -138,37 +151,63 @@ def combined(points: Sequence[Point]) -> int:
     return 0 if pending else 1
 
 
-def raise_for(status: int, what: str) -> None:
+def describe(points: Sequence[Point]) -> str:
+    """What a wait was for, in its error message (made only when one is raised)."""
+    if len(points) == 1:
+        view, point = points[0]
+        return f"point {point} of timeline {view.id}"
+    return "the fence"
+
+
+def raise_for(status: int, points: Sequence[Point]) -> None:
     if status < 0:
-        raise BrokerError(-status, f"{what} failed")
+        raise BrokerError(-status, f"{describe(points)} failed")
 
 
-_local = threading.local()
+def timed_out(points: Sequence[Point], timeout: float | None) -> BrokerError:
+    return BrokerError(errno.ETIME, f"{describe(points)} was not signalled within {timeout} s")
 
 
-def _thread_epoll() -> Epoll:
-    epoll: Epoll | None = getattr(_local, "epoll", None)
-    if epoll is None or getattr(_local, "pid", None) != os.getpid():
-        epoll = _local.epoll = Epoll()
-        _local.pid = os.getpid()
-    return epoll
+class _Local(threading.local):
+    epoll: Epoll | None = None
 
 
-def blocking_wait(points: Sequence[Point], timeout: float | None, what: str) -> None:
+_local = _Local()
+
+
+def _forget_epolls() -> None:
+    global _local
+    _local = _Local()  # a forked child shares its parent's epoll instances: it needs its own
+
+
+os.register_at_fork(after_in_child=_forget_epolls)
+
+
+def blocking_wait(points: Sequence[Point], timeout: float | None) -> None:
     """Wait until every point is reached (or one fails: its errno); ETIME after ``timeout`` s."""
-    epoll = _thread_epoll()
+    status = combined(points)
+    if status:
+        raise_for(status, points)
+        return
+    epoll = _local.epoll
+    if epoll is None:
+        epoll = _local.epoll = Epoll()
     for view, _ in points:
-        epoll.watch(view)  # before the look at the page: a later signal cannot be missed
+        epoll.watch(view)  # before the next look at the page: a later signal cannot be missed
     deadline = None if timeout is None else time.monotonic() + timeout
+    poll = epoll.epoll.poll
     while True:
         status = combined(points)
         if status:
-            raise_for(status, what)
+            raise_for(status, points)
             return
-        left = -1.0 if deadline is None else deadline - time.monotonic()
-        if deadline is not None and left <= 0:
-            raise BrokerError(errno.ETIME, f"{what} was not signalled within {timeout} s")
-        epoll.epoll.poll(left, 64)
+        if deadline is None:
+            poll(-1, 64)
+            continue
+        left = deadline - time.monotonic()
+        if left <= 0:
+            raise timed_out(points, timeout)
+        poll(left, 64)
 
 
 class TimelineBase:
@@ -209,8 +248,8 @@ class TimelineBase:
         """1 reached, 0 pending, ``-errno`` failed."""
         return self._view.status(point)
 
-    def _points(self, point: int) -> list[Point]:
-        return [(self._view, point)]
+    def _points(self, point: int) -> tuple[Point]:
+        return ((self._view, point),)
 
     def _close_local(self) -> None:
         if not self.closed:
@@ -223,7 +262,7 @@ class TimelineBase:
 
 
 class FenceBase:
-    """A sync_file: a descriptor that reads end-of-file once all its points are reached."""
+    """A sync_file: a descriptor that turns readable, for good, once all its points are reached."""
 
     def __init__(self, views: Views, fd: int, result: dict[str, Any], fds: Sequence[int]) -> None:
         self._views = views
@@ -246,7 +285,7 @@ class FenceBase:
         self.closed = False
 
     def fileno(self) -> int:
-        """Poll it for reading with any event loop: readable (end-of-file) once signalled."""
+        """Poll it for reading with any event loop: readable once signalled (a byte, then end-of-file)."""
         return self._fd
 
     @property
