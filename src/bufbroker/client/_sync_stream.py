@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING, Any
 from .. import protocol as p
 from ..protocol import BrokerError
 from ._stream import FrameBase, LoanBase, PublisherCore, SubscriberCore
-from ._timeline import View, _thread_epoll
+from ._timeline import View, thread_epoll
 
 if TYPE_CHECKING:
     from ._sync import Device
@@ -81,7 +81,7 @@ def _wait_any(
     timed_out: Callable[[], BrokerError],
 ) -> None:
     """Return once one of ``views`` may have moved (ETIME past ``deadline``)."""
-    epoll = _thread_epoll()
+    epoll = thread_epoll()
     for view in views:
         epoll.watch(view)  # before the second look: a signal after it cannot be missed
     if not pending():
@@ -157,7 +157,7 @@ class Subscriber:
 def _wait_frame(core: SubscriberCore, timeout: float | None) -> int:
     """The next frame's status once it is not pending (ETIME after ``timeout``)."""
     view, point = core.frames, core.next
-    epoll = _thread_epoll()
+    epoll = thread_epoll()
     epoll.watch(view)  # before the second look: a later signal cannot be missed
     deadline = None if timeout is None else time.monotonic() + timeout
     while not (status := view.status(point)):
