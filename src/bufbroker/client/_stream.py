@@ -139,11 +139,13 @@ class PublisherCore:
                 waiting.append(member.view)
         return waiting
 
-    def check_loan(self) -> None:
+    def reserve(self) -> None:
+        """Claim the one loan (EBUSY if taken); whoever claims it gives it up if it makes no Loan."""
         if self.closed:
             raise BrokerError(errno.EBADF, f"stream {self.name!r} is closed")
         if self.loaned:
             raise BrokerError(errno.EBUSY, f"a frame of stream {self.name!r} is already on loan")
+        self.loaned = True
 
     def timed_out(self, timeout: float | None) -> BrokerError:
         return BrokerError(

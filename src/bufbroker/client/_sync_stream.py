@@ -41,21 +41,29 @@ class Publisher:
     def loan(self, timeout: float | None = None) -> Loan:
         """The next slot, once every subscriber gave back the frame it held (ETIME after ``timeout``)."""
         core = self._core
-        core.check_loan()
-        deadline = None if timeout is None else time.monotonic() + timeout
-        while True:
-            if core.stale():
-                self._refresh()
-            waiting = core.pending()
-            if not waiting:
-                return Loan(core)
-            _wait_any(waiting, deadline, core.pending, lambda: core.timed_out(timeout))
+        core.reserve()
+        try:
+            deadline = None if timeout is None else time.monotonic() + timeout
+            while True:
+                if core.stale():
+                    self._refresh()
+                waiting = core.pending()
+                if not waiting:
+                    return Loan(core)
+                _wait_any(waiting, deadline, core.pending, lambda: core.timed_out(timeout))
+        except BaseException:
+            core.loaned = False
+            raise
 
     def _refresh(self) -> None:
         core = self._core
-        request = core.members_request()
-        while core.apply_members(*self._device._call(request)):
+        try:
             request = core.members_request()
+            while core.apply_members(*self._device._call(request)):
+                request = core.members_request()
+        except BaseException:
+            core.invalidate()
+            raise
 
     def close(self) -> None:
         """End the stream: subscribers receive what was sent, then ESRCH."""

@@ -44,21 +44,25 @@ class Publisher(AsyncClosing):
 
     async def _loan(self, timeout: float | None) -> Loan:
         core = self._core
-        core.check_loan()
-        hub = _hub()
-        with trio.move_on_after(math.inf if timeout is None else timeout):
-            while True:
-                if core.stale():
-                    await self._refresh()
-                waiting = core.pending()
-                if not waiting:
-                    await trio.lowlevel.checkpoint_if_cancelled()
-                    return Loan(core)
-                for view in waiting:
-                    hub.epoll.watch(view)  # before the second look: a later signal cannot be missed
-                if core.pending():
-                    await _wake_up(hub, [view.eventfd for view in waiting])
-        raise core.timed_out(timeout)
+        core.reserve()
+        try:
+            hub = _hub()
+            with trio.move_on_after(math.inf if timeout is None else timeout):
+                while True:
+                    if core.stale():
+                        await self._refresh()
+                    waiting = core.pending()
+                    if not waiting:
+                        await trio.lowlevel.checkpoint_if_cancelled()
+                        return Loan(core)
+                    for view in waiting:
+                        hub.epoll.watch(view)  # before the second look: a later signal cannot be missed
+                    if core.pending():
+                        await _wake_up(hub, [view.eventfd for view in waiting])
+            raise core.timed_out(timeout)
+        except BaseException:
+            core.loaned = False
+            raise
 
     async def _refresh(self) -> None:
         core = self._core
