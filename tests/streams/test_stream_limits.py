@@ -105,3 +105,19 @@ def test_nothing_is_left_behind_when_members_come_and_go(broker: Broker) -> None
     broker.wait_for(lambda: broker.fd_count() == before)
     with broker.connect("after") as dev:
         assert dev.streams() == [] and dev.timelines() == []
+
+
+def test_a_publisher_scribbling_on_its_control_page_harms_only_its_stream(broker: Broker) -> None:
+    with broker.connect("publisher") as dev, broker.connect("subscriber") as other:
+        pub = dev.publish("cam0", size=4096, slots=2)
+        words = pub._core.pool.words  # the publisher maps the whole pool read-write
+        words[4] = (1 << 64) - 1  # the members word, which the broker bumps
+        sub = other.subscribe("cam0")  # the broker's bump wraps around
+        with pub.loan(timeout=1) as frame:
+            frame.send(10)
+        words[8 + 4 * 0 + 1] = 1 << 40  # a frame's size past the slot
+        assert _errno(lambda: sub.receive(timeout=1)) == errno.EPROTO
+        sub.close()
+        assert dev.streams()[0]["subscribers"] == []
+        pub.close()
+        other.ping()

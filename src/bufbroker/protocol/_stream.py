@@ -79,7 +79,8 @@ def members(control: Control) -> int:
 
 
 def bump_members(control: Control) -> None:
-    control[_MEMBERS] = control[_MEMBERS] + 1
+    """A different value, whatever the publisher (who can write the page) left in the word."""
+    control[_MEMBERS] = (control[_MEMBERS] + 1) & 0xFFFF_FFFF_FFFF_FFFF
 
 
 def slot_of(seq: int, slots: int) -> int:
