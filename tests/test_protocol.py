@@ -86,6 +86,7 @@ FIELD_VALUES: dict[str, st.SearchStrategy[object]] = {
     "float | None": st.none() | st.floats(min_value=0, allow_nan=False, allow_infinity=False),
     "str | None": st.none() | st.text(),
     "int | None": st.none() | ids,
+    "int | Ref": ids | ids.map(p.Ref),
     "Direction": st.sampled_from(p.Direction),
     "Access": st.sampled_from(p.Access),
     "Constraints": constraints,

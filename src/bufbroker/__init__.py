@@ -4,7 +4,7 @@
 is its trio twin and is imported only when first used.
 """
 
-from typing import Any
+from __future__ import annotations
 
 from .client import (
     Attachment,
@@ -23,6 +23,10 @@ from .client import (
     send_handle,
 )
 from .protocol import Access, BrokerError, BrokerUnavailable, Constraints, Direction, ProtocolError, Segment
+
+TYPE_CHECKING = False  # typing is not imported at run time: it costs the CLI start-up time
+if TYPE_CHECKING:
+    from typing import Any
 
 __version__ = "0.1.0"
 

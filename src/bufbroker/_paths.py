@@ -1,6 +1,6 @@
 """Where the broker's socket lives: one rule for the daemon, the clients and the CLI.
 
-The rule is the one DESIGN.md fixes: ``$BUFBROKER_SOCKET``, else the system socket for root,
+The rule: ``$BUFBROKER_SOCKET``, else the system socket for root,
 else the user's own under ``$XDG_RUNTIME_DIR``. It depends on who asks, never on which sockets
 exist: the daemon binds the path a client of the same user looks for, and a client whose own
 broker is down gets an error naming that path rather than silently reaching another broker

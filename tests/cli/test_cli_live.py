@@ -164,7 +164,7 @@ def test_show(broker: Broker, scene: Scene) -> None:
 def test_devices(broker: Broker, scene: Scene) -> None:
     header, *lines = ok(broker, "devices").splitlines()
     assert header.split() == list(DEVICE_COLUMNS)
-    assert sorted(line.split()[2] for line in lines) == ["camera", "encoder", "preview"]  # not ourselves
+    assert sorted(line.split()[3] for line in lines) == ["camera", "encoder", "preview"]  # not ourselves
     rows = {r["name"]: r for r in json.loads(ok(broker, "devices", "--json"))}
     assert list(rows["camera"]) == [c.lower() for c in DEVICE_COLUMNS]
     me, them = os.getpid(), scene.encoder_pid
@@ -179,6 +179,10 @@ def test_devices(broker: Broker, scene: Scene) -> None:
         "encoder": (them, 2, 3 * MiB + 4096, 3 * MiB // 2 + 4096, 1, 2),
     }
     assert rows["camera"]["uid"] == os.getuid() and "test" in rows["camera"]["command"]
+    # The id that `show` lists holders by.
+    assert rows["camera"]["id"] == scene.camera.id
+    holders = json.loads(ok(broker, "show", "frame-0", "--json"))["importers"]
+    assert scene.camera.id in [h["device"] for h in holders]
 
 
 def test_bufinfo(broker: Broker, scene: Scene) -> None:

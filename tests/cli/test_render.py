@@ -66,7 +66,7 @@ def test_devices_table() -> None:
     lines = render_devices(list_devices(FakeSource(), exclude=4)).splitlines()
     assert lines[0].split() == list(DEVICE_COLUMNS)
     camera = lines[1]
-    assert camera.split()[:3] == ["100", "0", "camera"]
+    assert camera.split()[:4] == ["1", "100", "0", "camera"]
     assert "python3 camera.py --fps 30" in camera  # whole command line when not on a terminal
     assert camera.split()[-7:] == ["2", "3.0", "MiB", "1.5", "MiB", "1", "1"]
     assert lines[2].split()[-7:] == ["1", "0", "B", "0", "B", "1", "0"]

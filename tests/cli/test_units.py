@@ -98,6 +98,9 @@ def test_it_says_what_it_wrote_and_what_to_run(tmp_path: Path, capsys: pytest.Ca
         f"wrote {tmp_path / 'bufbroker.service'}",
         f"wrote {tmp_path / 'bufbroker.socket'}",
         "next:",
+        # systemd never reads --dest: the units must be copied where it does first.
+        f"  cp {tmp_path / 'bufbroker.service'} {tmp_path / 'bufbroker.socket'} ~/.config/systemd/user/"
+        "   # systemd reads units there, not here",
         "  systemctl --user daemon-reload",
         "  systemctl --user enable --now bufbroker.socket",
     ]

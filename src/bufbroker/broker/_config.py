@@ -116,16 +116,45 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         )
 
 
+def _value(key: str, spec: dataclasses.Field[Any], value: Any) -> Any:
+    """A config file's value for ``key``, checked as its flag would check it (ValueError)."""
+    if spec.metadata.get("size"):
+        if isinstance(value, bool) or not isinstance(value, int | str):
+            raise ValueError(f'{key} must be a size (4096, "64M", "2G"), not {value!r}')
+        try:
+            return parse_size(value)
+        except ValueError as e:
+            raise ValueError(f"{key}: {e}") from None
+    if isinstance(spec.default, float):
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            raise ValueError(f"{key} must be a number of seconds, not {value!r}")
+        return float(value)
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ValueError(f"{key} must be a whole number, not {value!r}")
+    return value
+
+
 def load_toml(path: Path) -> dict[str, Any]:
-    """The limit keys of a TOML config file; unknown keys are an error, not a silent typo."""
-    with path.open("rb") as f:
-        data = tomllib.load(f)
+    """The limit keys of a TOML config file; unknown keys are an error, not a silent typo.
+
+    Every error is one ValueError naming the file (and the key), for one line in the log.
+    """
+    try:
+        with path.open("rb") as f:
+            data = tomllib.load(f)
+    except tomllib.TOMLDecodeError as e:
+        raise ValueError(f"{path}: not valid TOML: {e}") from None
     known = {f.name: f for f in dataclasses.fields(Config)}
     out: dict[str, Any] = {}
     for key, value in data.items():
         if key not in known:
             raise ValueError(f"{path}: unknown key {key!r} (known: {', '.join(known)})")
-        out[key] = parse_size(value) if known[key].metadata.get("size") else value
+        try:
+            out[key] = _value(key, known[key], value)
+        except ValueError as e:
+            raise ValueError(f"{path}: {e}") from None
+        if out[key] <= 0:
+            raise ValueError(f"{path}: {key} must be positive, not {value!r}")
     return out
 
 

@@ -26,10 +26,11 @@ import trio
 from .. import protocol as p
 from ..protocol import BrokerError, ProtocolError, RequestError
 from . import _fence_ops, _stream_ops
-from ._discard import Discard
+from ._chain import Chain
 from ._handles import handle_key
 from ._heap import adopt_memfd
 from ._introspect import buffer_page, device_page, stats, stream_page, timeline_page
+from ._packets import NO_FDS, FdBag, inbox, packet
 from ._records import Buffer, Device
 from ._state import Mapped
 from ._sync import Points
@@ -37,7 +38,7 @@ from ._sync import Points
 if TYPE_CHECKING:
     from ._server import Server
 
-__all__ = ["Awake", "Connection", "FdBag", "inbox", "receive"]
+__all__ = ["Awake", "Connection"]
 
 log = logging.getLogger("bufbroker.broker")
 
@@ -65,31 +66,6 @@ _SETTLE_FIRST = frozenset(
 )
 
 
-class FdBag:
-    """Received descriptors: each is taken on purpose, or discarded (closed off the loop)."""
-
-    def __init__(self, fds: Sequence[int], discard: Discard | None = None, uid: int = 0) -> None:
-        self.fds = list(fds)
-        self._discard = discard
-        self._uid = uid
-
-    def take(self, index: int) -> int:
-        fd, self.fds[index] = self.fds[index], -1
-        return fd
-
-    def close(self) -> None:
-        if self.fds:
-            left = [fd for fd in self.fds if fd >= 0]
-            self.fds.clear()
-            if self._discard is not None:
-                self._discard.close(self._uid, left)
-            else:
-                p.close_all(left)
-
-
-_NO_FDS = FdBag(())  # shared by the packets that carry none (most): nothing to take or close
-
-
 class Awake:
     """How many connections are awake: between two waits for their peer's next request.
 
@@ -108,35 +84,6 @@ class Awake:
         self.count = 0
 
 
-def inbox(size: int) -> mmap.mmap:
-    """A receive buffer for one connection.
-
-    Reused for every packet (a fresh max_message_size bytes per request would be an
-    allocation on the hot path), and anonymous memory, so that only the pages packets really
-    touch count against the broker's RSS: a 64 KiB buffer costs one page for small requests.
-    """
-    return mmap.mmap(-1, size)
-
-
-async def receive(
-    sock: trio.socket.SocketType, inbox: mmap.mmap, max_fds: int
-) -> tuple[memoryview, list[int], bool]:
-    """One packet into ``inbox``: (data, fds, truncated). FdOverflow comes with its fds open.
-
-    ``data`` is a view of ``inbox``, valid until the next receive into it. The handshake's
-    way; a connection's requests come in through ``Connection._receive``.
-    """
-    n, ancdata, flags, _ = await sock.recvmsg_into([inbox], p.ancillary_space(max_fds), p.RECV_FLAGS)
-    return _packet(inbox, n, ancdata, flags, max_fds)
-
-
-def _packet(
-    inbox: mmap.mmap, n: int, ancdata: list[tuple[int, int, bytes]], flags: int, max_fds: int
-) -> tuple[memoryview, list[int], bool]:
-    fds = p.fds_from_ancillary(ancdata, flags, max_fds, close=False) if ancdata or flags else []
-    return memoryview(inbox)[:n], fds, bool(flags & p.MSG_TRUNC)
-
-
 class Connection:
     def __init__(self, server: Server, sock: trio.socket.SocketType, device: Device) -> None:
         self.server = server
@@ -145,6 +92,7 @@ class Connection:
         self.sock = sock
         self.device = device
         self.pending = 0
+        self.chain = Chain()
         self.gone = False  # a send failed: the peer went away
         self._send_lock = trio.Lock()
         # The same socket as a plain non-blocking stdlib object, for sends and receives that
@@ -198,7 +146,7 @@ class Connection:
         while True:
             try:
                 n, ancdata, flags, _ = raw.recvmsg_into([inbox], space, p.RECV_FLAGS)
-                return _packet(inbox, n, ancdata, flags, max_fds)
+                return packet(inbox, n, ancdata, flags, max_fds)
             except BlockingIOError:
                 awake.count -= 1
                 try:
@@ -251,7 +199,7 @@ class Connection:
                         break  # end of file
                     await self.send(p.Error.from_exception(None, ProtocolError("an empty packet")))
                     break
-                bag = FdBag(fds, self.discard, uid) if fds else _NO_FDS
+                bag = FdBag(fds, self.discard, uid) if fds else NO_FDS
                 try:
                     if fds and not self.state.reserve.allows(uid, max(fds)):
                         try:
@@ -281,6 +229,10 @@ class Connection:
                     if type(message.args) is p.Subscribe and message.args.timeout:
                         _stream_ops.park_subscribe(self, nursery, message)
                         continue
+                    if (blocker := self.chain.blocker(message.args)) is not None:
+                        self.chain.wait(message, blocker)  # its descriptors are discarded now
+                        self.pending += 1
+                        continue
                     if type(message.args) is p.CpuBegin and (points := self._reserved(message.args)):
                         self._park_cpu(nursery, message, points)
                         continue
@@ -298,13 +250,16 @@ class Connection:
     def _answer(self, request: p.Request, bag: FdBag) -> tuple[bytes, Sequence[int]]:
         """The packet that answers ``request``, and the descriptors to send with it."""
         try:
-            result, owned = self._handle(request, bag)
+            result, owned = self._handle(request, self.chain.resolve(request.args), bag)
         except OSError as e:  # BrokerError, or a syscall on the peer's descriptor that failed
             error = e if isinstance(e, BrokerError) else BrokerError(e.errno or errno.EIO, str(e))
+            self.chain.answered(request, None)
             return p.encode(p.Error.from_exception(request.id, error)), ()
         except Exception:
             log.exception("%s failed for %s", request.op, self.device.label)
+            self.chain.answered(request, None)
             return p.encode(p.Error(id=request.id, errno=errno.EIO, message="internal broker error")), ()
+        self.chain.answered(request, result)
         try:
             packet = p.encode_reply(request.id, result)
         except BaseException:
@@ -318,8 +273,10 @@ class Connection:
         return packet, owned
 
     async def send_answer(self, request: p.Request) -> None:
-        """Answer ``request`` now (one that carried no descriptors and waited in its own task)."""
-        await self._send(*self._answer(request, _NO_FDS))
+        """Answer a request that waited in its own task (its descriptors were discarded), then
+        the requests that referred to it."""
+        await self._send(*self._answer(request, NO_FDS))
+        await self._answer_waiting(request)
 
     def _park_open(self, nursery: trio.Nursery, request: p.Request) -> None:
         """Start an ``open`` that waits for its name, charged to the uid.
@@ -335,6 +292,7 @@ class Connection:
         except BrokerError as e:
             raise RequestError(request.id, e) from None
         self.pending += 1
+        self.chain.unanswered(request.id)
         nursery.start_soon(self._waiting_open, request, key)
 
     async def _waiting_open(self, request: p.Request, key: tuple[int, str]) -> None:
@@ -346,7 +304,8 @@ class Connection:
                 while key not in self.state.names:
                     await self.server.names.wait(key)
             answer = p.Request(id=request.id, op="open", args=p.Open(name=args.name, uid=args.uid))
-            await self._send(*self._answer(answer, _NO_FDS))
+            await self._send(*self._answer(answer, NO_FDS))
+            await self._answer_waiting(request)
         finally:
             self.pending -= 1
             self.state.quotas.end_wait(self.device.uid)
@@ -354,7 +313,9 @@ class Connection:
     def _reserved(self, args: p.CpuBegin) -> Points:
         """The reservation's points a cpu access must wait for (none if the request is bad)."""
         try:
-            buffer = self.state.share(self.device, args.buffer, readonly=not args.access.writes)
+            resolved = self.chain.resolve(args)
+            assert isinstance(resolved, p.CpuBegin) and type(resolved.buffer) is int
+            buffer = self.state.share(self.device, resolved.buffer, readonly=not args.access.writes)
             return self.state.sync.reservation_points(buffer, args.access)
         except BrokerError:
             return {}  # answered in turn, with this error
@@ -366,6 +327,7 @@ class Connection:
         except BrokerError as e:
             raise RequestError(request.id, e) from None
         self.pending += 1
+        self.chain.unanswered(request.id)
         nursery.start_soon(self._waiting_cpu, request, points)
 
     async def _waiting_cpu(self, request: p.Request, points: Points) -> None:
@@ -379,23 +341,33 @@ class Connection:
             with trio.move_on_after(math.inf if timeout is None else timeout):
                 await signalled.wait()
             if signalled.is_set():
-                await self._send(*self._answer(request, _NO_FDS))
+                await self._send(*self._answer(request, NO_FDS))
             else:
                 error = BrokerError(errno.ETIME, f"the buffer's fences did not signal within {timeout} s")
+                self.chain.answered(request, None)
                 await self.send(p.Error.from_exception(request.id, error))
+            await self._answer_waiting(request)
         finally:
             sync.cancel(wait)
             self.pending -= 1
             self.state.quotas.end_wait(self.device.uid)
 
+    async def _answer_waiting(self, request: p.Request) -> None:
+        """Answer, in order, the requests that waited for ``request`` (just answered)."""
+        for follower in self.chain.take(request.id):
+            self.pending -= 1
+            await self._send(*self._answer(follower, NO_FDS))
+            await self._answer_waiting(follower)
+
     # --- the ops -------------------------------------------------------------------------
 
-    def _handle(self, request: p.Request, bag: FdBag) -> tuple[Any, list[int]]:
-        """Apply one request to the state; returns (result, descriptors to send and close)."""
+    def _handle(self, request: p.Request, args: p.OpArgs, bag: FdBag) -> tuple[Any, list[int]]:
+        """Apply one request (``args``: its arguments, references resolved) to the state;
+        returns (result, descriptors to send and close)."""
         state, dev = self.state, self.device
-        if type(request.args) in _SETTLE_FIRST:
+        if type(args) in _SETTLE_FIRST:
             self.server.handles.settle()
-        match request.args:
+        match args:
             case p.Ping():
                 return {}, []
             case p.Allocate(size=size, name=name, heap=heap):
@@ -422,31 +394,31 @@ class Connection:
             case p.Open(name=name, uid=uid):
                 buffer = state.open(dev, name, uid)
                 return self._with_handle(buffer, readonly=False, new_ref=True)
-            case p.Share(buffer=buffer_id, readonly=readonly):
+            case p.Share(buffer=int(buffer_id), readonly=readonly):
                 return self._with_handle(state.share(dev, buffer_id, readonly=readonly), readonly=readonly)
-            case p.SetName(buffer=buffer_id, name=name):
+            case p.SetName(buffer=int(buffer_id), name=name):
                 buffer = state.set_name(dev, buffer_id, name)
                 if name:
                     self.server.names.appeared((buffer.owner, name))
                 return {}, []
-            case p.Release(buffer=buffer_id):
+            case p.Release(buffer=int(buffer_id)):
                 state.release(dev, buffer_id)
                 return {}, []
-            case p.Attach(buffer=buffer_id):
+            case p.Attach(buffer=int(buffer_id)):
                 return {"attachment": state.attach(dev, buffer_id).id}, []
-            case p.Detach(attachment=att):
+            case p.Detach(attachment=int(att)):
                 state.detach(dev, att)
                 return {}, []
-            case p.Map(attachment=att, direction=direction):
+            case p.Map(attachment=int(att), direction=direction):
                 mapped = state.map(dev, att, direction)
                 return self._backing(mapped, lambda: state.unmap(dev, att))
-            case p.Unmap(attachment=att):
+            case p.Unmap(attachment=int(att)):
                 state.unmap(dev, att)
                 return {}, []
-            case p.CpuBegin(buffer=buffer_id, access=access):
+            case p.CpuBegin(buffer=int(buffer_id), access=access):
                 mapped = state.cpu_begin(dev, buffer_id, access)
                 return self._backing(mapped, lambda: state.cpu_end(dev, buffer_id, access))
-            case p.CpuEnd(buffer=buffer_id, access=access):
+            case p.CpuEnd(buffer=int(buffer_id), access=access):
                 state.cpu_end(dev, buffer_id, access)
                 return {}, []
             case p.Buffers(after=after):
@@ -455,18 +427,18 @@ class Connection:
             case p.Devices(after=after):
                 entries, more = device_page(state, dev.uid, after)
                 return {"devices": entries, "more": more}, []
-            case p.Stats():
-                return stats(state, dev.uid, self.server.version, self.server.connections), []
             case p.Timelines(after=after):
                 entries, more = timeline_page(state, dev.uid, after)
                 return {"timelines": entries, "more": more}, []
+            case _ if type(args) in _fence_ops.OPS:
+                return _fence_ops.answer(self, args, bag)
+            case p.Stats():
+                return stats(state, dev.uid, self.server.version, self.server.connections), []
             case p.Streams(after=after):
                 entries, more = stream_page(state, dev.uid, after)
                 return {"streams": entries, "more": more}, []
-            case _ if type(request.args) in _fence_ops.OPS:
-                return _fence_ops.answer(self, request.args, bag)
-            case _ if type(request.args) in _stream_ops.OPS:
-                return _stream_ops.answer(self, request.args)
+            case _ if type(args) in _stream_ops.OPS:
+                return _stream_ops.answer(self, args)
         raise BrokerError(errno.ENOTTY, f"{request.op} cannot be used after hello")
 
     def _describe(self, buffer: Buffer) -> dict[str, Any]:

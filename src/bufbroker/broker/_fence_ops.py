@@ -20,7 +20,8 @@ from ._sync import Points
 from ._timeline_page import TimelinePage
 
 if TYPE_CHECKING:
-    from ._connection import Connection, FdBag
+    from ._connection import Connection
+    from ._packets import FdBag
 
 __all__ = ["OPS", "answer", "describe_timeline"]
 

@@ -39,7 +39,7 @@ import logging
 import os
 import select
 import socket
-from collections import Counter
+from collections import deque
 from collections.abc import Callable, Iterable
 
 import trio
@@ -97,7 +97,9 @@ class HandleTable:
         self._epoll = select.epoll()
         self._ends: dict[int, _End] = {}  # by broker-end fd (a bare int: a socket object is 100 bytes)
         self._by_key: dict[Key, int] = {}
-        self._unsure: set[int] = set()  # broker-end fds hung up without a reset: off epoll, to look up
+        # Broker ends hung up without a reset (off epoll, to look up), per uid, in the order
+        # they are due: each is appended when it becomes due or is put off by RECHECK.
+        self._unsure: dict[int, deque[int]] = {}
         self._parked: trio.CancelScope | None = None  # the watcher's wait, while it waits
         try:
             self._diag: SocketDiag | None = SocketDiag()
@@ -184,7 +186,7 @@ class HandleTable:
         while True:
             with trio.CancelScope() as self._parked:
                 if self._unsure:
-                    due = min(self._ends[fd].due for fd in self._unsure)
+                    due = min(self._ends[queue[0]].due for queue in self._unsure.values())
                     self._parked.deadline = max(due, next_round)
                 await trio.lowlevel.wait_readable(self._epoll.fileno())
             self._parked = None
@@ -213,8 +215,9 @@ class HandleTable:
                     end.quiet = False
                 else:
                     self._epoll.unregister(fd)  # it would be reported for ever: look it up instead
-                    self._unsure.add(fd)
-                    self._ends[fd].due = 0.0
+                    end = self._ends[fd]
+                    end.due = trio.current_time()
+                    self._unsure.setdefault(end.uid, deque()).append(fd)
                     self._wake()
             if len(events) < 256:
                 break
@@ -224,17 +227,16 @@ class HandleTable:
             self._parked.deadline = min(self._parked.deadline, trio.current_time())
 
     def _round(self) -> list[int]:
-        """The unsure handles due now, at most LOOKUPS_PER_UID of each uid's."""
+        """The unsure handles due now, at most LOOKUPS_PER_UID of each uid's (taken off their queues)."""
         now = trio.current_time()
-        taken: Counter[int] = Counter()
         batch = []
-        for fd in sorted(self._unsure, key=lambda fd: self._ends[fd].due):
-            end = self._ends[fd]
-            if end.due > now:
-                break
-            if taken[end.uid] < LOOKUPS_PER_UID:
-                taken[end.uid] += 1
-                batch.append(fd)
+        for uid, queue in list(self._unsure.items()):
+            for _ in range(LOOKUPS_PER_UID):
+                if not queue or self._ends[queue[0]].due > now:
+                    break
+                batch.append(queue.popleft())
+            if not queue:
+                del self._unsure[uid]
         return batch
 
     async def _look_up(self) -> None:
@@ -259,30 +261,31 @@ class HandleTable:
                 continue
             if end.key in alive:
                 end.due = again
+                self._unsure.setdefault(end.uid, deque()).append(fd)
             else:
-                self._gone(fd)
+                self._gone(fd, looked_up=True)
 
-    def _gone(self, fd: int) -> None:
+    def _gone(self, fd: int, looked_up: bool = False) -> None:
         """Forget the handle of broker end ``fd`` and report it closed; a failure costs it only."""
         key = self._ends[fd].key
-        self._forget(fd)
+        self._forget(fd, looked_up)
         try:
             self._closed(key)
         except Exception:
             log.exception("handle %s closed, but its buffer could not be updated", key)
 
-    def _forget(self, fd: int) -> None:
+    def _forget(self, fd: int, off_epoll: bool = False) -> None:
+        """Close the broker end ``fd``; ``off_epoll`` if it is no longer watched (looked up)."""
         end = self._ends.pop(fd)
         del self._by_key[end.key]
-        if fd in self._unsure:
-            self._unsure.discard(fd)
-        else:
+        if not off_epoll:
             self._epoll.unregister(fd)
         os.close(fd)  # nothing can be queued in it (shut down for reading): a quick close
 
     def close(self) -> None:
+        self._unsure.clear()
         for fd in list(self._ends):
-            self._forget(fd)
+            self._forget(fd, off_epoll=True)  # the epoll instance goes too
         self._epoll.close()
         if self._diag is not None:
             self._diag.close()

@@ -35,6 +35,17 @@ class StartupError(Exception):
     """The daemon cannot start; the message says why and what to do."""
 
 
+def _mode(text: str) -> int:
+    """``--socket-mode``: an octal file mode, as chmod takes it."""
+    try:
+        mode = int(text, 8)
+    except ValueError:
+        mode = -1
+    if not 0 <= mode <= 0o777:
+        raise argparse.ArgumentTypeError(f"not an octal file mode: {text!r} (e.g. 0660, 0666)")
+    return mode
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="bufbrokerd", description="The bufbroker daemon: shares dma-buf-like buffers between processes."
@@ -45,7 +56,7 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--socket-mode",
         metavar="MODE",
-        type=lambda s: int(s, 8),
+        type=_mode,
         default=0o666,
         help="permissions of a socket file the daemon creates [default: 0666]",
     )

@@ -20,10 +20,11 @@ import trio
 from .. import protocol as p
 from ..protocol import BrokerError, ProtocolError
 from ._config import Config
-from ._connection import Awake, Connection, inbox, receive
+from ._connection import Awake, Connection
 from ._discard import Discard
 from ._fdstore import FdStore, Notifier, restore
 from ._handles import HandleTable
+from ._packets import inbox, receive
 from ._reaper import Reaper
 from ._records import Device
 from ._state import State

@@ -151,6 +151,7 @@ def park_subscribe(conn: Connection, nursery: trio.Nursery, request: p.Request) 
     except BrokerError as e:
         raise p.RequestError(request.id, e) from None
     conn.pending += 1
+    conn.chain.unanswered(request.id)
     nursery.start_soon(_waiting_subscribe, conn, request)
 
 

@@ -26,7 +26,10 @@ The parser reads ours and the kernel's, including older kernels whose lines lack
 from __future__ import annotations
 
 import re
-from typing import Any
+
+TYPE_CHECKING = False  # typing costs start-up time at run time
+if TYPE_CHECKING:
+    from typing import Any
 
 __all__ = ["DRIVER", "FLAGS", "MODE", "parse_bufinfo", "render_bufinfo"]
 
@@ -47,8 +50,22 @@ def _count(buffer: dict[str, Any]) -> int:
     return int(buffer["handles"]) + sum(int(i["count"]) for i in buffer["importers"])
 
 
-def render_bufinfo(buffers: list[dict[str, Any]]) -> str:
-    """The bufinfo text for the broker's buffer entries (docs/PROTOCOL.md, "Inspection")."""
+def render_bufinfo(buffers: list[dict[str, Any]], *, escape: bool = False) -> str:
+    """The bufinfo text for the broker's buffer entries (docs/PROTOCOL.md, "Inspection").
+
+    ``escape``: for a terminal, client-chosen names with their control characters escaped
+    (``_format.printable``); the text parsed for ``--json`` keeps them as they are.
+    """
+    if escape:
+        from ._format import printable
+
+        def shown(name: str) -> str:
+            return printable(name)
+    else:
+
+        def shown(name: str) -> str:
+            return name
+
     out = [
         "\nDma-buf Objects:\n",
         "%-8s\t%-8s\t%-8s\t%-8s\texp_name\t%-8s\tname\n" % ("size", "flags", "mode", "count", "ino"),
@@ -61,19 +78,19 @@ def render_bufinfo(buffers: list[dict[str, Any]]) -> str:
                 FLAGS,
                 MODE,
                 _count(b),
-                "-" if b["exporter"]["name"] is None else b["exporter"]["name"],
+                "-" if b["exporter"]["name"] is None else shown(b["exporter"]["name"]),
                 b["id"],
-                "<none>" if b["name"] is None else b["name"],
+                "<none>" if b["name"] is None else shown(b["name"]),
             )
         )
         for f in b.get("fences", ()):
-            timeline = f["name"] or "timeline-%d" % f["timeline"]
+            timeline = shown(f["name"]) if f["name"] else "timeline-%d" % f["timeline"]
             out.append(
                 "\t%s fence:%s %s seq %d %ssignalled\n"
                 % (f["usage"], DRIVER, timeline, f["point"], "" if f["status"] else "un")
             )
         out.append("\tAttached Devices:\n")
-        out.extend("\t%s\n" % a["name"] for a in b["attachments"])
+        out.extend("\t%s\n" % shown(a["name"]) for a in b["attachments"])
         out.append("Total %d devices attached\n\n" % len(b["attachments"]))
     out.append("\nTotal %d objects, %d bytes\n" % (len(buffers), sum(b["size"] for b in buffers)))
     return "".join(out)

@@ -10,7 +10,10 @@ integer bytes and ages seconds; turning them into ``64.0 MiB`` and ``3m`` is the
 from __future__ import annotations
 
 import time
-from typing import Any, Protocol, TypedDict
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from typing import Any, Protocol, TypedDict
 
 __all__ = [
     "BufferRow",
@@ -27,78 +30,80 @@ __all__ = [
 ]
 
 
-class Source(Protocol):
-    """What the commands need from a connection: the broker's three inspection ops."""
-
-    def buffers(self) -> list[dict[str, Any]]: ...
-
-    def devices(self) -> list[dict[str, Any]]: ...
-
-    def stats(self) -> dict[str, Any]: ...
-
-    def timelines(self) -> list[dict[str, Any]]: ...
-
-
 class NoSuchBuffer(LookupError):
     """``show ID`` for an id the broker does not list (freed, or not visible to this uid)."""
 
 
-class Exporter(TypedDict):
-    device: int
-    name: str
-    pid: int
+# The shapes of the data, for type checkers only: typing costs start-up time at run time.
+if TYPE_CHECKING:
 
+    class Source(Protocol):
+        """What the commands need from a connection: the broker's three inspection ops."""
 
-class BufferRow(TypedDict):
-    """One ``ls`` row: ID NAME SIZE HEAP EXPORTER HANDLES ATTACHED MAPPED OWNER AGE."""
+        def buffers(self) -> list[dict[str, Any]]: ...
 
-    id: int
-    name: str | None
-    size: int
-    heap: str
-    exporter: Exporter
-    handles: int
-    attached: int  # attachments, mapped or not
-    mapped: int  # the attachments' map counts, summed
-    owner: int  # uid; the table prints the user name
-    age: float
+        def devices(self) -> list[dict[str, Any]]: ...
 
+        def stats(self) -> dict[str, Any]: ...
 
-class Signaller(TypedDict):
-    device: int | None  # None for another uid's timeline
-    name: str | None
-    pid: int | None
-    alive: bool
+        def timelines(self) -> list[dict[str, Any]]: ...
 
+    class Signaller(TypedDict):
+        device: int | None  # None for another uid's timeline
+        name: str | None
+        pid: int | None
+        alive: bool
 
-class TimelineRow(TypedDict):
-    """One ``timelines`` row: ID NAME SIGNALLER VALUE PROMISED ERROR HOLDERS HANDLES AGE."""
+    class TimelineRow(TypedDict):
+        """One ``timelines`` row: ID NAME SIGNALLER VALUE PROMISED ERROR HOLDERS HANDLES AGE."""
 
-    id: int
-    name: str | None
-    signaller: Signaller
-    value: int
-    promised: int
-    error: int  # errno, 0 for none
-    error_point: int | None
-    holders: list[dict[str, Any]]  # devices holding it: {device, name, pid, count}
-    handles: int
-    owner: int
-    age: float
+        id: int
+        name: str | None
+        signaller: Signaller
+        value: int
+        promised: int
+        error: int  # errno, 0 for none
+        error_point: int | None
+        holders: list[dict[str, Any]]  # devices holding it: {device, name, pid, count}
+        handles: int
+        owner: int
+        age: float
 
+    class Exporter(TypedDict):
+        device: int
+        name: str
+        pid: int
 
-class DeviceRow(TypedDict):
-    """One ``devices`` row: PID UID NAME COMMAND BUFFERS BYTES PSS ATTACHMENTS MAPPINGS."""
+    class BufferRow(TypedDict):
+        """One ``ls`` row: ID NAME SIZE HEAP EXPORTER HANDLES ATTACHED MAPPED OWNER AGE."""
 
-    pid: int
-    uid: int
-    name: str
-    command: str
-    buffers: int
-    bytes: int
-    pss: int
-    attachments: int
-    mappings: int
+        id: int
+        name: str | None
+        size: int
+        heap: str
+        exporter: Exporter
+        handles: int
+        attached: int  # attachments, mapped or not
+        mapped: int  # the attachments' map counts, summed
+        owner: int  # uid; the table prints the user name
+        age: float
+
+    class DeviceRow(TypedDict):
+        """One ``devices`` row: ID PID UID NAME COMMAND BUFFERS BYTES PSS ATTACHMENTS MAPPINGS.
+
+        ``id`` is the device id that ``show`` lists holders by.
+        """
+
+        id: int
+        pid: int
+        uid: int
+        name: str
+        command: str
+        buffers: int
+        bytes: int
+        pss: int
+        attachments: int
+        mappings: int
 
 
 def buffer_row(entry: dict[str, Any], now: float) -> BufferRow:
@@ -123,7 +128,7 @@ def list_buffers(source: Source, now: float | None = None) -> list[BufferRow]:
     return [buffer_row(b, now) for b in source.buffers()]
 
 
-def show_buffer(source: Source, buffer_id: int, now: float | None = None) -> dict[str, Any]:
+def show_buffer(source: Source, buffer: int | str, now: float | None = None) -> dict[str, Any]:
     """``show ID``: the ``ls`` row plus everything the broker knows about the buffer.
 
     Added to the row: ``created`` (Unix time), ``layout`` (None until the first map or cpu
@@ -133,11 +138,7 @@ def show_buffer(source: Source, buffer_id: int, now: float | None = None) -> dic
     "signalled_at"}``) lists.
     """
     now = time.time() if now is None else now
-    for entry in source.buffers():
-        if entry["id"] == buffer_id:
-            break
-    else:
-        raise NoSuchBuffer(f"no buffer {buffer_id} (freed, or not visible to this user)")
+    entry = _find(source.buffers(), buffer)
     layout = entry["layout"]
     return {
         **buffer_row(entry, now),
@@ -150,6 +151,23 @@ def show_buffer(source: Source, buffer_id: int, now: float | None = None) -> dic
         "cpu_access": entry["cpu_access"],
         "fences": entry.get("fences", []),
     }
+
+
+def _find(buffers: list[dict[str, Any]], buffer: int | str) -> dict[str, Any]:
+    """The buffer ``buffer`` names: an id (a number, as the command line gives it) or a name.
+
+    A name that is all digits is still a name when no buffer has that id.
+    """
+    text = str(buffer)
+    if text.isdigit():
+        for entry in buffers:
+            if entry["id"] == int(text):
+                return entry
+    for entry in buffers:
+        if entry["name"] == text:
+            return entry
+    shown = text if text.isdigit() else f"named {text!r}"
+    raise NoSuchBuffer(f"no buffer {shown} (freed, or not visible to this user)")
 
 
 def device_rows(devices: list[dict[str, Any]], buffers: list[dict[str, Any]]) -> list[DeviceRow]:
@@ -177,6 +195,7 @@ def device_rows(devices: list[dict[str, Any]], buffers: list[dict[str, Any]]) ->
         seen.update(mine)
         rows.append(
             {
+                "id": d["id"],
                 "pid": d["pid"],
                 "uid": d["uid"],
                 "name": d["name"],

@@ -11,7 +11,7 @@ import os
 import sys
 from collections.abc import Collection, Sequence
 
-__all__ = ["age", "iec", "styled", "table"]
+__all__ = ["age", "count", "iec", "printable", "styled", "table"]
 
 _UNITS = ("KiB", "MiB", "GiB", "TiB", "PiB", "EiB")
 
@@ -42,6 +42,34 @@ def age(seconds: float) -> str:
     return f"{int(seconds)}s"
 
 
+def printable(text: str) -> str:
+    """``text`` with every character a terminal would act on escaped, as ``ls -q`` and systemctl do.
+
+    Names, command lines and paths come from clients: an ESC could clear the screen or retitle
+    the terminal, a newline could add a row that looks like the broker's. Control and other
+    unprintable characters become ``\\xNN`` / ``\\uNNNN`` (and ``\\`` itself ``\\\\``, so the
+    escaped text reads back unambiguously); everything else is left alone.
+    """
+    if text.isprintable() and "\\" not in text:
+        return text
+    out = []
+    for ch in text:
+        if ch == "\\":
+            out.append("\\\\")
+        elif ch.isprintable():
+            out.append(ch)
+        elif ord(ch) < 0x100:
+            out.append(f"\\x{ord(ch):02x}")
+        else:
+            out.append(f"\\u{ord(ch):04x}" if ord(ch) < 0x10000 else f"\\U{ord(ch):08x}")
+    return "".join(out)
+
+
+def count(n: int, noun: str) -> str:
+    """``1 attachment``, ``2 attachments``: English plurals of the nouns the commands count."""
+    return f"{n} {noun}" if n == 1 else f"{n} {noun}s"
+
+
 def styled() -> bool:
     """Whether escape sequences may be written: a terminal, and the user did not opt out."""
     return sys.stdout.isatty() and not os.environ.get("NO_COLOR")
@@ -60,7 +88,7 @@ def table(
     ``bufbroker ls --no-legend | while read id name ...`` sees data rows only. Cells are never
     truncated here: a renderer that wants a narrow column cuts it itself.
     """
-    cells = [["-" if c is None else str(c) for c in row] for row in rows]
+    cells = [["-" if c is None else printable(str(c)) for c in row] for row in rows]
     flush_right = [
         name in right or (bool(rows) and all(isinstance(row[i], int | float) for row in rows))
         for i, name in enumerate(columns)

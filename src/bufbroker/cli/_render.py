@@ -7,10 +7,14 @@ a column is a key, upper-cased, and a cell is its value in human units.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any
 
-from ._commands import BufferRow, DeviceRow, TimelineRow
-from ._format import age, iec, styled, table
+from ._format import age, iec, printable, styled, table
+
+TYPE_CHECKING = False  # typing costs start-up time at run time
+if TYPE_CHECKING:
+    from typing import Any
+
+    from ._commands import BufferRow, DeviceRow, TimelineRow
 
 __all__ = [
     "BUFFER_COLUMNS",
@@ -29,7 +33,7 @@ __all__ = [
 
 BUFFER_COLUMNS = ("ID", "NAME", "SIZE", "HEAP", "EXPORTER", "HANDLES", "ATTACHED", "MAPPED", "OWNER", "AGE")
 TIMELINE_COLUMNS = ("ID", "NAME", "SIGNALLER", "VALUE", "PROMISED", "ERROR", "HOLDERS", "HANDLES", "AGE")
-DEVICE_COLUMNS = ("PID", "UID", "NAME", "COMMAND", "BUFFERS", "BYTES", "PSS", "ATTACHMENTS", "MAPPINGS")
+DEVICE_COLUMNS = ("ID", "PID", "UID", "NAME", "COMMAND", "BUFFERS", "BYTES", "PSS", "ATTACHMENTS", "MAPPINGS")
 # Sizes and ages are text in the table but quantities all the same: flush right, like numbers.
 _RIGHT = {"SIZE", "AGE", "BYTES", "PSS", "LENGTH", "OFFSET"}
 _COMMAND_WIDTH = 40  # on a terminal only; piped output keeps the whole command line
@@ -84,6 +88,7 @@ def _command(text: str) -> str:
 def render_devices(rows: Sequence[DeviceRow], *, legend: bool = True) -> str:
     cells = [
         [
+            r["id"],
             r["pid"],
             r["uid"],
             r["name"],
@@ -113,11 +118,11 @@ def render_show(data: dict[str, Any], *, legend: bool = True) -> str:
     """``show ID``: a few lines of facts, then layout, holders, attachments and cpu access."""
     exporter = data["exporter"]
     lines = [
-        f"buffer {data['id']}: {data['name'] or '(no name)'}",
+        f"buffer {data['id']}: {printable(data['name']) if data['name'] else '(no name)'}",
         f"size: {iec(data['size'])} ({data['size']} bytes), heap {data['heap']}",
         "exporter: (another user's device)"
         if exporter["name"] is None
-        else f"exporter: {exporter['name']} (device {exporter['device']}, pid {exporter['pid']})",
+        else f"exporter: {printable(exporter['name'])} (device {exporter['device']}, pid {exporter['pid']})",
         f"owner: {user_name(data['owner'])} (uid {data['owner']}), age {age(data['age'])}",
         f"handles: {data['handles']} live",
     ]
@@ -154,9 +159,7 @@ def render_timelines(rows: Sequence[TimelineRow], *, legend: bool = True) -> str
     for r in rows:
         signaller = r["signaller"]
         who = "-" if signaller["name"] is None else f"{signaller['name']}/{signaller['pid']}"
-        error = "-"
-        if r["error"]:
-            error = f"{fence_status(-r['error'])} from {r['error_point']}"
+        error = f"{fence_status(-r['error'])} from {r['error_point']}" if r["error"] else "-"
         cells.append(
             [
                 r["id"],

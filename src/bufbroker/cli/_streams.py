@@ -8,46 +8,48 @@ subscriber, indented, whose LAG is the frames sent that it has not given back ye
 from __future__ import annotations
 
 import time
-from collections.abc import Sequence
-from typing import Any, Protocol, TypedDict
 
-from ._format import age, iec, table
+from ._format import age, iec, printable, table
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from collections.abc import Sequence
+    from typing import Any, Protocol, TypedDict
 
 __all__ = ["STREAM_COLUMNS", "StreamRow", "list_streams", "render_streams"]
 
 STREAM_COLUMNS = ("ID", "NAME", "PUBLISHER", "SIZE", "SLOTS", "SENT", "IN-USE", "SUBSCRIBERS", "AGE")
 
+# The shapes of the data, for type checkers only: typing costs start-up time at run time.
+if TYPE_CHECKING:
 
-class Streams(Protocol):
-    def streams(self) -> list[dict[str, Any]]: ...
+    class Streams(Protocol):
+        def streams(self) -> list[dict[str, Any]]: ...
 
+    class Member(TypedDict):
+        id: int
+        name: str
+        pid: int
+        start: int  # the first frame it received
+        position: int  # the last frame it gave back
+        lag: int  # frames sent that it has not given back
 
-class Member(TypedDict):
-    id: int
-    name: str
-    pid: int
-    start: int  # the first frame it received
-    position: int  # the last frame it gave back
-    lag: int  # frames sent that it has not given back
+    class Publisher(TypedDict):
+        device: int
+        name: str
+        pid: int
 
-
-class Publisher(TypedDict):
-    device: int
-    name: str
-    pid: int
-
-
-class StreamRow(TypedDict):
-    id: int
-    name: str
-    publisher: Publisher
-    size: int
-    slots: int
-    sent: int
-    in_use: int
-    subscribers: list[Member]
-    owner: int
-    age: float
+    class StreamRow(TypedDict):
+        id: int
+        name: str
+        publisher: Publisher
+        size: int
+        slots: int
+        sent: int
+        in_use: int
+        subscribers: list[Member]
+        owner: int
+        age: float
 
 
 def list_streams(source: Streams, now: float | None = None) -> list[StreamRow]:
@@ -80,8 +82,8 @@ def render_streams(rows: Sequence[StreamRow], *, legend: bool = True) -> str:
         cells.append(
             [
                 r["id"],
-                r["name"],
-                f"{pub['name']}/{pub['pid']}",
+                printable(r["name"]),
+                f"{printable(pub['name'])}/{pub['pid']}",
                 iec(r["size"]),
                 r["slots"],
                 r["sent"],
@@ -92,5 +94,5 @@ def render_streams(rows: Sequence[StreamRow], *, legend: bool = True) -> str:
         )
         for m in r["subscribers"]:
             where = f"at {m['position']}, lag {m['lag']}"
-            cells.append(["", f"  {m['name']}/{m['pid']}", where, "", "", "", "", "", ""])
+            cells.append(["", f"  {printable(m['name'])}/{m['pid']}", where, "", "", "", "", "", ""])
     return table(STREAM_COLUMNS, cells, legend=legend, right={"SIZE", "AGE"})

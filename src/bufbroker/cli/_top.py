@@ -10,14 +10,22 @@ for three sequences every terminal since the VT100 understands.
 
 from __future__ import annotations
 
+import os
+import select
 import shutil
 import sys
+import termios
 import time
+import tty
 from collections.abc import Callable
 
-from ._commands import BufferRow, Source, list_buffers
-from ._format import iec
+from ._commands import list_buffers
+from ._format import count, iec
 from ._render import render_buffers
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from ._commands import BufferRow, Source
 
 __all__ = ["SORT_KEYS", "frame", "top"]
 
@@ -43,9 +51,10 @@ def frame(source: Source, *, sort: str, legend: bool = True) -> str:
     stats = source.stats()
     rows = sorted(list_buffers(source), key=_ORDER[sort])
     head = (
-        f"bufbroker {stats['version']} (pid {stats['pid']}): {stats['buffers']} buffers, "
-        f"{iec(stats['bytes'])} ({iec(stats['backed_bytes'])} allocated), {stats['devices']} devices, "
-        f"{stats['attachments']} attachments, {stats['mappings']} mappings; sorted by {sort}"
+        f"bufbroker {stats['version']} (pid {stats['pid']}): {count(stats['buffers'], 'buffer')}, "
+        f"{iec(stats['bytes'])} ({iec(stats['backed_bytes'])} allocated), "
+        f"{count(stats['devices'], 'device')}, {count(stats['attachments'], 'attachment')}, "
+        f"{count(stats['mappings'], 'mapping')}; sorted by {sort}"
     )
     return f"{head}\n\n{render_buffers(rows, legend=legend)}\n"
 
@@ -56,18 +65,35 @@ def _draw(text: str) -> None:
     sys.stdout.flush()
 
 
+def _wait(seconds: float, keys: int | None) -> bool:
+    """Sleep ``seconds``, or less if ``q`` is typed on ``keys`` (a terminal); True if it was."""
+    if keys is None:
+        time.sleep(seconds)
+        return False
+    deadline = time.monotonic() + seconds
+    while (left := deadline - time.monotonic()) > 0:
+        if select.select([keys], [], [], left)[0] and os.read(keys, 32).lower().startswith(b"q"):
+            return True
+    return False
+
+
 def top(source: Source, *, sort: str, interval: float, iterations: int | None, legend: bool = True) -> int:
     """Redraw every ``interval`` seconds, ``iterations`` times or until Ctrl-C; exit status 0.
 
-    Ctrl-C is how one leaves top, not an error: it ends the loop quietly, wherever it lands
+    ``q`` typed on the terminal ends it as top's does (stdin is read key by key meanwhile,
+    unechoed, and restored after). Ctrl-C is not an error either: it ends the loop quietly, wherever it lands
     (asleep, or mid-request; the caller then closes the connection, which the broker sees as an
     ordinary disconnect). The terminal is restored on every way out, errors included.
     """
     live = sys.stdout.isatty()  # NO_COLOR is about colour; moving the cursor is still wanted
+    keys = sys.stdin.fileno() if live and sys.stdin.isatty() else None
+    saved = termios.tcgetattr(keys) if keys is not None else None
     if live:
         sys.stdout.write(_ENTER)
     shown = 0
     try:
+        if keys is not None:
+            tty.setcbreak(keys)
         while iterations is None or shown < iterations:
             text = frame(source, sort=sort, legend=legend)
             if live:
@@ -76,11 +102,13 @@ def top(source: Source, *, sort: str, interval: float, iterations: int | None, l
                 sys.stdout.write(("\n" if shown else "") + text)
                 sys.stdout.flush()
             shown += 1
-            if iterations is None or shown < iterations:
-                time.sleep(interval)
+            if (iterations is None or shown < iterations) and _wait(interval, keys):
+                break
     except KeyboardInterrupt:
         pass
     finally:
+        if keys is not None and saved is not None:
+            termios.tcsetattr(keys, termios.TCSADRAIN, saved)
         if live:
             sys.stdout.write(_LEAVE)
             sys.stdout.flush()

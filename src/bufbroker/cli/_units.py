@@ -193,11 +193,19 @@ def install_units(*, user: bool, dest: Path | None = None) -> list[Path]:
     return written
 
 
-def next_steps(written: list[Path], *, user: bool) -> list[str]:
-    """What to tell the person: the files written and the commands that start the broker."""
+def next_steps(written: list[Path], *, user: bool, managed: bool = True) -> list[str]:
+    """What to tell the person: the files written and the commands that start the broker.
+
+    ``managed``: written where the manager reads units. Elsewhere (``--dest``) systemd never
+    sees them until they are copied there, so that comes first.
+    """
     systemctl = "systemctl --user" if user else "systemctl"
     lines = [f"wrote {path}" for path in written]
     lines.append("next:")
+    if not managed:
+        where = "~/.config/systemd/user/" if user else str(SYSTEM_DIR) + "/"
+        names = " ".join(str(path) for path in written)
+        lines.append(f"  cp {names} {where}   # systemd reads units there, not here")
     if not user:
         lines.append("  groupadd --system bufbroker   # its members may connect (docs/SYSTEMD.md)")
     lines += [f"  {systemctl} daemon-reload", f"  {systemctl} enable --now bufbroker.socket"]

@@ -8,19 +8,28 @@ same names in the same order (like httpx's Client and AsyncClient).
 
 from __future__ import annotations
 
-import contextlib
 import errno
 import fcntl
 import itertools
+import math
 import os
-from typing import Any, Protocol
 
 from .. import protocol as p
-from ..protocol import Access, BrokerError, Constraints, Direction, Segment
+from ..protocol import Access, BrokerError, BrokerUnavailable, Constraints, Direction, Segment
 from ._memory import MappedMemory, segments_from_wire
 from ._timeline import FenceBase, TimelineBase, Views
 
+TYPE_CHECKING = False  # typing is not imported at run time: it costs the CLI start-up time
+if TYPE_CHECKING:
+    from typing import Any, Protocol
+
+    class ClosedWithDevice(Protocol):
+        """A stream's publisher or subscriber: its local side goes when the device closes."""
+
+        def _close_local(self) -> None: ...
+
 __all__ = [
+    "DEFAULT_TIMEOUT",
     "MAX_REPLY",
     "MAX_REPLY_FDS",
     "AttachmentBase",
@@ -30,29 +39,135 @@ __all__ = [
     "MappingBase",
     "Pager",
     "Session",
+    "connect_error",
     "maybe_one_fd",
     "take_one_fd",
+    "teardown_for",
+    "unclosed",
     "undo_for",
 ]
 
 MAX_REPLY = 256 << 10  # above any SOCK_SEQPACKET packet the kernel lets the broker send
 MAX_REPLY_FDS = 1 + 2 * p.MAX_FENCE_TIMELINES  # a fence, and a page and an eventfd per timeline
+DEFAULT_TIMEOUT = 10.0  # seconds a call waits for the broker's answer, unless told otherwise
+# What a cpu access without a timeout may wait for its buffer's fences, beyond the call's own
+# limit: the broker's default max_fence_time, which bounds every promised point.
+FENCE_ALLOWANCE = 10.0
+
+
+def connect_error(path: str, error: OSError, *, default: bool) -> BrokerError:
+    """What a failed connect to ``path`` means, in words that name the path.
+
+    ``default``: the path came from the environment or the default rule, not from the caller,
+    so the hint may mention how to choose another.
+    """
+    match error.errno:
+        case errno.ENOENT | errno.ECONNREFUSED:
+            if os.path.isdir(path):
+                return BrokerError(errno.ENOTSOCK, f"{path} is a directory, not the broker's socket")
+            return BrokerUnavailable(path, error.errno, default=default)
+        case errno.EPROTOTYPE:
+            return BrokerError(
+                errno.EPROTOTYPE, f"{path} is not a bufbroker socket (it is not of type SOCK_SEQPACKET)"
+            )
+        case errno.EAGAIN:  # SO_SNDTIMEO ran out while the listener's queue stayed full
+            return BrokerError(
+                errno.ETIMEDOUT, f"the broker at {path} accepts no connection (it may be stopped)"
+            )
+    return BrokerError(error.errno or errno.EIO, f"cannot connect to {path}: {error.strerror or error}")
+
+
+_NAMED = frozenset(cls for cls in p.OP_NAMES if "name" in cls._fields)  # ops that carry a name
 
 
 class Session:
     """One connection's protocol state, sans I/O."""
 
-    def __init__(self, name: str, constraints: Constraints | None) -> None:
+    def __init__(
+        self,
+        name: str,
+        constraints: Constraints | None,
+        path: str = "",
+        timeout: float | None = DEFAULT_TIMEOUT,
+    ) -> None:
+        if timeout is not None and not (timeout > 0 and math.isfinite(timeout)):
+            raise BrokerError(
+                errno.EINVAL, f"timeout must be a positive number of seconds or None, not {timeout!r}"
+            )
         self.name = name
         self.constraints = constraints or Constraints()
+        self.path = path
+        self.timeout = timeout
         self._ids = itertools.count(1)
         self.device_id: int | None = None
         self.broker_version: str | None = None
         self.shutting_down = False
+        # The blocking client's bookkeeping of requests in flight (the trio client keeps its own
+        # in its reader): ids whose caller waits, replies that came for another thread's id,
+        # ids nobody waits for any more, and the requests that undo what those created.
+        self.waiting: set[int] = set()
+        self.parked: dict[int, p.Reply | p.Error] = {}
+        self.abandoned: dict[int, p.OpArgs | None] = {}
+        self.undo: list[p.OpArgs] = []
 
     def request(self, args: p.OpArgs) -> tuple[int, bytes]:
+        """A new id and the request's packet; a request the broker must refuse is refused here.
+
+        Names are checked locally because an oversized one would not even reach the broker
+        whole; encoding errors (an int beyond 64 bits) are the caller's, not the connection's.
+        """
+        if type(args) in _NAMED:
+            name = args.name  # type: ignore[attr-defined]
+            if name is not None and (type(name) is not str or len(name.encode()) > p.MAX_NAME_BYTES):
+                op = p.OP_NAMES[type(args)]
+                raise BrokerError(
+                    errno.EINVAL, f"{op}: name must be at most {p.MAX_NAME_BYTES} bytes of UTF-8"
+                )
         id = next(self._ids)
-        return id, p.encode_request(id, args)
+        try:
+            return id, p.encode_request(id, args)
+        except (OverflowError, TypeError, ValueError) as e:
+            raise BrokerError(errno.EINVAL, f"{p.OP_NAMES[type(args)]}: {e}") from None
+
+    def wait_limit(self, args: p.OpArgs, timeout: float | None = None) -> float | None:
+        """How long a call may wait for its answer: ``timeout``, else the device's, plus the
+        time the broker itself was asked to wait (``open``'s and ``cpu_begin``'s timeout); None
+        for ever."""
+        limit = self.timeout if timeout is None else timeout
+        if limit is not None and type(args) is p.Open and args.timeout:
+            limit += args.timeout
+        if limit is not None and type(args) is p.CpuBegin:  # waits on the buffer's fences first
+            limit += FENCE_ALLOWANCE if args.timeout is None else args.timeout
+        return limit
+
+    def timed_out(self, args: p.OpArgs, limit: float) -> BrokerError:
+        return BrokerError(
+            errno.ETIMEDOUT,
+            f"{p.OP_NAMES[type(args)]}: no answer from the broker at {self.path} within {limit:g} s "
+            "(is it stopped or overloaded?)",
+        )
+
+    @staticmethod
+    def explain(args: p.OpArgs, error: BrokerError) -> BrokerError:
+        """The broker's error, said with what the call did (an ``open`` that waited says so)."""
+        if type(args) is p.Open and args.timeout and error.errno == errno.ENOENT:
+            return BrokerError(
+                errno.ENOENT, f"no buffer named {args.name!r} appeared within {args.timeout:g} s"
+            )
+        return error
+
+    def sent_fds_error(self, args: p.OpArgs, error: OSError) -> BrokerError | None:
+        """A send that failed for a reason of the caller's (a bad descriptor, a packet too
+        big), as its error; None if it means the connection is gone."""
+        op = p.OP_NAMES[type(args)]
+        match error.errno:
+            case errno.EBADF:
+                return BrokerError(errno.EBADF, f"{op}: not an open file descriptor")
+            case errno.EMSGSIZE:
+                return BrokerError(errno.EMSGSIZE, f"{op}: the request is too large to send")
+            case errno.EINVAL | errno.ETOOMANYREFS:
+                return BrokerError(error.errno, f"{op}: the descriptors cannot be sent ({error.strerror})")
+        return None
 
     def hello_args(self) -> p.Hello:
         return p.Hello(version=p.PROTOCOL_VERSION, name=self.name, constraints=self.constraints)
@@ -92,8 +207,32 @@ class Session:
             return None
         if isinstance(message, p.Reply | p.Error) and message.id in (id, None):
             return self.outcome(message)
+        if isinstance(message, p.Reply | p.Error) and message.id in self.waiting:
+            self.parked[message.id] = message  # another thread's: it takes it from here
+            return None
         p.close_all(message.fds)
+        if isinstance(message, p.Reply | p.Error) and message.id in self.abandoned:
+            self.settle_abandoned(message.id, message)
         return None
+
+    def abandon(self, id: int, args: p.OpArgs) -> None:
+        """Nobody waits for request ``id`` any more (a timeout, Ctrl-C): what its reply created
+        is undone when it comes (``undo``), so the broker holds only what objects stand for."""
+        self.waiting.discard(id)
+        late = self.parked.pop(id, None)
+        if late is None:
+            self.abandoned[id] = args
+            return
+        p.close_all(late.fds)
+        self.abandoned[id] = args
+        self.settle_abandoned(id, late)
+
+    def settle_abandoned(self, id: int, message: p.Reply | p.Error) -> None:
+        args = self.abandoned.pop(id)
+        if args is not None and isinstance(message, p.Reply):
+            undo = undo_for(args, message.result)
+            if undo is not None:
+                self.undo.append(undo)
 
     def _note(self, message: p.Message) -> None:
         if isinstance(message, p.Event):
@@ -109,10 +248,10 @@ class Session:
             raise message.exception()
         return message.result, list(message.fds)
 
-    @staticmethod
-    def lost(error: OSError | None = None) -> BrokerError:
+    def lost(self, error: OSError | None = None) -> BrokerError:
         reason = f": {error.strerror}" if error is not None and error.strerror else ""
-        return BrokerError(errno.ECONNRESET, f"the broker closed the connection{reason}")
+        at = f" at {self.path}" if self.path else ""
+        return BrokerError(errno.ECONNRESET, f"the broker{at} closed the connection{reason}")
 
 
 def exportable(memfd: int) -> None:
@@ -131,13 +270,17 @@ def exportable(memfd: int) -> None:
         return
     mode = os.fstat(memfd).st_mode & 0o7777
     if mode & 0o022:
-        with contextlib.suppress(PermissionError):
+        try:  # noqa: SIM105 (contextlib costs the CLI start-up time)
             os.fchmod(memfd, mode & ~0o022)
+        except PermissionError:
+            pass
     # The broker requires F_SEAL_GROW, so that the size it charged is the size for good: add it
     # (an exported memfd never grows anyway); one sealed F_SEAL_SEAL stays as it is.
-    with contextlib.suppress(OSError):
+    try:
         if not fcntl.fcntl(memfd, fcntl.F_GET_SEALS) & fcntl.F_SEAL_SEAL:
             fcntl.fcntl(memfd, fcntl.F_ADD_SEALS, fcntl.F_SEAL_GROW)
+    except OSError:
+        pass
 
 
 def take_one_fd(fds: list[int]) -> int:
@@ -170,12 +313,6 @@ class Pager:
         """Adds a page; True while there are more to ask for."""
         self.entries.extend(page[self._key])
         return bool(page["more"])
-
-
-class ClosedWithDevice(Protocol):
-    """A stream's publisher or subscriber: its local side goes when the device closes."""
-
-    def _close_local(self) -> None: ...
 
 
 class DeviceBase:
@@ -224,8 +361,10 @@ class DeviceBase:
         """Drop local resources at close; the broker drops its side when the connection ends."""
         self.closed = True
         for memory in self._memory:
-            with contextlib.suppress(BrokerError):  # views still alive keep their mmap
+            try:
                 memory.close()
+            except BrokerError:  # views still alive keep the memory mapped until they go
+                memory.abandon()
         self._memory.clear()
         for buffer in self._buffers:
             buffer._close_handle()
@@ -256,6 +395,7 @@ class BufferBase:
         self.readonly: bool = result["readonly"]
         self.handle = handle
         self.closed = False
+        self.mapping: MappingBase | None = None  # made with the buffer (``map=``), if asked
         device._buffers.add(self)
 
     def _close_handle(self) -> None:
@@ -296,10 +436,54 @@ class MappingBase:
 
     @property
     def memory(self) -> memoryview:
-        """The whole buffer; read-only unless the direction lets the device write."""
-        if self._memory.closed:
-            raise BrokerError(errno.EINVAL, "the mapping was unmapped")
-        return self._memory.memory
+        """The whole buffer; read-only unless the direction lets the device write.
+
+        A new view each time: while it or anything made from it is alive, ``unmap`` refuses
+        with EBUSY.
+        """
+        return self._memory.view()
+
+    def asarray(
+        self, dtype: Any = "uint8", shape: int | tuple[int, ...] | None = None, *, offset: int = 0
+    ) -> Any:
+        """A numpy array over the mapping's memory (no copy), read-only where the memory is.
+
+        ``shape`` defaults to all the elements that fit; the array keeps ``unmap`` refusing
+        with EBUSY while it (or a view of it) is alive. numpy is imported here, on first use
+        (``pip install bufbroker[numpy]``).
+        """
+        import numpy
+
+        dt = numpy.dtype(dtype)
+        dims = (shape,) if isinstance(shape, int) else shape
+        count = -1 if dims is None else math.prod(dims)
+        # Checked before any view exists: a traceback would keep the view, and the memory
+        # mapped, for as long as the exception is kept.
+        size = self._memory.size
+        available = (size - offset) // dt.itemsize if 0 <= offset <= size else -1
+        if count > available or available < 0:
+            raise BrokerError(
+                errno.EINVAL, f"{dims} of {dt} at offset {offset} does not fit in {size} bytes of memory"
+            )
+        memory = self._memory.view()
+        array = numpy.frombuffer(memory, dtype=dt, count=available if count < 0 else count, offset=offset)
+        return array if dims is None else array.reshape(dims)
+
+    def __dlpack__(self, **kwargs: Any) -> Any:
+        """DLPack export of the memory as bytes (uint8), through numpy: ``torch.from_dlpack(m)``."""
+        return self.asarray().__dlpack__(**kwargs)
+
+    def __dlpack_device__(self) -> tuple[int, int]:
+        return (1, 0)  # kDLCPU, device 0
+
+    def fds(self) -> list[int]:
+        """New descriptors of the backing (``segments`` index them), the caller's to close.
+
+        Read-only where the mapping is: the kernel refuses a writable mmap of them. For APIs
+        that take a descriptor (V4L2 DMABUF import needs a real dma-buf; EGL and Vulkan take
+        memfd-backed memory as host pointers or via their fd import paths).
+        """
+        return self._memory.dup_fds()
 
     @property
     def unmapped(self) -> bool:
@@ -320,9 +504,34 @@ class CpuAccessBase:
 
     @property
     def memory(self) -> memoryview:
+        """A new view of the buffer; ``end`` refuses with EBUSY while it is alive."""
         if self._memory is None or self._memory.closed:
             raise BrokerError(errno.EINVAL, "cpu access has not begun or has ended")
-        return self._memory.memory
+        return self._memory.view()
+
+    def _check_begun(self) -> MappedMemory | None:
+        """The memory to end; EINVAL if ``begin`` never was; None if it has ended already."""
+        if self._memory is None:
+            raise BrokerError(errno.EINVAL, "cpu access has not begun: end() without begin()")
+        return None if self._memory.closed else self._memory
+
+
+def unclosed(error: BaseException | None, failure: BrokerError) -> None:
+    """A ``with`` block ended by ``error`` could not close its object: ``failure`` becomes a
+    note on ``error`` (which goes on) rather than hide it; without an error, it is raised."""
+    if error is None:
+        raise failure
+    error.add_note(f"bufbroker: could not close on the way out: {failure.strerror}")
+
+
+def teardown_for(buffer_ref: int | p.Ref, attachment_ref: int | p.Ref) -> list[p.OpArgs]:
+    """What gives back a buffer mapped with it: unmap, detach, release, in that order (each
+    answered with an error, and harmless, where there is nothing to give back)."""
+    return [
+        p.Unmap(attachment=attachment_ref),
+        p.Detach(attachment=attachment_ref),
+        p.Release(buffer=buffer_ref),
+    ]
 
 
 def undo_for(args: p.OpArgs, result: Any) -> p.OpArgs | None:

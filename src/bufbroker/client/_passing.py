@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import socket
+import _socket as socket  # the C module: socket.py costs start-up time
 
 from ..protocol import HANDLE_MARK, RECV_FLAGS, ancillary, ancillary_space, fds_from_ancillary, one_handle
 

@@ -17,14 +17,17 @@ import errno
 import mmap
 import os
 import time
-from collections.abc import Sequence
-from typing import Any
 
 from .. import protocol as p
 from ..protocol import BrokerError
 from ..protocol import stream as ring
 from ..protocol import timeline as page
 from ._timeline import View, Views
+
+TYPE_CHECKING = False  # typing is not imported at run time: it costs the CLI start-up time
+if TYPE_CHECKING:
+    from collections.abc import Sequence
+    from typing import Any
 
 __all__ = ["FrameBase", "LoanBase", "Pool", "PublisherCore", "SubscriberCore"]
 

@@ -6,17 +6,19 @@ short-lived scripts depend on that.
 
 from __future__ import annotations
 
+import _socket  # the C module: socket.py costs start-up time
 import mmap
 import os
-import socket as _socket
+import struct
 import threading
+import time
 from collections.abc import Sequence
-from typing import Any, Self
 
 from .. import protocol as p
 from .._paths import default_socket_path
-from ..protocol import Access, BrokerUnavailable, Constraints, Direction
+from ..protocol import Access, BrokerError, Constraints, Direction
 from ._core import (
+    DEFAULT_TIMEOUT,
     MAX_REPLY,
     MAX_REPLY_FDS,
     AttachmentBase,
@@ -26,12 +28,19 @@ from ._core import (
     MappingBase,
     Pager,
     Session,
+    connect_error,
     exportable,
     maybe_one_fd,
     take_one_fd,
+    teardown_for,
+    unclosed,
 )
 from ._sync_stream import Frame, Loan, Publisher, Subscriber
 from ._sync_timeline import Fence, Timeline
+
+TYPE_CHECKING = False  # typing is not imported at run time: it costs the CLI start-up time
+if TYPE_CHECKING:
+    from typing import Any, Self
 
 __all__ = [
     "Attachment",
@@ -51,30 +60,59 @@ __all__ = [
 _PING = p.Ping()  # records are immutable: one does for every call
 
 
+def _timeval(seconds: float | None) -> bytes:
+    """SO_RCVTIMEO/SO_SNDTIMEO's struct timeval; 0 means no limit, so a limit is at least 1 µs."""
+    if seconds is None:
+        return struct.pack("ll", 0, 0)
+    whole = int(seconds)
+    micro = int((seconds - whole) * 1e6)
+    return struct.pack("ll", whole, micro if whole else max(1, micro))
+
+
 class _Closing:
     def __enter__(self) -> Self:
         return self
 
-    def __exit__(self, *exc: Any) -> None:
-        self.close()
+    def __exit__(self, kind: Any, error: BaseException | None, tb: Any) -> None:
+        try:
+            self.close()
+        except BrokerError as failure:
+            unclosed(error, failure)
 
     def close(self) -> None:
         raise NotImplementedError
 
 
-def connect(name: str, *, constraints: Constraints | None = None, socket: str | None = None) -> Device:
-    """Register this process as a device named ``name`` with the broker at ``socket``."""
-    path = socket or default_socket_path()
+def connect(
+    name: str,
+    *,
+    constraints: Constraints | None = None,
+    socket: str | os.PathLike[str] | None = None,
+    timeout: float | None = DEFAULT_TIMEOUT,
+) -> Device:
+    """Register this process as a device named ``name`` with the broker at ``socket``.
+
+    ``timeout`` (seconds, or None for ever) bounds the connection and every call's wait for
+    the broker's answer: a stopped or hung broker gives BrokerError(ETIMEDOUT) naming the
+    socket. ``open``'s own ``timeout`` is added to it for that call.
+    """
+    path = default_socket_path() if socket is None else os.fspath(socket)
+    session = Session(name, constraints, path, timeout)
     sock = _socket.socket(_socket.AF_UNIX, _socket.SOCK_SEQPACKET | _socket.SOCK_CLOEXEC)
     try:
+        # Kernel-side limits cost no system call per request: SO_RCVTIMEO bounds each receive,
+        # SO_SNDTIMEO each send and connect()'s wait for room in a listener's full queue.
+        limit = _timeval(timeout)
+        sock.setsockopt(_socket.SOL_SOCKET, _socket.SO_RCVTIMEO, limit)
+        sock.setsockopt(_socket.SOL_SOCKET, _socket.SO_SNDTIMEO, limit)
         sock.connect(path)
-    except (FileNotFoundError, ConnectionRefusedError) as e:
+    except OSError as e:
         sock.close()
-        raise BrokerUnavailable(path, e.errno or 0) from None
+        raise connect_error(path, e, default=socket is None) from None
     except BaseException:
         sock.close()
         raise
-    device = Device(sock, Session(name, constraints))
+    device = Device(sock, session)
     try:
         result, _ = device._call(device._session.hello_args())
         device._session.welcome(result)
@@ -85,25 +123,40 @@ def connect(name: str, *, constraints: Constraints | None = None, socket: str | 
 
 
 class Device(DeviceBase, _Closing):
-    """This process as a device: it exports, imports, attaches and maps buffers."""
+    """This process as a device: it exports, imports, attaches and maps buffers.
+
+    Threads may share a device: each sends its request whole, and whichever waits reads the
+    socket for all, handing each reply to the thread whose id it bears, so one thread's long
+    ``open`` does not hold up the others.
+    """
 
     def __init__(self, sock: _socket.socket, session: Session) -> None:
         super().__init__(session)
         self._sock = sock
-        self._lock = threading.Lock()
+        self._send_lock = threading.Lock()
+        self._reader = threading.Lock()  # held by the thread reading the socket for everyone
+        self._state = threading.Condition(threading.Lock())  # where the other threads wait
+        self._idle = 0  # threads waiting on _state
+        self._recv_limit = session.timeout  # what SO_RCVTIMEO is set to
+        self._lost: BrokerError | None = None
         self._ancbuf = p.ancillary_space(MAX_REPLY_FDS)
         # One receive buffer for the device's life (a fresh 256 KiB per reply would cost an
         # mmap/munmap pair in malloc on every round trip), of anonymous memory so that only the
         # pages replies touch are resident.
         self._inbox = mmap.mmap(-1, MAX_REPLY)
 
-    def _receive(self, reset: OSError | None, with_fds: bool) -> tuple[memoryview, list[int]]:
-        """The next packet and its descriptors.
+    def _receive(
+        self, reset: OSError | None, with_fds: bool, limit: float | None
+    ) -> tuple[memoryview, list[int]] | None:
+        """The next packet and its descriptors; None if ``limit`` seconds pass first.
 
         Without ``with_fds`` (a reply that carries none; events and errors never do) a plain
         receive does, a little cheaper; descriptors sent all the same would be closed by the
         kernel, having nowhere to go.
         """
+        if limit != self._recv_limit:
+            self._sock.setsockopt(_socket.SOL_SOCKET, _socket.SO_RCVTIMEO, _timeval(limit))
+            self._recv_limit = limit
         ancdata: list[tuple[int, int, bytes]] = []
         flags = 0
         while True:
@@ -113,6 +166,8 @@ class Device(DeviceBase, _Closing):
                 else:
                     n = self._sock.recv_into(self._inbox)
                 break
+            except BlockingIOError:
+                return None
             except ConnectionResetError as e:
                 # The broker hung up with requests of ours unread. The kernel reports that
                 # once, before the packets the broker had sent, which may say why (an error
@@ -127,50 +182,222 @@ class Device(DeviceBase, _Closing):
             raise self._session.lost(reset)
         return memoryview(self._inbox)[:n], fds
 
-    def _call(self, args: p.OpArgs, fds: Sequence[int] = ()) -> tuple[Any, list[int]]:
+    def _call(
+        self, args: p.OpArgs, fds: Sequence[int] = (), *, timeout: float | None = None
+    ) -> tuple[Any, list[int]]:
         """One request: its result and the descriptors its reply carried (the caller's now)."""
         self._check_open()
+        if self._session.undo:
+            self._send_undo()
+        id, reset = self._send(args, fds)
+        return self._answer(id, args, reset, timeout)
+
+    def _send(self, args: p.OpArgs, fds: Sequence[int] = ()) -> tuple[int, OSError | None]:
+        """Send one request; its id, and the reset the broker's hang-up left, if it hung up."""
         session = self._session
-        with self._lock:
+        with self._send_lock:
             id, data = session.request(args)
-            reset: OSError | None = None
+            session.waiting.add(id)  # before sending: another thread may read the reply
             try:
                 if fds:
                     self._sock.sendmsg([data], p.ancillary(fds))
                 else:
                     self._sock.send(data)
             except (BrokenPipeError, ConnectionResetError) as e:
-                reset = e  # the broker hung up; what it sent before may say why
+                return id, e  # the broker hung up; what it sent before may say why
+            except BlockingIOError:  # SO_SNDTIMEO: the broker has not read for that long
+                session.waiting.discard(id)
+                raise session.timed_out(args, session.timeout or 0) from None
             except OSError as e:
-                raise session.lost(e) from None
-            with_fds = args.reply_fds
-            while True:
-                answer = session.answer(id, *self._receive(reset, with_fds))
+                session.waiting.discard(id)
+                raise (session.sent_fds_error(args, e) or session.lost(e)) from None
+        return id, None
+
+    def _answer(
+        self, id: int, args: p.OpArgs, reset: OSError | None, timeout: float | None = None
+    ) -> tuple[Any, list[int]]:
+        """The answer to request ``id`` (sent with ``args``): its result and descriptors."""
+        session = self._session
+        # The device's own limit unless the call has one (open waits in the broker too).
+        limit = (
+            session.timeout
+            if timeout is None and type(args) is not p.Open
+            else session.wait_limit(args, timeout)
+        )
+        try:
+            return self._await(id, args, limit, reset)
+        except BaseException as e:
+            if id in session.waiting:  # a timeout, Ctrl-C: the reply will be undone
+                session.abandon(id, args)
+            if isinstance(e, BrokerError):
+                raise session.explain(args, e) from None
+            raise
+
+    def _await(
+        self, id: int, args: p.OpArgs, limit: float | None, reset: OSError | None
+    ) -> tuple[Any, list[int]]:
+        """Wait for request ``id``'s answer: read the socket if no other thread is, else wait
+        for the reader to park it or to leave the socket to us.
+
+        The lone caller's path takes one uncontended lock. A waiting thread counts
+        itself in ``_idle`` under ``_state`` and tries the reader's lock once more before it
+        sleeps, and the reader looks at ``_idle`` after letting go of the lock, so no wake-up
+        is lost between the two.
+        """
+        session = self._session
+        deadline = None if limit is None else time.monotonic() + limit
+        wait = limit
+        while True:
+            if self._reader.acquire(False):
+                try:
+                    parked = session.parked.pop(id, None)
+                    if parked is not None:
+                        session.waiting.discard(id)
+                        return session.outcome(parked)
+                    if self._lost is not None:
+                        session.waiting.discard(id)
+                        raise self._lost
+                    answer = self._read_one(id, args, reset, wait)
+                finally:
+                    self._reader.release()
+                    if self._idle:
+                        with self._state:
+                            self._state.notify_all()
                 if answer is not None:
                     return answer
+            else:
+                with self._state:
+                    self._idle += 1
+                    try:
+                        if not self._reader.locked() or id in session.parked:
+                            pass  # the socket is free, or our answer came: no sleep
+                        else:
+                            self._state.wait(wait)
+                    finally:
+                        self._idle -= 1
+                parked = session.parked.pop(id, None)
+                if parked is not None:
+                    session.waiting.discard(id)
+                    return session.outcome(parked)
+            if deadline is not None:
+                wait = deadline - time.monotonic()
+                if wait <= 0:
+                    raise session.timed_out(args, limit or 0)
 
-    def _buffer(self, args: p.OpArgs, fds: Sequence[int] = ()) -> Buffer:
-        result, got = self._call(args, fds)
-        return Buffer(self, result, maybe_one_fd(got))
+    def _read_one(
+        self, id: int, args: p.OpArgs, reset: OSError | None, limit: float | None
+    ) -> tuple[Any, list[int]] | None:
+        """Read one packet for whoever waits: our answer, or None (parked for another thread,
+        an event, a late reply undone, or ``limit`` passed)."""
+        session = self._session
+        try:
+            packet = self._receive(reset, args.reply_fds or len(session.waiting) > 1, limit)
+        except BrokerError as e:
+            self._lost = e
+            session.waiting.discard(id)
+            raise
+        if packet is None:
+            return None
+        try:
+            answer = session.answer(id, *packet)
+        except BrokerError:
+            session.waiting.discard(id)
+            raise
+        if answer is not None:
+            session.waiting.discard(id)
+            return answer
+        if session.parked and self._idle:  # another thread's answer: wake it
+            with self._state:
+                self._state.notify_all()
+        if session.undo:
+            self._send_undo()
+        return None
+
+    def _send_undo(self) -> None:
+        """Send the requests that take back what abandoned ones created; their replies are
+        dropped when they come."""
+        session = self._session
+        with self._send_lock:
+            while session.undo:
+                id, data = session.request(session.undo.pop(0))
+                session.abandoned[id] = None
+                try:
+                    self._sock.send(data)
+                except OSError:
+                    return  # the connection is ending: the broker drops everything it held
+
+    def _buffer(self, args: p.OpArgs, fds: Sequence[int] = (), map: Direction | None = None) -> Buffer:
+        """The buffer ``args`` makes; with ``map``, attached and mapped in the same round trip."""
+        if map is None:
+            result, got = self._call(args, fds)
+            return Buffer(self, result, maybe_one_fd(got))
+        self._check_open()
+        if self._session.undo:
+            self._send_undo()
+        first, reset = self._send(args, fds)
+        attach = p.Attach(buffer=p.Ref(first))
+        second, _ = self._send(attach)
+        mapping = p.Map(attachment=p.Ref(second), direction=map)
+        third, _ = self._send(mapping)
+        answers: list[tuple[Any, list[int]]] = []
+        try:
+            for id, request in ((first, args), (second, attach), (third, mapping)):
+                answers.append(self._await(id, request, self._session.wait_limit(request), reset))
+        except BaseException:
+            self._give_back([first, second, third][len(answers) :], first, second, answers)
+            raise
+        (result, got), (attached, _), (mapped, backing) = answers
+        buffer = Buffer(self, result, maybe_one_fd(got))
+        attachment = Attachment(buffer, attached["attachment"])
+        buffer.mapping = Mapping(attachment, map, self._map_memory(mapped, backing))
+        return buffer
+
+    def _give_back(
+        self, unanswered: list[int], first: int, second: int, answers: list[tuple[Any, list[int]]]
+    ) -> None:
+        """A chain that failed part way: whatever it made is given back, without waiting."""
+        session = self._session
+        for id in unanswered:
+            if id in session.waiting:
+                session.waiting.discard(id)
+                session.abandoned[id] = None  # its reply is dropped when it comes
+        for _, fds in answers:
+            p.close_all(fds)
+        session.undo.extend(teardown_for(p.Ref(first), p.Ref(second)))
+        self._send_undo()
 
     def ping(self) -> None:
         """A request that does nothing: measures a round trip, proves the broker is alive."""
         self._call(_PING)
 
-    def allocate(self, size: int, *, name: str | None = None, heap: str = "memfd") -> Buffer:
-        """A new buffer of ``size`` bytes (rounded up to pages); its memory comes at first map."""
-        return self._buffer(p.Allocate(size=size, name=name, heap=heap))
+    def allocate(
+        self, size: int, *, name: str | None = None, heap: str = "memfd", map: Direction | None = None
+    ) -> Buffer:
+        """A new buffer of ``size`` bytes (rounded up to pages); its memory comes at first map.
 
-    def import_handle(self, fd: int) -> Buffer:
-        """The buffer behind handle ``fd``; the caller keeps (and should close) ``fd``."""
-        return self._buffer(p.Import(), [fd])
+        With ``map``, the buffer comes attached and mapped for that direction (``.mapping``),
+        in one round trip; closing it unmaps, detaches and releases it without waiting.
+        """
+        return self._buffer(p.Allocate(size=size, name=name, heap=heap), map=map)
 
-    def open(self, name: str, *, timeout: float | None = None, uid: int | None = None) -> Buffer:
+    def import_handle(self, fd: int, *, map: Direction | None = None) -> Buffer:
+        """The buffer behind handle ``fd``; the caller keeps (and should close) ``fd``.
+
+        With ``map``, attached and mapped too, in one round trip (see ``allocate``).
+        """
+        return self._buffer(p.Import(), [fd], map=map)
+
+    def open(
+        self, name: str, *, timeout: float | None = None, uid: int | None = None, map: Direction | None = None
+    ) -> Buffer:
         """The buffer this uid named ``name``; waits up to ``timeout`` s for it to appear.
 
         Each uid has names of its own; root opens another uid's by saying whose (``uid``).
+        Interrupted (Ctrl-C) or timed out while waiting, the open is undone when its late
+        reply comes, so the device holds nothing without an object. With ``map``, attached
+        and mapped too, in one round trip (see ``allocate``).
         """
-        return self._buffer(p.Open(name=name, timeout=timeout, uid=uid))
+        return self._buffer(p.Open(name=name, timeout=timeout, uid=uid), map=map)
 
     def export_memfd(self, memfd: int, *, name: str | None = None) -> Buffer:
         """A buffer over this process's own sealed memfd, without a copy (udmabuf).
@@ -277,9 +504,24 @@ class Buffer(BufferBase, _Closing):
         return Fence(device, take_one_fd(fds[:1]), result, fds[1:])
 
     def close(self) -> None:
-        """Release this device's hold (EBUSY while attached) and close its own handle."""
-        if not self.closed and not self._device.closed:
-            self._device._call(p.Release(buffer=self.id))
+        """Release this device's hold (EBUSY while attached) and close its own handle.
+
+        A buffer that came mapped (``map=``) is unmapped, detached and released without
+        waiting for the broker (EBUSY, changing nothing, while views of its memory are alive).
+        """
+        device = self._device
+        if self.closed or device.closed:
+            self._released()
+            return
+        if self.mapping is not None:
+            attachment = self.mapping.attachment
+            mapped = device._unmap_memory(self.mapping._memory)
+            teardown = teardown_for(self.id, attachment.id)
+            device._session.undo.extend(teardown if mapped else teardown[1:])
+            device._send_undo()
+            attachment.detached = True
+        else:
+            device._call(p.Release(buffer=self.id))
         self._released()
 
 
@@ -324,16 +566,21 @@ class CpuAccess(CpuAccessBase):
             p.CpuBegin(buffer=self.buffer.id, access=self.access, timeout=self.timeout)
         )
         self._memory = device._map_memory(result, fds)
-        return self._memory.memory
+        return self._memory.lend()
 
     def end(self) -> None:
-        """End the access (EBUSY, changing nothing, while views of the memory are alive)."""
+        """End the access (EBUSY, changing nothing, while views of the memory are alive;
+        EINVAL without ``begin``)."""
         device = self.buffer._device
-        if self._memory is not None and device._unmap_memory(self._memory):
+        memory = self._check_begun()
+        if memory is not None and device._unmap_memory(memory):
             device._call(p.CpuEnd(buffer=self.buffer.id, access=self.access))
 
     def __enter__(self) -> memoryview:
         return self.begin()
 
-    def __exit__(self, *exc: Any) -> None:
-        self.end()
+    def __exit__(self, kind: Any, error: BaseException | None, tb: Any) -> None:
+        try:
+            self.end()
+        except BrokerError as failure:
+            unclosed(error, failure)

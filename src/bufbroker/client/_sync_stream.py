@@ -4,15 +4,17 @@ from __future__ import annotations
 
 import errno
 import time
-from collections.abc import Callable, Iterator
-from typing import TYPE_CHECKING, Any
 
 from .. import protocol as p
 from ..protocol import BrokerError
 from ._stream import FrameBase, LoanBase, PublisherCore, SubscriberCore
 from ._timeline import View, thread_epoll
 
+TYPE_CHECKING = False  # typing is not imported at run time: it costs the CLI start-up time
 if TYPE_CHECKING:
+    from collections.abc import Callable, Iterator
+    from typing import Any
+
     from ._sync import Device
 
 __all__ = ["Frame", "Loan", "Publisher", "Subscriber"]

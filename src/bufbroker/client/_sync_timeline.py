@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
-
 from .. import protocol as p
 from ._core import take_one_fd
 from ._timeline import FenceBase, TimelineBase, blocking_wait
 
+TYPE_CHECKING = False  # typing is not imported at run time: it costs the CLI start-up time
 if TYPE_CHECKING:
+    from typing import Any
+
     from ._sync import Device
 
 __all__ = ["Fence", "Timeline"]

@@ -23,11 +23,14 @@ import threading
 import time
 import weakref
 from collections.abc import Sequence
-from typing import Any
 
 from .. import protocol as p
 from ..protocol import BrokerError
 from ..protocol import timeline as page
+
+TYPE_CHECKING = False  # typing is not imported at run time: it costs the CLI start-up time
+if TYPE_CHECKING:
+    from typing import Any
 
 __all__ = [
     "FenceBase",

@@ -7,6 +7,7 @@ holds the objects and their ops, in the blocking client's order.
 
 from __future__ import annotations
 
+import errno
 import os
 from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
@@ -17,17 +18,20 @@ import trio
 
 from .. import protocol as p
 from .._paths import default_socket_path
-from ..protocol import Access, BrokerUnavailable, Constraints, Direction
+from ..protocol import Access, BrokerError, Constraints, Direction
 from ._core import (
+    DEFAULT_TIMEOUT,
     AttachmentBase,
     BufferBase,
     CpuAccessBase,
     MappingBase,
     Pager,
     Session,
+    connect_error,
     exportable,
     maybe_one_fd,
     take_one_fd,
+    unclosed,
 )
 from ._trio_link import Link
 from ._trio_opening import AsyncClosing as _AsyncClosing
@@ -54,22 +58,31 @@ __all__ = [
 
 @asynccontextmanager
 async def open_device(
-    name: str, *, constraints: Constraints | None = None, socket: str | None = None
+    name: str,
+    *,
+    constraints: Constraints | None = None,
+    socket: str | os.PathLike[str] | None = None,
+    timeout: float | None = DEFAULT_TIMEOUT,
 ) -> AsyncIterator[Device]:
     """``async with open_device("camera") as dev``: this program as a device named ``name``.
 
     Connects to the broker at ``socket`` (see ``bufbroker.connect``), registers with
     ``constraints``, and runs the task that receives replies until the block ends; on exit the
     connection closes and the broker releases whatever the device still held. Raises
-    ``BrokerUnavailable`` if no broker listens there.
+    ``BrokerUnavailable`` if no broker listens there. ``timeout`` bounds the connection and
+    every call's wait, as for ``bufbroker.connect``.
     """
-    path = socket or default_socket_path()
+    path = default_socket_path() if socket is None else os.fspath(socket)
+    session = Session(name, constraints, path, timeout)
     sock = trio.socket.socket(AF_UNIX, SOCK_SEQPACKET | SOCK_CLOEXEC)
     try:
-        await sock.connect(path)
-    except (FileNotFoundError, ConnectionRefusedError) as e:
+        with trio.move_on_after(DEFAULT_TIMEOUT if timeout is None else timeout) as waited:
+            await sock.connect(path)
+        if waited.cancelled_caught:
+            raise connect_error(path, BlockingIOError(errno.EAGAIN, "timed out"), default=socket is None)
+    except OSError as e:
         sock.close()
-        raise BrokerUnavailable(path, e.errno or 0) from None
+        raise (e if isinstance(e, BrokerError) else connect_error(path, e, default=socket is None)) from None
     except BaseException:
         sock.close()
         raise
@@ -79,7 +92,7 @@ async def open_device(
     error: BaseException | None = None
     try:
         async with trio.open_nursery() as nursery:
-            device = Device(sock, Session(name, constraints), nursery)
+            device = Device(sock, session, nursery)
             nursery.start_soon(device._read)
             try:
                 result, _ = await device._call(device._session.hello_args())
@@ -153,10 +166,6 @@ class Device(Link):
         """Every device (connection) this uid may see (root: all)."""
         return await self._listing(Pager(p.Devices, "devices"))
 
-    async def stats(self) -> dict[str, Any]:
-        result: dict[str, Any] = (await self._call(p.Stats()))[0]
-        return result
-
     async def timelines(self) -> list[dict[str, Any]]:
         """Every timeline this uid owns or holds (root: all)."""
         return await self._listing(Pager(p.Timelines, "timelines"))
@@ -179,6 +188,10 @@ class Device(Link):
         args = p.MergeFences(have=self._views.have())
         result, fds = await self._call(args, [first.fileno(), second.fileno()])
         return Fence(self, take_one_fd(fds[:1]), result, fds[1:])
+
+    async def stats(self) -> dict[str, Any]:
+        result: dict[str, Any] = (await self._call(p.Stats()))[0]
+        return result
 
     async def streams(self) -> list[dict[str, Any]]:
         """Every stream this uid publishes (root: all), with subscribers and their lag."""
@@ -302,19 +315,24 @@ class CpuAccess(CpuAccessBase):
         args = p.CpuBegin(buffer=self.buffer.id, access=self.access, timeout=self.timeout)
         result, fds = await device._call(args)
         self._memory = device._map_memory(result, fds)
-        return self._memory.memory
+        return self._memory.lend()
 
     async def end(self) -> None:
-        """End the access (EBUSY, changing nothing, while views of the memory are alive)."""
+        """End the access (EBUSY, changing nothing, while views of the memory are alive;
+        EINVAL without ``begin``)."""
         device = self.buffer._device
-        if self._memory is not None and device._unmap_memory(self._memory):
+        memory = self._check_begun()
+        if memory is not None and device._unmap_memory(memory):
             await device._call(p.CpuEnd(buffer=self.buffer.id, access=self.access), settle=True)
 
     async def __aenter__(self) -> memoryview:
         return await self.begin()
 
-    async def __aexit__(self, *exc: Any) -> None:
-        await self.end()
+    async def __aexit__(self, kind: Any, error: BaseException | None, tb: Any) -> None:
+        try:
+            await self.end()
+        except BrokerError as failure:
+            unclosed(error, failure)
 
 
 async def send_handle(sock: trio.socket.SocketType, fd: int) -> None:

@@ -11,9 +11,9 @@ that takes back what the abandoned one created (``_core.undo_for``: release, det
 cpu end). Requests that give something back (the same four, when an object closes) are the
 reverse: if the task is cancelled before they are sent, they are sent anyway, so the broker
 ends up holding what the local objects say. Requests the reader sends are written before it
-reads the next reply, and the broker answers in order (except ``open`` with a timeout), so
-once a round trip sent after them completes, the broker has applied them: ``await
-dev.ping()`` does as many as that takes, and so settles the state.
+reads the next reply, and the broker answers in order (except ``open`` with a timeout and
+``cpu_begin`` waiting on fences), so once a round trip sent after them completes, the broker
+has applied them: ``await dev.ping()`` does as many as that takes, and so settles the state.
 """
 
 from __future__ import annotations
@@ -203,8 +203,12 @@ class Link(DeviceBase):
                 else:
                     self._raw.send(data)
             except BlockingIOError:  # the socket is full: wait for room, the trio way
-                async with self._send_lock:
-                    await self._sock.sendmsg([data], p.ancillary(fds))
+                limit = self._session.timeout
+                with trio.move_on_after(float("inf") if limit is None else limit) as waited:
+                    async with self._send_lock:
+                        await self._sock.sendmsg([data], p.ancillary(fds))
+                if waited.cancelled_caught:  # not sent: the broker has not read for that long
+                    raise self._session.timed_out(args, limit or 0) from None
         except trio.Cancelled:  # not sent
             del self._waiting[id]
             if settle:
@@ -212,7 +216,14 @@ class Link(DeviceBase):
             raise
         except (OSError, trio.ClosedResourceError) as e:
             self._waiting.pop(id, None)
+            if isinstance(e, BrokerError):  # timed out waiting to send
+                if settle:
+                    self._send_unawaited(args)
+                raise
             self._check_open()  # closed by another task while this one waited to send
+            local = self._session.sent_fds_error(args, e) if isinstance(e, OSError) else None
+            if local is not None:  # the caller's mistake: the connection is fine
+                raise local from None
             if isinstance(e, BrokenPipeError | ConnectionResetError):
                 # The broker hung up, maybe having said why (a connection limit): the reader
                 # reaches that word, or the end of file, at once.
@@ -222,7 +233,11 @@ class Link(DeviceBase):
             del self._waiting[id]
             raise
         try:
-            await waiter.done.wait()
+            limit = self._session.wait_limit(args)
+            with trio.move_on_after(float("inf") if limit is None else limit) as waited:
+                await waiter.done.wait()
+            if waited.cancelled_caught:
+                raise self._session.timed_out(args, limit or 0)
         except BaseException:
             if self._waiting.pop(id, None) is not None:
                 self._abandoned[id] = args  # undone when its reply comes
@@ -235,7 +250,10 @@ class Link(DeviceBase):
             self._check_open()
             assert self._lost is not None
             raise self._lost
-        return self._session.outcome(waiter.message)
+        try:
+            return self._session.outcome(waiter.message)
+        except BrokerError as e:
+            raise self._session.explain(args, e) from None
 
     async def _settle(self, args: p.OpArgs, done: Callable[[], None]) -> None:
         """A request that gives something back; ``done`` updates the local object once it is

@@ -5,6 +5,9 @@ from __future__ import annotations
 from collections.abc import Awaitable, Callable, Generator
 from typing import Any, Generic, TypeVar
 
+from ..protocol import BrokerError
+from ._core import unclosed
+
 __all__ = ["AsyncClosing", "Opening"]
 
 T = TypeVar("T", bound="AsyncClosing")
@@ -14,8 +17,11 @@ class AsyncClosing:
     async def __aenter__(self: T) -> T:
         return self
 
-    async def __aexit__(self, *exc: Any) -> None:
-        await self.close()
+    async def __aexit__(self, kind: Any, error: BaseException | None, tb: Any) -> None:
+        try:
+            await self.close()
+        except BrokerError as failure:
+            unclosed(error, failure)
 
     async def close(self) -> None:
         raise NotImplementedError
@@ -40,6 +46,6 @@ class Opening(Generic[T]):
         self._value = await self._start()
         return self._value
 
-    async def __aexit__(self, *exc: Any) -> None:
+    async def __aexit__(self, kind: Any, error: BaseException | None, tb: Any) -> None:
         assert self._value is not None
-        await self._value.close()
+        await self._value.__aexit__(kind, error, tb)

@@ -17,6 +17,10 @@ from __future__ import annotations
 import errno as _errno
 import os
 
+TYPE_CHECKING = False  # typing is not imported at run time: it costs the CLI start-up time
+if TYPE_CHECKING:
+    from typing import Any
+
 __all__ = ["BrokerError", "BrokerUnavailable", "ProtocolError", "errno_code", "errno_from_code"]
 
 
@@ -57,13 +61,19 @@ class ProtocolError(BrokerError):
 class BrokerUnavailable(BrokerError):
     """Nothing is listening on the broker's socket path."""
 
-    def __init__(self, path: str, number: int = _errno.ECONNREFUSED) -> None:
+    def __init__(self, path: str, number: int = _errno.ECONNREFUSED, *, default: bool = True) -> None:
         self.path = path
+        self.default = default
+        # Where the caller named the socket, the only advice that fits is to start a broker
+        # there; systemd's socket and $BUFBROKER_SOCKET are about the default path.
+        hint = " (or `systemctl start bufbroker.socket`), or set $BUFBROKER_SOCKET" if default else ""
         super().__init__(
-            number,
-            f"no bufbroker broker at {path}: start one with `bufbrokerd --socket {path}` "
-            "(or `systemctl start bufbroker.socket`), or set $BUFBROKER_SOCKET",
+            number, f"no bufbroker broker at {path}: start one with `bufbrokerd --socket {path}`{hint}"
         )
 
-    def __reduce__(self) -> tuple[type[BrokerUnavailable], tuple[str, int]]:  # type: ignore[override]
-        return type(self), (self.path, self.errno or 0)
+    def __reduce__(self) -> tuple[Any, ...]:
+        return _unavailable, (self.path, self.errno or 0, self.default)
+
+
+def _unavailable(path: str, number: int, default: bool) -> BrokerUnavailable:
+    return BrokerUnavailable(path, number, default=default)

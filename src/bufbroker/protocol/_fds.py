@@ -7,11 +7,11 @@ drops a trailing partial descriptor silently: a broker must do all three, so it 
 
 from __future__ import annotations
 
+import _socket as socket  # the C module: socket.py costs start-up time
 import array
 import errno
 import functools
 import os
-import socket
 from collections.abc import Iterable, Sequence
 
 from ._errors import BrokerError

@@ -21,13 +21,16 @@ from __future__ import annotations
 import errno
 import threading
 from collections.abc import Sequence
-from typing import Any
 
 import msgpack
 
 from ._errors import BrokerError, ProtocolError, errno_code, errno_from_code
 from ._ops import OP_NAMES, OpArgs, parse_args
 from ._record import Record
+
+TYPE_CHECKING = False  # typing is not imported at run time: it costs the CLI start-up time
+if TYPE_CHECKING:
+    from typing import Any
 
 __all__ = [
     "PROTOCOL_VERSION",

@@ -14,11 +14,14 @@ from __future__ import annotations
 import errno
 import math
 from collections.abc import Callable
-from typing import Any, ClassVar, TypeVar
 
 from ._errors import BrokerError
 from ._record import Record
 from ._types import Access, Constraints, Direction
+
+TYPE_CHECKING = False  # typing is not imported at run time: it costs the CLI start-up time
+if TYPE_CHECKING:
+    from typing import Any, ClassVar, TypeVar
 
 __all__ = [
     "MAX_FENCE_TIMELINES",
@@ -47,6 +50,7 @@ __all__ = [
     "Open",
     "Ping",
     "Publish",
+    "Ref",
     "Release",
     "ReleaseTimeline",
     "SetName",
@@ -135,6 +139,24 @@ def _ids(value: Any) -> tuple[int, ...]:
     return tuple(_int(v) for v in value)
 
 
+class Ref(Record, kw_only=False):
+    """``{"ref": request_id}`` in place of an id: what that earlier request of the connection
+    made (a buffer, an attachment), so that a chain of requests needs no round trip between them."""
+
+    request: int
+
+    def to_wire(self) -> dict[str, int]:
+        return {"ref": self.request}
+
+
+def _id_or_ref(value: Any) -> int | Ref:
+    if type(value) is dict:
+        if len(value) != 1 or "ref" not in value:
+            raise ValueError('an id, or {"ref": request id}')
+        return Ref(_int(value["ref"]))
+    return _int(value)
+
+
 def _optional(check: Callable[[Any], Any]) -> Callable[[Any], Any]:
     return lambda value: None if value is None else check(value)
 
@@ -151,6 +173,7 @@ _CHECKS: dict[str, Callable[[Any], Any]] = {
     "str | None": _optional(_str),
     "tuple[int, ...]": _ids,
     "int | None": _optional(_int),
+    "int | Ref": _id_or_ref,
 }
 _BY_NAME: dict[tuple[str, str], Callable[[Any], Any]] = {
     ("name", "str"): _name,
@@ -181,7 +204,7 @@ class OpArgs(Record):
                 continue
             if isinstance(value, Direction | Access):
                 value = value.value
-            elif isinstance(value, Constraints):
+            elif isinstance(value, Constraints | Ref):
                 value = value.to_wire()
             elif isinstance(value, tuple):
                 value = list(value)
@@ -191,7 +214,8 @@ class OpArgs(Record):
 
 OPS: dict[str, OpSpec] = {}
 OP_NAMES: dict[type[OpArgs], str] = {}  # the wire name of each args class
-_A = TypeVar("_A", bound=type[OpArgs])
+if TYPE_CHECKING:
+    _A = TypeVar("_A", bound=type[OpArgs])
 
 
 def op(name: str, *, fds: int = 0, reply_fds: bool = False) -> Callable[[_A], _A]:
@@ -278,52 +302,52 @@ class Open(OpArgs):
 
 @op("share", reply_fds=True)
 class Share(OpArgs):
-    buffer: int
+    buffer: int | Ref
     readonly: bool = False
 
 
 @op("set_name")
 class SetName(OpArgs):
-    buffer: int
+    buffer: int | Ref
     name: str | None = None
 
 
 @op("release")
 class Release(OpArgs):
-    buffer: int
+    buffer: int | Ref
 
 
 @op("attach")
 class Attach(OpArgs):
-    buffer: int
+    buffer: int | Ref
 
 
 @op("detach")
 class Detach(OpArgs):
-    attachment: int
+    attachment: int | Ref
 
 
 @op("map", reply_fds=True)
 class Map(OpArgs):
-    attachment: int
+    attachment: int | Ref
     direction: Direction
 
 
 @op("unmap")
 class Unmap(OpArgs):
-    attachment: int
+    attachment: int | Ref
 
 
 @op("cpu_begin", reply_fds=True)
 class CpuBegin(OpArgs):
-    buffer: int
+    buffer: int | Ref
     access: Access
     timeout: float | None = None  # for the reservation's fences (ETIME); None: as long as they take
 
 
 @op("cpu_end")
 class CpuEnd(OpArgs):
-    buffer: int
+    buffer: int | Ref
     access: Access
 
 

@@ -10,7 +10,14 @@ attributes after ``__init__``. Type checkers see it as a dataclass (``dataclass_
 
 from __future__ import annotations
 
-from typing import Any, ClassVar, dataclass_transform
+TYPE_CHECKING = False  # typing is not imported at run time: it costs the CLI start-up time
+if TYPE_CHECKING:
+    from typing import Any, ClassVar, dataclass_transform
+else:
+
+    def dataclass_transform(**_: object) -> object:
+        return lambda cls: cls
+
 
 __all__ = ["Record"]
 
@@ -34,7 +41,7 @@ class Record:
         cls._fields = tuple(cls._annotations)
         cls._defaults = {name: getattr(cls, name) for name in cls._fields if hasattr(cls, name)}
         if "__init__" not in cls.__dict__:
-            cls.__init__ = _make_init(cls, kw_only)  # type: ignore[method-assign]
+            cls.__init__ = _first_init(cls, kw_only)  # type: ignore[method-assign]
 
     def _check(self) -> None:
         """Validate the fields once they are set (for subclasses to override)."""
@@ -56,6 +63,21 @@ class Record:
     def __repr__(self) -> str:
         fields = ", ".join(f"{name}={self.__dict__[name]!r}" for name in self._fields)
         return f"{type(self).__name__}({fields})"
+
+
+def _first_init(cls: type[Record], kw_only: bool) -> Any:
+    """An ``__init__`` that compiles the real one on first use and puts it in its place.
+
+    A program uses a few of the protocol's records; compiling all two dozen at import would
+    cost every ``bufbroker`` command start-up time for the ones it never builds.
+    """
+
+    def __init__(self: Record, *args: Any, **kwargs: Any) -> None:
+        if cls.__dict__.get("__init__") is __init__:
+            cls.__init__ = _make_init(cls, kw_only)  # type: ignore[method-assign]
+        cls.__init__(self, *args, **kwargs)
+
+    return __init__
 
 
 def _make_init(cls: type[Record], kw_only: bool) -> Any:

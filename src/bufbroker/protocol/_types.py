@@ -9,7 +9,7 @@ from __future__ import annotations
 import enum
 import errno
 import mmap
-from typing import NamedTuple
+from collections import namedtuple
 
 from ._errors import BrokerError
 from ._record import Record
@@ -76,16 +76,26 @@ class Constraints(Record):
         }
 
 
-class Segment(NamedTuple):
+TYPE_CHECKING = False  # typing is not imported at run time: it costs the CLI start-up time
+if TYPE_CHECKING:
+    from typing import NamedTuple
+
+    class _SegmentFields(NamedTuple):
+        offset: int
+        length: int
+        fd: int = 0
+else:
+    _SegmentFields = namedtuple("_SegmentFields", ("offset", "length", "fd"), defaults=(0,))
+
+
+class Segment(_SegmentFields):
     """One scatter-list entry: ``length`` bytes at ``offset`` in backing fd number ``fd``.
 
     A named tuple rather than a record: the broker keeps one per segment of every live buffer,
     and a tuple is the smallest object that holds three numbers.
     """
 
-    offset: int
-    length: int
-    fd: int = 0
+    __slots__ = ()
 
     def to_wire(self) -> list[int]:
         """``[fd_index, offset, length]``, as layouts travel (docs/PROTOCOL.md)."""
