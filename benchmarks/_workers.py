@@ -7,6 +7,9 @@
 - ``eventfd-echo IN OUT``: the floor of a fence wake-up, a blocking eventfd ping-pong;
 - ``timeline-echo FD BROKER_SOCKET``: receives a timeline handle over FD, sends back one of its
   own, then waits for each point of the first and signals the same point on its own;
+- ``tcp-sender BROKER_SOCKET NAME``: the floor of the Flight cases, a raw TCP copy over loopback:
+  prints its port, then sends the named buffer's bytes, straight from a mapping, to every
+  connection (each on a thread of its own, so that connections at once are served at once);
 - ``load KIND SOCKET SECONDS START``: a client doing round trips for a while, printing its count
   (KIND: ``broker``, our client; ``bare``, the floor's client against the bare server;
   ``broker-bare-client``, the floor's client against the broker, once registered).
@@ -18,6 +21,7 @@ import mmap
 import os
 import socket
 import sys
+import threading
 import time
 from collections.abc import Callable
 from multiprocessing import resource_tracker, shared_memory
@@ -173,6 +177,26 @@ def load(kind: str, path: str, seconds: str, start: str) -> None:
     print(count, flush=True)
 
 
+def tcp_sender(broker_socket: str, name: str) -> None:
+    import bufbroker
+    from bufbroker import Direction
+
+    with bufbroker.connect("bench-tcp-sender", socket=broker_socket) as dev:
+        buf = dev.open(name)
+        with buf.attach() as att, att.map(Direction.TO_DEVICE) as m:
+            data = m.memory[: buf.size]
+            listener = socket.create_server(("127.0.0.1", 0))
+            print(listener.getsockname()[1], flush=True)
+            while True:
+                conn, _ = listener.accept()
+                threading.Thread(target=_send_all, args=(conn, data), daemon=True).start()
+
+
+def _send_all(conn: socket.socket, data: memoryview) -> None:
+    with conn:
+        conn.sendall(data)
+
+
 if __name__ == "__main__":
     role, *args = sys.argv[1:]
     roles: dict[str, Callable[..., None]] = {
@@ -182,5 +206,6 @@ if __name__ == "__main__":
         "eventfd-echo": eventfd_echo,
         "timeline-echo": timeline_echo,
         "load": load,
+        "tcp-sender": tcp_sender,
     }
     roles[role](*args)

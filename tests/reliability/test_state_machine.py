@@ -115,7 +115,7 @@ class Model(RuleBasedStateMachine):
         state = self.state
         for buf in state.buffers.values():
             assert buf.alive  # nothing lives without a handle or a holder
-            assert sum(buf.attached.values()) == len(buf.attachments)
+            assert sum((buf.attached or {}).values()) == len(buf.attachments)
             for att in buf.attachments.values():
                 assert buf.id in att.device.refs  # attachments only under a hold
                 assert (att.map_count == 0) == (att.direction is None)

@@ -104,7 +104,7 @@ class Buffer:
     handles: dict[Key, Handle] = field(default_factory=dict)
     holders: dict[int, Device] = field(default_factory=dict)  # by device id
     attachments: dict[int, Attachment] = field(default_factory=dict)
-    attached: Counter[int] = field(default_factory=Counter)  # attachments per device id
+    attached: dict[int, int] | None = None  # attachments per device id (made at the first attach)
     cpu: Counter[tuple[int, Access]] = field(default_factory=Counter)  # (device id, mode)
     layout: Layout | None = None  # chosen at the first map or cpu access
     backing: Backing | None = None  # exists from export for adopted memfds, else with layout

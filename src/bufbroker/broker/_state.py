@@ -334,13 +334,15 @@ class State:
         self._check_length(buffer, device)
         att = Attachment(id=self._id("attachment"), device=device, buffer=buffer)
         buffer.attachments[att.id] = att
-        buffer.attached[device.id] += 1
+        if buffer.attached is None:
+            buffer.attached = {}
+        buffer.attached[device.id] = buffer.attached.get(device.id, 0) + 1
         device.attachments[att.id] = att
         return att
 
     def _attached(self, buffer: Buffer) -> list[Device]:
         """The devices attached to ``buffer``, each once, however many attachments it has."""
-        return [self.devices[device_id] for device_id in buffer.attached]
+        return [self.devices[device_id] for device_id in buffer.attached or ()]
 
     def _check_length(self, buffer: Buffer, device: Device) -> None:
         """A layout too long for one map reply is refused here, before anything is fixed."""
@@ -402,6 +404,7 @@ class State:
     def _drop_attachment(self, att: Attachment) -> None:
         buffer = att.buffer
         del buffer.attachments[att.id]
+        assert buffer.attached is not None
         buffer.attached[att.device.id] -= 1
         if not buffer.attached[att.device.id]:
             del buffer.attached[att.device.id]

@@ -6,7 +6,7 @@ docs/PROTOCOL.md is the description for implementers in other languages.
 
 from . import _stream as stream
 from . import _timeline as timeline
-from ._errors import BrokerError, BrokerUnavailable, ProtocolError, errno_code
+from ._errors import BrokerError, BrokerUnavailable, ProtocolError, errno_code, errno_from_code
 from ._fds import (
     HANDLE_MARK,
     MSG_TRUNC,
@@ -152,6 +152,7 @@ __all__ = [
     "encode_reply",
     "encode_request",
     "errno_code",
+    "errno_from_code",
     "fds_from_ancillary",
     "one_handle",
     "packed_size",
