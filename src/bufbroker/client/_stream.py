@@ -158,8 +158,10 @@ class PublisherCore:
     def send(self, slot: int, seq: int, nbytes: int) -> None:
         if not 0 <= nbytes <= self.size:
             raise BrokerError(errno.EINVAL, f"a frame of stream {self.name!r} holds 0 to {self.size} bytes")
-        ring.write_header(self.pool.words, slot, seq, nbytes, time.monotonic_ns())
-        self.frames.signal(seq, 0)
+        now = time.monotonic_ns()
+        ring.write_header(self.pool.words, slot, seq, nbytes, now)
+        page.signal(self.frames.slots, seq, 0, now)  # the publisher's own view: it is the signaller
+        page.kick(self.frames.eventfd)
         self.seq = seq + 1
 
     def close_local(self) -> None:
