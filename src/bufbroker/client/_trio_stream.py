@@ -146,6 +146,9 @@ class Subscriber(AsyncClosing):
             self._close_local()
 
     def _close_local(self) -> None:
+        if self._current is not None:
+            self._current.release()  # the one ``async for`` handed out last
+            self._current = None
         self._core.close_local()
         self._device._syncs.discard(self)
 
