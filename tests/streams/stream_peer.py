@@ -151,6 +151,22 @@ def stranger(path: str, uid: str, name: str) -> None:
         say(**result)
 
 
+def fill_streams(path: str, uid: str) -> None:
+    """As another uid: publish streams until the broker says no; how many, and with which errno."""
+    os.setgroups([])
+    os.setgid(int(uid))
+    os.setuid(int(uid))
+    dev = bufbroker.connect("hoarder", socket=path)
+    streams = []
+    while True:
+        try:
+            streams.append(dev.publish(f"s{len(streams)}", size=10, slots=1))
+        except bufbroker.BrokerError as e:
+            say(published=len(streams), errno=e.errno)
+            break
+    sys.stdin.readline()
+
+
 if __name__ == "__main__":
     role, *args = sys.argv[1:]
     {
@@ -161,4 +177,5 @@ if __name__ == "__main__":
         "write": write,
         "publish_until_killed": publish_until_killed,
         "stranger": stranger,
+        "fill_streams": fill_streams,
     }[role](*args)

@@ -121,3 +121,21 @@ def test_a_publisher_scribbling_on_its_control_page_harms_only_its_stream(broker
         assert dev.streams()[0]["subscribers"] == []
         pub.close()
         other.ping()
+
+
+def test_streams_of_one_uid_filling_the_descriptor_table_leave_root_its_reserve(
+    broker_factory: Callable[..., Broker], stream_peer: Callable[..., Peer], other_uid: int
+) -> None:
+    b = broker_factory("--max-streams-per-uid", "1000", "--fd-reserve", "64", nofile=400)
+    hoarder = stream_peer("fill_streams", b.socket, other_uid)
+    report = said(hoarder)
+    assert report["errno"] == errno.EMFILE and report["published"] > 50, report
+    with b.connect("root") as root, b.connect("root-too") as other:  # within the reserve
+        pub = root.publish("after", size=100, slots=2)
+        sub = other.subscribe("after")
+        with pub.loan(timeout=1) as frame:
+            frame.memory[:2] = b"ok"
+            frame.send(2)
+        with sub.receive(timeout=1) as got:
+            assert bytes(got.memory) == b"ok"
+    hoarder.send("end")

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import errno
 import mmap
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 import trio
@@ -63,7 +64,9 @@ def answer(conn: Connection, args: p.OpArgs) -> tuple[Any, list[int]]:
         case p.Subscribe(name=name):
             stream = streams.find(dev, name)
             streams.check_subscribe(dev, stream)
-            sub = streams.subscribe(dev, stream, TimelinePage.create(name))
+            page = TimelinePage.create(name)
+            _within_reserve(conn, [page.fd, page.eventfd], page.close)
+            sub = streams.subscribe(dev, stream, page)
             return _subscribed(conn, sub)
         case p.StreamMembers(stream=stream_id, have=have):
             return _members(conn, streams.members(dev, stream_id), set(have))
@@ -92,6 +95,13 @@ def _publish(conn: Connection, name: str, size: int, slots: int) -> tuple[Any, l
         control.close()
         state.free(backing)
         raise
+
+    def undo() -> None:
+        page.close()
+        control.close()
+        state.free(backing)
+
+    _within_reserve(conn, [backing.fd, page.fd, page.eventfd], undo)
     stream = state.streams.publish(dev, name, size, slots, backing, control, page)
     fds: list[int] = []
     try:
@@ -103,6 +113,15 @@ def _publish(conn: Connection, name: str, size: int, slots: int) -> tuple[Any, l
         raise BrokerError(e.errno or errno.EMFILE, f"cannot hand out the stream: {e.strerror}") from None
     conn.server.stream_names.appeared((dev.uid, name))
     return {**describe(stream), "frames": describe_timeline(stream.frames, dev)}, fds
+
+
+def _within_reserve(conn: Connection, kept: list[int], undo: Callable[[], None]) -> None:
+    """EMFILE, undone, if what a uid other than root makes the broker keep took a descriptor
+    kept for root (the kernel hands out the lowest free number: see ``_reserve``)."""
+    reserve, uid = conn.state.reserve, conn.device.uid
+    if not reserve.allows(uid, max(kept)):
+        undo()
+        reserve.check(uid, [reserve.ceiling])
 
 
 def _subscribed(conn: Connection, sub: Subscriber) -> tuple[Any, list[int]]:
