@@ -1,4 +1,4 @@
-"""(e) A timeline's signal → wake-up round trip between two processes, against a bare eventfd
+"""(g) A timeline's signal → wake-up round trip between two processes, against a bare eventfd
 ping-pong in the same run: blocking, and awaited in trio.
 
 One round: this process signals point i of its timeline; the other, waiting on it, wakes and
@@ -99,7 +99,7 @@ def _timeline_trio(path: str, mine: bufbroker.Timeline, handle: int, at: _Rounds
 
 
 def run(settings: Settings) -> list[Row]:
-    rounds = settings.n(60, 4)
+    rounds = settings.n(150, 4)
     ours, theirs_end = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
     with broker() as b, bufbroker.connect("bench", socket=b.socket) as dev:
         mine = dev.timeline(name="bench")

@@ -28,6 +28,7 @@ settings.register_profile("bufbroker", deadline=None)
 settings.load_profile("bufbroker")
 
 PEER = str(Path(__file__).with_name("peer.py"))
+EXPORTER = str(Path(__file__).with_name("exporter_peer.py"))
 
 
 @dataclass
@@ -201,6 +202,22 @@ class Peer:
         _, err = self.proc.communicate(timeout=timeout)
         assert self.proc.returncode == 0, err
         return self.proc.returncode
+
+
+@pytest.fixture
+def exporter() -> Iterator[Callable[..., Peer]]:
+    """Starts exporter_peer.py processes: ``exporter(broker, name, mode, **env)``, once ready."""
+    started: list[Peer] = []
+
+    def start(broker: Broker, name: str, mode: str = "good", **env: str) -> Peer:
+        started.append(Peer.start(EXPORTER, broker.socket, name, mode, env=env))
+        ready = started[-1].line()
+        assert '"ready": true' in ready, ready
+        return started[-1]
+
+    yield start
+    for p in started:
+        p.stop()
 
 
 @pytest.fixture

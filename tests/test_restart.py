@@ -16,6 +16,7 @@ import statistics
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -205,3 +206,25 @@ def test_a_manager_that_tells_its_store_size_hears_of_an_empty_store(manager: Ma
     assert "the file descriptor store (room for 64) is empty: no buffers to restore" in log
     assert "were not kept" not in log
     assert "1 held by handles stay in the service manager's file descriptor store for a restart" in log
+
+
+def test_an_exporters_buffer_comes_back_revoked(manager: Manager, exporter: Any) -> None:
+    manager.start()
+    manager.wait_for(lambda: os.path.exists(manager.socket) and bool(manager.said("READY")))
+    peer = exporter(manager, "supplied")  # type: ignore[arg-type]
+    dev = _connect(manager)
+    buf = dev.open("supplied")
+    handle = buf.share()
+    manager.wait_for(lambda: manager.snapshot_names().get(buf.id) == "supplied")
+    assert manager.kill() == -signal.SIGKILL
+    dev.close()
+    peer.stop()
+    manager.start()
+    with _connect(manager) as again:
+        restored = again.import_handle(handle)
+        assert restored.revoked and restored.heap == "exporter"
+        with pytest.raises(bufbroker.BrokerError) as e:
+            restored.attach()
+        assert e.value.errno == errno.ENODEV  # never memory of the broker's own in its place
+        restored.close()
+    os.close(handle)

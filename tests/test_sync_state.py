@@ -42,7 +42,7 @@ def _setup(**limits: float) -> tuple[State, Sync, Hooks, list[float]]:
     state = State(Config(**limits))  # type: ignore[arg-type]
     now = [100.0]
     hooks = Hooks()
-    sync = Sync(state.config, state.quotas, state._id, state.clock, lambda: now[0], hooks)
+    sync = Sync(state.config, state.quotas, state.new_id, state.clock, lambda: now[0], hooks)
     state.sync = sync
     return state, sync, hooks, now
 

@@ -4,6 +4,10 @@ back where they started, and no dead handle imports. The descriptors include cop
 timeline handles and fences, and the good client's work includes timelines, fences and a
 reservation that a cpu access waits on.
 
+An exporter answers the broker's calls at random meanwhile, while an importer maps its
+buffers (``fuzz_exporter``): no answer may cost the importer its connection or give it
+memory that is not the exporter's.
+
 Handles come live (copies of the good client's) and dead. A live broker never closes its end
 of a handle while a copy is open anywhere, so a handle is dead when the broker that minted it
 is gone: the fuzzer mints some from a broker of its own and stops it first. To the kernel that
@@ -31,6 +35,7 @@ import msgpack
 import bufbroker
 from bufbroker import Access, Direction, protocol
 
+from . import fuzz_exporter
 from ._common import Target, own_broker
 
 OPS = [*sorted(protocol.OPS), "", "nonsense", "hello"]
@@ -92,6 +97,7 @@ class Report:
     dead_handles_sent: int = 0
     good_ops: int = 0
     good_errors: list[str] = field(default_factory=list)
+    exporter: fuzz_exporter.ExporterReport = field(default_factory=fuzz_exporter.ExporterReport)
     broker_fds: tuple[int, int] = (0, 0)
     broker_rss_kib: tuple[int, int] = (0, 0)
     seconds: float = 0.0
@@ -319,6 +325,10 @@ def run(target: Target, *, frames: int, clients: int = 4, seed: int = 1, dead: i
     started = time.monotonic()
     good = threading.Thread(target=_good_client, args=(target, stop, report, pool, lock))
     good.start()
+    rng = random.Random(seed)
+    stop_exporter, report.exporter = fuzz_exporter.start(
+        target.socket, seed, lambda: _random_fds(rng, pool, lock, dead_pool)[0]
+    )
     fuzzers = [
         threading.Thread(
             target=_fuzz_client,
@@ -332,6 +342,8 @@ def run(target: Target, *, frames: int, clients: int = 4, seed: int = 1, dead: i
         t.join()
     stop.set()
     good.join()
+    stop_exporter()
+    report.good_errors += report.exporter.errors
     protocol.close_all(pool)
     try:
         _check_dead_handles(target, dead_pool, report)
@@ -350,7 +362,7 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=1)
     parser.add_argument("--dead-handles", type=int, default=4, help="handles minted by a broker that is gone")
     args = parser.parse_args()
-    with own_broker() as target:
+    with own_broker("--exporter-call-timeout", "0.3") as target:
         report = run(target, frames=args.frames, clients=args.clients, seed=args.seed, dead=args.dead_handles)
     print(json.dumps(asdict(report), indent=2))
 

@@ -28,6 +28,8 @@ TYPE_CHECKING = False  # typing is not imported at run time: it costs the CLI st
 if TYPE_CHECKING:
     from typing import Any
 
+    from .client import Exporter, ExporterAttachment
+
 __version__ = "0.1.0"
 
 __all__ = [
@@ -40,6 +42,8 @@ __all__ = [
     "CpuAccess",
     "Device",
     "Direction",
+    "Exporter",
+    "ExporterAttachment",
     "Fence",
     "Frame",
     "Loan",
@@ -63,4 +67,8 @@ def __getattr__(name: str) -> Any:
         from .client.trio import open_device
 
         return open_device
+    if name in ("Exporter", "ExporterAttachment"):  # only exporters pay for their module
+        from . import client
+
+        return getattr(client, name)
     raise AttributeError(f"module 'bufbroker' has no attribute {name!r}")

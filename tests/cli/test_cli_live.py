@@ -129,7 +129,13 @@ def test_ls_json(broker: Broker, scene: Scene) -> None:
         "name": "frame-0",
         "size": 3 * MiB,
         "heap": "memfd",
-        "exporter": {"device": scene.camera.id, "name": "camera", "pid": os.getpid()},
+        "exporter": {
+            "device": scene.camera.id,
+            "name": "camera",
+            "pid": os.getpid(),
+            "supplies": False,
+            "revoked": False,
+        },
         "handles": 2,  # camera's own and the one encoder's open minted; preview's was closed
         "attached": 3,
         "mapped": 3,

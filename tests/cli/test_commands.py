@@ -17,7 +17,7 @@ def test_ls_rows_count_attachments_and_their_mappings() -> None:
         "name": "frame-0",
         "size": 3 * MiB,
         "heap": "memfd",
-        "exporter": {"device": 1, "name": "camera", "pid": 100},
+        "exporter": {"device": 1, "name": "camera", "pid": 100, "supplies": False, "revoked": False},
         "handles": 2,
         "attached": 3,  # preview is attached but not mapped
         "mapped": 3,  # camera once, encoder twice

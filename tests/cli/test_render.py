@@ -68,8 +68,8 @@ def test_devices_table() -> None:
     camera = lines[1]
     assert camera.split()[:4] == ["1", "100", "0", "camera"]
     assert "python3 camera.py --fps 30" in camera  # whole command line when not on a terminal
-    assert camera.split()[-7:] == ["2", "3.0", "MiB", "1.5", "MiB", "1", "1"]
-    assert lines[2].split()[-7:] == ["1", "0", "B", "0", "B", "1", "0"]
+    assert camera.split()[-8:] == ["2", "3.0", "MiB", "1.5", "MiB", "1", "1", "-"]  # CALLS: exports nothing
+    assert lines[2].split()[-8:] == ["1", "0", "B", "0", "B", "1", "0", "-"]
 
 
 def test_owner_names_fall_back_to_the_uid(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -88,8 +88,10 @@ def test_show_lists_every_part_with_tables_keyed_like_its_json() -> None:
         "handles: 2 live",
     ]
     assert "layout (2 segments):" in text and "  FD   OFFSET   LENGTH" in text
-    assert "  ID  DEVICE  NAME     PID  DIRECTION    MAP_COUNT" in text
-    assert any(line.split() == ["3", "2", "preview", "100", "-", "0"] for line in text.splitlines())
+    assert "  ID  DEVICE  NAME     PID  DIRECTION    MAP_COUNT  DYNAMIC  STALE" in text
+    assert any(
+        line.split() == ["3", "2", "preview", "100", "-", "0", "no", "0"] for line in text.splitlines()
+    )
     assert "cpu access: none" in text
     unallocated = render_show(show_buffer(FakeSource(), 2, now=NOW))
     assert "layout: not allocated yet" in unallocated and "attachments: none" in unallocated

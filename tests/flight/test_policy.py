@@ -40,7 +40,7 @@ def test_a_service_with_no_allow_exposes_nothing(hosts: Hosts) -> None:
 
 
 def test_globs_decide_and_leak_no_names(hosts: Hosts) -> None:
-    service = hosts.serve("--allow", "frame-?", "--allow-write", "up-*")
+    service = hosts.serve("--allow-read", "frame-?", "--allow-write", "up-*", "--allow", "both")
     with hosts.a.connect("camera") as a, hosts.b.connect("encoder") as b:
         publish(a, "frame-1", pattern(PAGE))
         publish(a, "frame-10", pattern(PAGE))
@@ -60,6 +60,9 @@ def test_globs_decide_and_leak_no_names(hosts: Hosts) -> None:
         bf.push(service.location, local, name="up-1")
         assert _errno(bf.fetch, service.location, "up-1", device=b) == errno.EACCES
         assert _errno(bf.drop, service.location, "frame-1") == errno.EACCES
+        # --allow gives both.
+        bf.push(service.location, local, name="both")
+        bf.fetch(service.location, "both", device=b).close()
         assert [e["name"] for e in b.buffers()] == ["local"]
 
 

@@ -25,7 +25,14 @@ __all__ = ["MADE", "Chain"]
 MADE = 1024  # requests whose product a later request may still refer to
 
 _FIELDS = ("buffer", "attachment")
-_MAKES = {p.Allocate: "id", p.Open: "id", p.Import: "id", p.ExportMemfd: "id", p.Attach: "attachment"}
+_MAKES = {
+    p.Allocate: "id",
+    p.Open: "id",
+    p.Import: "id",
+    p.ExportMemfd: "id",
+    p.Export: "id",
+    p.Attach: "attachment",
+}
 
 
 def _ref(args: p.OpArgs) -> tuple[str, p.Ref] | None:

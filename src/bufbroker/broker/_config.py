@@ -80,6 +80,13 @@ class Config:
     max_fences_per_uid: int = _count(1024, "live fences one uid may have made (EDQUOT beyond)")
     max_fences_per_buffer: int = _count(64, "points in one buffer's reservation (EDQUOT beyond)")
     max_fence_time: float = _count(10.0, "seconds a promised point may stay unsignalled (ETIMEDOUT)")
+    exporter_call_timeout: float = _count(
+        5.0, "seconds an exporter has to answer a call (the importer gets ETIMEDOUT)"
+    )
+    max_exporter_calls: int = _count(64, "calls one exporter may leave unanswered at once (EAGAIN beyond)")
+    max_queued_events: int = _count(
+        1024, "events and notices queued for a device that does not read them (it is disconnected beyond)"
+    )
     max_streams_per_uid: int = _count(64, "streams one uid may publish at once (EDQUOT beyond)")
     max_subscribers_per_stream: int = _count(16, "subscribers of one stream at once (EUSERS beyond)")
     max_subscriptions_per_uid: int = _count(256, "subscriptions one uid may hold at once (EDQUOT beyond)")

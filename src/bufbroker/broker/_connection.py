@@ -6,7 +6,9 @@ be closed off the loop (a client's descriptor can make close() wait). Requests a
 in order, except ``open`` with a timeout and ``cpu_begin`` on a buffer whose reservation has
 not signalled yet, which wait in their own tasks (up to max_pending_requests at once, and
 max_waiting_opens_per_uid for the uid) so that a waiting request does not stall the
-connection; each gives up its request's descriptors before it waits.
+connection; each gives up its request's descriptors before it waits. So do requests an
+exporter must answer (``_forward``). Events and notices for the device go
+out in order through ``post``.
 """
 
 from __future__ import annotations
@@ -27,9 +29,11 @@ from .. import protocol as p
 from ..protocol import BrokerError, ProtocolError, RequestError
 from . import _fence_ops, _stream_ops
 from ._chain import Chain
+from ._exports import export_remote, revoke
 from ._handles import handle_key
 from ._heap import adopt_memfd
 from ._introspect import buffer_page, device_page, stats, stream_page, timeline_page
+from ._outbox import Outbox
 from ._packets import NO_FDS, FdBag, inbox, packet
 from ._records import Buffer, Device
 from ._state import Mapped
@@ -48,6 +52,7 @@ FAIRNESS = 16  # requests served without yielding to other tasks, at most
 _SETTLE_FIRST = frozenset(
     {
         p.Allocate,
+        p.Export,
         p.ExportMemfd,
         p.Open,
         p.SetName,
@@ -99,6 +104,46 @@ class Connection:
         # complete at once (most do); trio's own calls are used whenever one would block.
         self._raw = socket.socket(fileno=sock.fileno())
         self._raw.setblocking(False)
+        self._scope = trio.CancelScope()  # the serving loop's: cancelled to hang up
+        self._outbox = Outbox(self._raw, self._send, self.state.config.max_queued_events, self._hang_up)
+
+    def post(self, message: p.Event | p.Call) -> None:
+        """Send ``message`` soon, in order, never waiting (see ``Outbox``)."""
+        if not self.gone:
+            self._outbox.post(message)
+
+    def _hang_up(self, why: str) -> None:
+        if why:
+            log.warning("closing %s: %s", self.device.label, why)
+        self.gone = True
+        self._scope.cancel()
+
+    async def _forwarded(self, request: p.Request, args: p.OpArgs) -> None:
+        """A request an exporter must answer (``args``: resolved), in a task of its own."""
+        try:
+            await self._forward(request, args)
+            await self._answer_waiting(request)
+        finally:
+            self.pending -= 1
+
+    async def _forward(self, request: p.Request, args: p.OpArgs) -> None:
+        """Answer ``request`` once its exporter has (see ``_forward``)."""
+        owned: list[int] = []
+        result: Any = None
+        try:
+            try:
+                result, owned = await self.server.forwarder.answer(self.device, args)
+                data = p.encode_reply(request.id, result)
+            except BrokerError as e:
+                data = p.encode(p.Error.from_exception(request.id, e))
+            except Exception:
+                log.exception("%s failed for %s", request.op, self.device.label)
+                data = p.encode(p.Error(id=request.id, errno=errno.EIO, message="internal broker error"))
+            self.chain.answered(request, result)
+            sending, owned = owned, []
+            await self._send(data, sending)
+        finally:
+            p.close_all(owned)
 
     async def send(self, message: p.Message, owned: Sequence[int] = ()) -> None:
         """Send ``message`` with the descriptors ``owned``, which are closed afterwards."""
@@ -178,73 +223,82 @@ class Connection:
         cfg = self.state.config
         max_fds = cfg.max_fds_per_message
         uid = self.device.uid
+        forwarder, state = self.server.forwarder, self.state
         served = 0
         async with trio.open_nursery() as nursery:
-            while not self.gone:
-                served += 1
-                if served % FAIRNESS == 0:
-                    await trio.lowlevel.checkpoint()  # let others run, and cancellation in
-                if self.discard.pending(uid):
-                    await self.discard.wait_room(uid)  # this uid's closes first, nobody else's
-                try:
-                    data, fds, truncated = await self._receive(buffer, max_fds)
-                except p.FdOverflow as e:
-                    self.discard.close(uid, e.fds)
-                    await self.send(p.Error.from_exception(None, e))
-                    continue
-                except OSError:
-                    break  # ECONNRESET and the like: the peer is gone
-                if not data and not fds:
-                    if self._hung_up():
-                        break  # end of file
-                    await self.send(p.Error.from_exception(None, ProtocolError("an empty packet")))
-                    break
-                bag = FdBag(fds, self.discard, uid) if fds else NO_FDS
-                try:
-                    if fds and not self.state.reserve.allows(uid, max(fds)):
-                        try:
-                            self.state.reserve.check(uid, fds)
-                        except BrokerError as e:  # EMFILE: these are kept for root
-                            raise RequestError(p.peek_request_id(data) or 0, e) from None
-                    if truncated:
-                        raise RequestError(
-                            p.peek_request_id(data) or 0,
-                            BrokerError(
-                                errno.EMSGSIZE, f"a message may be at most {cfg.max_message_size} bytes"
-                            ),
-                        )
-                    message = p.decode(data, fds, max_items=cfg.max_message_size)
-                    if type(message) is not p.Request:
-                        raise ProtocolError("clients send requests only")
-                    if self.pending >= cfg.max_pending_requests:
-                        raise RequestError(
-                            message.id,
-                            BrokerError(
-                                errno.EAGAIN, f"max_pending_requests ({cfg.max_pending_requests}) in flight"
-                            ),
-                        )
-                    if type(message.args) is p.Open and message.args.timeout:
-                        self._park_open(nursery, message)
+            nursery.start_soon(self._outbox.run)
+            with self._scope:
+                while not self.gone:
+                    served += 1
+                    if served % FAIRNESS == 0:
+                        await trio.lowlevel.checkpoint()  # let others run, and cancellation in
+                    if self.discard.pending(uid):
+                        await self.discard.wait_room(uid)  # this uid's closes first, nobody else's
+                    try:
+                        data, fds, truncated = await self._receive(buffer, max_fds)
+                    except p.FdOverflow as e:
+                        self.discard.close(uid, e.fds)
+                        await self.send(p.Error.from_exception(None, e))
                         continue
-                    if type(message.args) is p.Subscribe and message.args.timeout:
-                        _stream_ops.park_subscribe(self, nursery, message)
-                        continue
-                    if (blocker := self.chain.blocker(message.args)) is not None:
-                        self.chain.wait(message, blocker)  # its descriptors are discarded now
-                        self.pending += 1
-                        continue
-                    if type(message.args) is p.CpuBegin and (points := self._reserved(message.args)):
-                        self._park_cpu(nursery, message, points)
-                        continue
-                    await self._send(*self._answer(message, bag))
-                except RequestError as e:
-                    await self.send(p.Error.from_exception(e.id, e))
-                except ProtocolError as e:
-                    log.info("closing %s: %s", self.device.label, e.strerror)
-                    await self.send(p.Error.from_exception(None, e))
-                    break
-                finally:
-                    bag.close()
+                    except OSError:
+                        break  # ECONNRESET and the like: the peer is gone
+                    if not data and not fds:
+                        if self._hung_up():
+                            break  # end of file
+                        await self.send(p.Error.from_exception(None, ProtocolError("an empty packet")))
+                        break
+                    bag = FdBag(fds, self.discard, uid) if fds else NO_FDS
+                    try:
+                        if fds and not self.state.reserve.allows(uid, max(fds)):
+                            try:
+                                self.state.reserve.check(uid, fds)
+                            except BrokerError as e:  # EMFILE: these are kept for root
+                                raise RequestError(p.peek_request_id(data) or 0, e) from None
+                        if truncated:
+                            raise RequestError(
+                                p.peek_request_id(data) or 0,
+                                BrokerError(
+                                    errno.EMSGSIZE, f"a message may be at most {cfg.max_message_size} bytes"
+                                ),
+                            )
+                        message = p.decode(data, fds, max_items=cfg.max_message_size)
+                        if type(message) in (p.Answer, p.Refusal) and self.device.exporter:
+                            forwarder.answered(self.device, message, bag)  # type: ignore[arg-type]
+                            continue
+                        if type(message) is not p.Request:
+                            raise ProtocolError("clients send requests only")
+                        if self.pending >= cfg.max_pending_requests:
+                            raise RequestError(
+                                message.id,
+                                BrokerError(
+                                    errno.EAGAIN,
+                                    f"max_pending_requests ({cfg.max_pending_requests}) in flight",
+                                ),
+                            )
+                        if type(message.args) is p.Subscribe and message.args.timeout:
+                            _stream_ops.park_subscribe(self, nursery, message)
+                            continue
+                        if type(message.args) is p.Open and message.args.timeout:
+                            self._park_open(nursery, message)
+                            continue
+                        if (blocker := self.chain.blocker(message.args)) is not None:
+                            self.chain.wait(message, blocker)  # its descriptors are discarded now
+                            self.pending += 1
+                            continue
+                        if type(message.args) is p.CpuBegin and (points := self._reserved(message.args)):
+                            self._park_cpu(nursery, message, points)
+                            continue
+                        if state.exporters and self._start_forward(nursery, message):
+                            continue
+                        await self._send(*self._answer(message, bag))
+                    except RequestError as e:
+                        await self.send(p.Error.from_exception(e.id, e))
+                    except ProtocolError as e:
+                        log.info("closing %s: %s", self.device.label, e.strerror)
+                        await self.send(p.Error.from_exception(None, e))
+                        break
+                    finally:
+                        bag.close()
             nursery.cancel_scope.cancel()
 
     def _answer(self, request: p.Request, bag: FdBag) -> tuple[bytes, Sequence[int]]:
@@ -310,6 +364,20 @@ class Connection:
             self.pending -= 1
             self.state.quotas.end_wait(self.device.uid)
 
+    def _start_forward(self, nursery: trio.Nursery, request: p.Request) -> bool:
+        """Start ``request`` if an exporter must answer it (True); later ones that refer to it
+        wait for it."""
+        try:
+            args = self.chain.resolve(request.args)
+        except BrokerError:
+            return False  # _answer says why
+        if not self.server.forwarder.wants(self.device, args):
+            return False
+        self.pending += 1
+        self.chain.unanswered(request.id)
+        nursery.start_soon(self._forwarded, request, args)
+        return True
+
     def _reserved(self, args: p.CpuBegin) -> Points:
         """The reservation's points a cpu access must wait for (none if the request is bad)."""
         try:
@@ -331,7 +399,8 @@ class Connection:
         nursery.start_soon(self._waiting_cpu, request, points)
 
     async def _waiting_cpu(self, request: p.Request, points: Points) -> None:
-        """``cpu_begin`` parked until its reservation signals, as DMA_BUF_IOCTL_SYNC waits."""
+        """``cpu_begin`` parked until its reservation signals, as DMA_BUF_IOCTL_SYNC waits;
+        then answered, by the buffer's exporter if it has one (begin_cpu_access comes after)."""
         assert isinstance(request.args, p.CpuBegin)
         sync = self.state.sync
         signalled = trio.Event()
@@ -340,23 +409,39 @@ class Connection:
             timeout = request.args.timeout
             with trio.move_on_after(math.inf if timeout is None else timeout):
                 await signalled.wait()
-            if signalled.is_set():
-                await self._send(*self._answer(request, NO_FDS))
-            else:
+            if not signalled.is_set():
                 error = BrokerError(errno.ETIME, f"the buffer's fences did not signal within {timeout} s")
                 self.chain.answered(request, None)
                 await self.send(p.Error.from_exception(request.id, error))
+            elif self.state.exporters and self._forwarded_to(request):
+                await self._forward(request, self.chain.resolve(request.args))
+            else:
+                await self._send(*self._answer(request, NO_FDS))
             await self._answer_waiting(request)
         finally:
             sync.cancel(wait)
             self.pending -= 1
             self.state.quotas.end_wait(self.device.uid)
 
+    def _forwarded_to(self, request: p.Request) -> bool:
+        """Whether an exporter answers ``request`` (a bad reference is answered here)."""
+        try:
+            return self.server.forwarder.wants(self.device, self.chain.resolve(request.args))
+        except BrokerError:
+            return False
+
     async def _answer_waiting(self, request: p.Request) -> None:
         """Answer, in order, the requests that waited for ``request`` (just answered)."""
         for follower in self.chain.take(request.id):
             self.pending -= 1
-            await self._send(*self._answer(follower, NO_FDS))
+            try:
+                args = self.chain.resolve(follower.args)
+            except BrokerError:
+                args = follower.args  # _answer says why
+            if self.server.forwarder.wants(self.device, args):
+                await self._forward(follower, args)
+            else:
+                await self._send(*self._answer(follower, NO_FDS))
             await self._answer_waiting(follower)
 
     # --- the ops -------------------------------------------------------------------------
@@ -404,8 +489,8 @@ class Connection:
             case p.Release(buffer=int(buffer_id)):
                 state.release(dev, buffer_id)
                 return {}, []
-            case p.Attach(buffer=int(buffer_id)):
-                return {"attachment": state.attach(dev, buffer_id).id}, []
+            case p.Attach(buffer=int(buffer_id), dynamic=dynamic):
+                return {"attachment": state.attach(dev, buffer_id, dynamic=dynamic).id}, []
             case p.Detach(attachment=int(att)):
                 state.detach(dev, att)
                 return {}, []
@@ -434,6 +519,17 @@ class Connection:
                 return _fence_ops.answer(self, args, bag)
             case p.Stats():
                 return stats(state, dev.uid, self.server.version, self.server.connections), []
+            case p.Export(size=size, name=name):
+                buffer = export_remote(state, dev, size, name=name)
+                return self._with_handle(buffer, readonly=False, new_ref=True)
+            case p.Move():  # with no exporter connected: the caller exports nothing
+                raise BrokerError(errno.EPERM, "only the exporter of a buffer may move it")
+            case p.Revoke(buffer=int(buffer_id)):
+                buffer = revoke(state, dev, buffer_id)
+                self.server.forwarder.abort(
+                    BrokerError(errno.ENODEV, f"buffer {buffer_id} was revoked"), buffer=buffer
+                )
+                return {}, []
             case p.Streams(after=after):
                 entries, more = stream_page(state, dev.uid, after)
                 return {"streams": entries, "more": more}, []
@@ -451,6 +547,7 @@ class Connection:
             "heap": buffer.heap,
             "exporter": None if theirs else buffer.exporter[1],
             "readonly": not self.device.refs[buffer.id].writable,
+            **({"revoked": True} if buffer.revoked else {}),  # said only when it is so
         }
 
     def _with_handle(self, buffer: Buffer, *, readonly: bool, new_ref: bool = False) -> tuple[Any, list[int]]:
@@ -476,7 +573,10 @@ class Connection:
             self.server.names.appeared((buffer.owner, buffer.name))
         return (self._describe(buffer) if new_ref else {}), [theirs]
 
-    def _backing(self, mapped: Mapped, undo: Any) -> tuple[Any, list[int]]:
+    def _backing(self, mapped: Mapped | None, undo: Any) -> tuple[Any, list[int]]:
+        if mapped is None:  # a remote buffer's, which _forward answers: a race with a revoke
+            undo()
+            raise BrokerError(errno.ENODEV, "the buffer's exporter is gone")
         # attach refused any layout longer than max_layout_segments: this always fits a reply
         segments = mapped.layout.to_wire()
         try:

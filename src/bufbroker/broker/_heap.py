@@ -21,7 +21,7 @@ import os
 
 from ..protocol import PAGE_SIZE, BrokerError
 
-__all__ = ["HEAPS", "Backing", "adopt_memfd", "allocate_memfd", "seal_snapshot"]
+__all__ = ["HEAPS", "Backing", "adopt_memfd", "allocate_memfd", "check_memfd", "seal_snapshot"]
 
 F_SEAL_FUTURE_WRITE = 0x10  # linux/fcntl.h; Python has no constant for it
 _OURS = fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW | fcntl.F_SEAL_SEAL
@@ -65,9 +65,17 @@ def allocate_memfd(size: int, label: str) -> Backing:
 def adopt_memfd(fd: int) -> Backing:
     """Take a client's memfd as a buffer's backing, under udmabuf's rules (udmabuf_create).
 
-    On success the Backing owns ``fd``; on error the caller still does. F_GET_SEALS comes
-    first: it fails at once for anything but shmem, so nothing below can be made to wait
-    (an fstat of a FUSE file could).
+    On success the Backing owns ``fd``; on error the caller still does.
+    """
+    return Backing(fd, check_memfd(fd))
+
+
+def check_memfd(fd: int) -> int:
+    """``fd``'s size, once it passes udmabuf's rules and is made safe to hand out (below).
+
+    Also the check of every memfd an exporter answers a map with. The caller keeps ``fd``.
+    F_GET_SEALS comes first: it fails at once for anything but shmem, so nothing below can be
+    made to wait (an fstat of a FUSE file could).
     """
     try:
         seals = fcntl.fcntl(fd, fcntl.F_GET_SEALS)
@@ -102,7 +110,7 @@ def adopt_memfd(fd: int) -> Backing:
             "group or others may write the memfd, and the broker cannot change its mode: "
             "take their write permission off first (fchmod 0600)",
         )
-    return Backing(fd, size)
+    return size
 
 
 def seal_snapshot(data: bytes) -> int:

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import itertools
 import os
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
 from .. import protocol as p
@@ -48,9 +48,16 @@ def _buffer(state: State, buffer: Buffer, viewer: int) -> dict[str, Any]:
         "name": None if theirs else buffer.name,
         "size": buffer.size,
         "heap": buffer.heap,
-        "exporter": {"device": None, "name": None, "pid": None}
-        if theirs
-        else {"device": device_id, "name": name, "pid": pid},
+        "exporter": {
+            **(
+                {"device": None, "name": None, "pid": None}
+                if theirs
+                else {"device": device_id, "name": name, "pid": pid}
+            ),
+            "supplies": buffer.remote is not None,
+        },
+        "revoked": buffer.revoked,
+        "pending_calls": _first(_pending(buffer, seen)),
         "owner": buffer.owner,
         "created": buffer.created,
         "handles": len(buffer.handles),
@@ -68,6 +75,8 @@ def _buffer(state: State, buffer: Buffer, viewer: int) -> dict[str, Any]:
                 "pid": a.device.pid,
                 "direction": a.direction.value if a.direction else None,
                 "map_count": a.map_count,
+                "dynamic": a.dynamic,
+                "stale": a.stale,
             }
             for a in buffer.attachments.values()
             if seen(a.device)
@@ -153,7 +162,19 @@ def _device(device: Device) -> dict[str, Any]:
         "bytes": sum(ref.buffer.size for ref in device.refs.values()),
         "attachments": len(device.attachments),
         "mappings": sum(a.map_count for a in device.attachments.values()),
+        "exporter": device.exporter,
+        "pending_calls": len(device.calls),
     }
+
+
+def _pending(buffer: Buffer, seen: Callable[[Device], bool]) -> Iterator[dict[str, Any]]:
+    """The calls its exporter has not answered yet (at most max_exporter_calls)."""
+    if buffer.remote is None:
+        return
+    for c in buffer.remote.calls.values():
+        if c.buffer is buffer and seen(c.importer):
+            importer = c.importer
+            yield {"id": c.id, "op": c.op, "device": importer.id, "pid": importer.pid, "started": c.started}
 
 
 def buffer_page(state: State, viewer: int, after: int) -> tuple[list[dict[str, Any]], bool]:

@@ -27,6 +27,11 @@ class FdBag:
         fd, self.fds[index] = self.fds[index], -1
         return fd
 
+    def take_all(self) -> list[int]:
+        fds = [fd for fd in self.fds if fd >= 0]
+        self.fds.clear()
+        return fds
+
     def close(self) -> None:
         if self.fds:
             left = [fd for fd in self.fds if fd >= 0]

@@ -24,6 +24,7 @@ __all__ = [
     "Fence",
     "Handle",
     "Key",
+    "PendingCall",
     "Ref",
     "Reserved",
     "Timeline",
@@ -56,6 +57,8 @@ class Device:
     attachments: dict[int, Attachment] = field(default_factory=dict)  # by attachment id
     cpu: Counter[tuple[int, Access]] = field(default_factory=Counter)  # (buffer id, mode)
     timelines: dict[int, TimelineRef] = field(default_factory=dict)  # held, by timeline id
+    exporter: bool = False  # said so at hello: it may export buffers and is sent their calls
+    calls: dict[int, PendingCall] = field(default_factory=dict)  # forwarded to it, unanswered
     streams: set[int] = field(default_factory=set)  # published, by stream id
     subscriptions: set[int] = field(default_factory=set)  # by subscriber id
 
@@ -82,6 +85,8 @@ class Attachment:
     buffer: Buffer
     direction: Direction | None = None  # None while unmapped
     map_count: int = 0
+    dynamic: bool = False  # told of moves instead of pinning (dma_buf_attach_ops.move_notify)
+    stale: int = 0  # mappings of memory the exporter has since moved away from, not yet unmapped
 
 
 @dataclass(eq=False, slots=True, kw_only=True)
@@ -109,10 +114,25 @@ class Buffer:
     layout: Layout | None = None  # chosen at the first map or cpu access
     backing: Backing | None = None  # exists from export for adopted memfds, else with layout
     reservation: list[Reserved] = field(default_factory=list)  # dma_resv: points to wait for
+    remote: Device | None = None  # the exporter that supplies its memory and answers its ops
+    revoked: bool = False  # its exporter is gone or revoked it: no new attach, map, cpu access
+    moving: int = 0  # moves under way (waiting for dynamic importers to let go of old memory)
 
     @property
     def alive(self) -> bool:
         return bool(self.handles or self.holders)
+
+
+@dataclass(eq=False, slots=True, kw_only=True)
+class PendingCall:
+    """A call forwarded to an exporter whose answer the broker still waits for."""
+
+    id: int
+    op: str
+    exporter: Device
+    importer: Device
+    buffer: Buffer
+    started: float
 
 
 @dataclass(slots=True)
@@ -142,7 +162,6 @@ class Wait:
     pending: int
     done: Callable[[Wait], None]
     status: int = 0  # 0 pending, 1 signalled, -errno failed
-    times: dict[int, int] = field(default_factory=dict)  # timeline id -> monotonic ns reached
 
 
 @dataclass(eq=False, slots=True, kw_only=True)

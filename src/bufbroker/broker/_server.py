@@ -14,6 +14,7 @@ import errno
 import logging
 import socket
 import struct
+from collections.abc import Iterable
 
 import trio
 
@@ -23,6 +24,7 @@ from ._config import Config
 from ._connection import Awake, Connection
 from ._discard import Discard
 from ._fdstore import FdStore, Notifier, restore
+from ._forward import Forwarder
 from ._handles import HandleTable
 from ._packets import inbox, receive
 from ._reaper import Reaper
@@ -74,10 +76,28 @@ class Server:
         self.names = NameWaiters()
         self.stream_names = NameWaiters()  # subscribes waiting for a stream
         self.discard = Discard()
+        self.unmapped = trio.lowlevel.ParkingLot()  # a moved buffer's stale mapping went away
+        self.state.post = self.post
+        self.state.unmapped = lambda buffer: self._wake_moves()
+        self.forwarder = Forwarder(self)
         self.version = version
         self.connections = 0
         self._live: set[Connection] = set()
+        self._by_device: dict[int, Connection] = {}
         self.awake = Awake()
+
+    def _wake_moves(self) -> None:
+        self.unmapped.unpark_all()
+
+    def post(self, device: Device, message: p.Event | p.Call) -> None:
+        """Queue ``message`` for ``device``'s connection, if it is still there."""
+        connection = self._by_device.get(device.id)
+        if connection is not None:
+            connection.post(message)
+
+    def close_later(self, uid: int, fds: Iterable[int]) -> None:
+        """Close descriptors a client of ``uid`` gave, off the loop (a close can block)."""
+        self.discard.close(uid, list(fds))
 
     async def serve(
         self,
@@ -132,12 +152,19 @@ class Server:
                 log.debug("device %s connected", device.label)
                 connection = Connection(self, sock, device)
                 self._live.add(connection)
+                self._by_device[device.id] = connection
                 try:
                     await connection.run()
                 except Exception:  # a bug must cost one connection, never the broker
                     log.exception("connection of %s failed", device.label)
                 finally:
                     self._live.discard(connection)
+                    del self._by_device[device.id]
+                    if device.exporter:
+                        self.forwarder.abort(
+                            BrokerError(errno.ENODEV, f"the exporter {device.label} went away"),
+                            exporter=device,
+                        )
                     self.state.remove_device(device)
                     log.debug("device %s gone", device.label)
             finally:
@@ -194,6 +221,7 @@ class Server:
                     gid=gid,
                     command=_command(pid),
                     constraints=hello.constraints,
+                    exporter=hello.exporter,
                 )
                 reply = p.Reply(
                     id=message.id,
@@ -202,6 +230,8 @@ class Server:
                         "device": device.id,
                         "broker": self.version,
                         "page_size": p.PAGE_SIZE,
+                        # Said only to a device that asked: a version-1 reply is unchanged.
+                        **({"exporter": True} if hello.exporter else {}),
                     },
                 )
                 try:

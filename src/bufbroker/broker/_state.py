@@ -22,8 +22,11 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from .. import protocol as p
 from ..protocol import Access, BrokerError, Constraints, Direction, page_round
 from ._config import Config
+from ._exports import revoke_buffer
+from ._fits import check_fits, check_length
 from ._heap import HEAPS, Backing, allocate_memfd
 from ._layout import Layout, combine, plan
 from ._quota import Quotas
@@ -82,14 +85,20 @@ class State:
         self.reserve = Reserve(config.fd_reserve)
         self._next_ids: dict[str, int] = {}
         self.observer = Observer()
-        self.sync = Sync(config, self.quotas, self._id, clock, time.monotonic, QuietHooks())
-        self.streams = Streams(config, self.quotas, self.sync, self._id, clock, lambda b: self.free(b))
+        self.sync = Sync(config, self.quotas, self.new_id, clock, time.monotonic, QuietHooks())
+        # Messages for a device outside its request's reply: events, and notices to exporters
+        # (the server queues them on the device's connection), and a word that a moved
+        # buffer's stale mapping went away (the server wakes the move waiting for it).
+        self.post: Callable[[Device, p.Event | p.Call], None] = lambda device, message: None
+        self.unmapped: Callable[[Buffer], None] = lambda buffer: None
+        self.exporters = 0  # devices connected as exporters: without any, nothing is forwarded
+        self.streams = Streams(config, self.quotas, self.sync, self.new_id, clock, lambda b: self.free(b))
 
     def reserve_id(self, kind: str, id: int) -> None:
         """An id kept across a restart: new ones of its kind come after it."""
         self._next_ids[kind] = max(self._next_ids.get(kind, 1), id + 1)
 
-    def _id(self, kind: str) -> int:
+    def new_id(self, kind: str) -> int:
         """Ids count per kind (buffer 1, 2, ...; device 1, 2, ...) and are never reused."""
         id = self._next_ids.get(kind, 1)
         self._next_ids[kind] = id + 1
@@ -104,10 +113,18 @@ class State:
         self.quotas.leave(uid)
 
     def add_device(
-        self, *, name: str, pid: int, uid: int, gid: int, command: str, constraints: Constraints
+        self,
+        *,
+        name: str,
+        pid: int,
+        uid: int,
+        gid: int,
+        command: str,
+        constraints: Constraints,
+        exporter: bool = False,
     ) -> Device:
         device = Device(
-            id=self._id("device"),
+            id=self.new_id("device"),
             name=name,
             pid=pid,
             uid=uid,
@@ -115,18 +132,31 @@ class State:
             command=command,
             constraints=constraints,
             connected=self.clock(),
+            exporter=exporter,
         )
         self.devices[device.id] = device
+        self.exporters += exporter
         return device
 
     def remove_device(self, device: Device) -> None:
-        """Everything the device held goes, as when a process dies with its dma-buf fds."""
+        """Everything the device held goes, as when a process dies with its dma-buf fds.
+
+        An exporter's buffers are revoked (docs/CONCEPTS.md): their holders keep what they
+        have mapped, and get ENODEV for anything new.
+        """
+        if device.exporter:
+            self.exporters -= 1
+            for buffer in self.buffers.values():
+                if buffer.remote is device:
+                    revoke_buffer(self, buffer)
         self.streams.device_gone(device)
         for att in list(device.attachments.values()):
-            att.map_count = 0
             self._drop_attachment(att)
-        for buffer_id, access in device.cpu:
-            self.buffers[buffer_id].cpu.pop((device.id, access), None)
+        for (buffer_id, access), count in device.cpu.items():
+            buffer = self.buffers[buffer_id]
+            buffer.cpu.pop((device.id, access), None)
+            for _ in range(count):
+                self.tell(buffer, p.EndCpuCall(buffer=buffer_id, access=access))
         device.cpu.clear()
         for ref in list(device.refs.values()):
             self._drop_ref(device, ref)
@@ -139,19 +169,26 @@ class State:
         if name and self.names.get((owner, name), buffer) is not buffer:
             raise BrokerError(errno.EEXIST, f"the name {name!r} belongs to another buffer")
 
-    def _create(
-        self, device: Device, size: int, heap: str, name: str | None, backing: Backing | None
+    def create(
+        self,
+        device: Device,
+        size: int,
+        heap: str,
+        name: str | None,
+        backing: Backing | None,
+        remote: Device | None = None,
     ) -> Buffer:
         self.quotas.check(device.uid, size)
         self._check_name_free(device.uid, name)
         buffer = Buffer(
-            id=self._id("buffer"),
+            id=self.new_id("buffer"),
             size=size,
             heap=heap,
             owner=device.uid,
             created=self.clock(),
             exporter=(device.id, device.name, device.pid),
             backing=backing,
+            remote=remote,
         )
         self.buffers[buffer.id] = buffer
         self.quotas.charge(device.uid, size)
@@ -174,7 +211,9 @@ class State:
     ) -> Buffer:
         """A buffer carried across a broker restart; only its handles hold it until imported.
 
-        Quotas are charged but not checked: the buffer already existed within them.
+        Quotas are charged but not checked: the buffer already existed within them. An
+        exporter's buffer comes back revoked: its exporter's connection ended with the old
+        broker, and its memory never was the broker's.
         """
         buffer = Buffer(
             id=id,
@@ -185,6 +224,7 @@ class State:
             exporter=exporter,
             backing=backing,
             layout=layout if backing is not None else None,
+            revoked=heap == "exporter",
         )
         self.buffers = dict(sorted({**self.buffers, id: buffer}.items()))
         self._next_ids["buffer"] = max(self._next_ids.get("buffer", 1), id + 1)
@@ -199,7 +239,7 @@ class State:
             raise BrokerError(errno.EINVAL, "size must be at least 1 byte")
         if heap not in HEAPS:
             raise BrokerError(errno.ENODEV, f"no heap {heap!r} (heaps: {', '.join(HEAPS)})")
-        return self._create(device, page_round(size), heap, name, None)
+        return self.create(device, page_round(size), heap, name, None)
 
     def allocate_backing(self, size: int, label: str) -> Backing:
         """Memory from the default heap for something other than a buffer (a stream's pool)."""
@@ -207,7 +247,17 @@ class State:
 
     def export(self, device: Device, backing: Backing, *, name: str | None) -> Buffer:
         """A client's own memfd as a buffer (udmabuf); the backing is already checked."""
-        return self._create(device, backing.size, "memfd", name, backing)
+        return self.create(device, backing.size, "memfd", name, backing)
+
+    def tell(self, buffer: Buffer, notice: p.OpArgs) -> None:
+        """Tell a remote buffer's exporter, if it is still there, what an importer has done."""
+        exporter = buffer.remote
+        if exporter is not None and exporter.id in self.devices:
+            self.post(exporter, p.Call(None, p.OP_NAMES[type(notice)], notice))
+
+    def check_live(self, buffer: Buffer) -> None:
+        if buffer.revoked:
+            raise BrokerError(errno.ENODEV, f"buffer {buffer.id} was revoked by its exporter")
 
     def check_handle(self, device: Device) -> None:
         """Raise EDQUOT if no handle may be minted for ``device`` (before it is minted)."""
@@ -322,17 +372,23 @@ class State:
         self.sync.drop_reservation(buffer)
         if buffer.backing is not None:
             self.free(buffer.backing)
+        self.tell(buffer, p.ReleaseCall(buffer=buffer.id))
 
     # --- attachments and mappings --------------------------------------------------------
 
-    def attach(self, device: Device, buffer_id: int) -> Attachment:
+    def attach(self, device: Device, buffer_id: int, *, dynamic: bool = False) -> Attachment:
+        """The attachment; for a remote buffer, the server then asks its exporter (who may
+        refuse: ``drop_attachment``), as dma_buf_attach calls ``ops->attach``."""
         buffer = self._ref(device, buffer_id).buffer
+        self.check_live(buffer)
         limit = self.config.max_attachments_per_device
         if len(device.attachments) >= limit:
             raise BrokerError(errno.EDQUOT, f"max_attachments_per_device ({limit}) reached")
-        self._check_fits(buffer, device)
-        self._check_length(buffer, device)
-        att = Attachment(id=self._id("attachment"), device=device, buffer=buffer)
+        if buffer.remote is None:  # an exporter chooses its own layouts
+            others = self._attached(buffer)
+            check_fits(buffer, device, others)
+            check_length(buffer, device, others, self.config.max_layout_segments)
+        att = Attachment(id=self.new_id("attachment"), device=device, buffer=buffer, dynamic=dynamic)
         buffer.attachments[att.id] = att
         if buffer.attached is None:
             buffer.attached = {}
@@ -343,51 +399,6 @@ class State:
     def _attached(self, buffer: Buffer) -> list[Device]:
         """The devices attached to ``buffer``, each once, however many attachments it has."""
         return [self.devices[device_id] for device_id in buffer.attached or ()]
-
-    def _check_length(self, buffer: Buffer, device: Device) -> None:
-        """A layout too long for one map reply is refused here, before anything is fixed."""
-        if buffer.layout is not None:
-            return
-        wanted = combine([device.constraints, *(d.constraints for d in self._attached(buffer))])
-        layout = plan(buffer.size, wanted)
-        limit = self.config.max_layout_segments
-        if layout is not None and layout.count > limit:
-            raise BrokerError(
-                errno.EMSGSIZE,
-                f"the layout would have {layout.count} segments, more than max_layout_segments "
-                f"({limit}): allow longer segments (max_segment_size)",
-            )
-
-    def _check_fits(self, buffer: Buffer, device: Device) -> None:
-        mine = device.constraints
-        if buffer.layout is not None:
-            if not buffer.layout.satisfies(mine):
-                raise BrokerError(
-                    errno.EBUSY,
-                    f"buffer {buffer.id} is already laid out in {buffer.layout.count} segment(s) "
-                    f"that {device.label} cannot address",
-                )
-            return
-        if plan(buffer.size, mine) is None:
-            raise BrokerError(
-                errno.EINVAL,
-                f"{device.label} cannot address {buffer.size} bytes with its own constraints",
-            )
-        others = {d.id: d for d in self._attached(buffer)}
-        for other in others.values():
-            if plan(buffer.size, combine([mine, other.constraints])) is None:
-                raise BrokerError(
-                    errno.EINVAL,
-                    f"{device.label} conflicts with attached device {other.label}: no layout "
-                    f"of {buffer.size} bytes meets both",
-                )
-        everyone = [mine, *(d.constraints for d in others.values())]
-        if plan(buffer.size, combine(everyone)) is None:
-            names = ", ".join(d.label for d in others.values())
-            raise BrokerError(
-                errno.EINVAL,
-                f"{device.label} conflicts with the attached devices {names} taken together",
-            )
 
     def _attachment(self, device: Device, attachment_id: int) -> Attachment:
         att = device.attachments.get(attachment_id)
@@ -401,7 +412,8 @@ class State:
             raise BrokerError(errno.EBUSY, f"attachment {attachment_id} is still mapped")
         self._drop_attachment(att)
 
-    def _drop_attachment(self, att: Attachment) -> None:
+    def _drop_attachment(self, att: Attachment, *, tell: bool = True) -> None:
+        """Gone, mappings and all (the exporter is told of each, then of the detach)."""
         buffer = att.buffer
         del buffer.attachments[att.id]
         assert buffer.attached is not None
@@ -409,6 +421,20 @@ class State:
         if not buffer.attached[att.device.id]:
             del buffer.attached[att.device.id]
         del att.device.attachments[att.id]
+        if tell:
+            for _ in range(att.map_count):
+                self.tell(buffer, p.UnmapCall(buffer=buffer.id, attachment=att.id))
+            self.tell(buffer, p.DetachCall(buffer=buffer.id, attachment=att.id))
+        att.map_count = 0
+        if att.stale:
+            att.stale = 0
+            self.unmapped(buffer)
+
+    def drop_attachment(self, device: Device, attachment_id: int, *, tell: bool) -> None:
+        """Undo an attach the exporter refused (``tell=False``) or did not answer in time."""
+        att = device.attachments.get(attachment_id)
+        if att is not None:
+            self._drop_attachment(att, tell=tell)
 
     def _materialize(self, buffer: Buffer, device: Device) -> tuple[Layout, Backing]:
         """Late allocation: the layout (and memfd) chosen for everyone attached right now."""
@@ -429,8 +455,11 @@ class State:
         assert buffer.backing is not None
         return buffer.layout, buffer.backing
 
-    def map(self, device: Device, attachment_id: int, direction: Direction) -> Mapped:
+    def map(self, device: Device, attachment_id: int, direction: Direction) -> Mapped | None:
+        """The mapping; None for a remote buffer, whose memory the server then asks its
+        exporter for (the mapping is counted meanwhile: undo with ``unmap``)."""
         att = self._attachment(device, attachment_id)
+        self.check_live(att.buffer)
         if direction.writes and not device.refs[att.buffer.id].writable:
             raise BrokerError(errno.EACCES, f"a read-only handle cannot be mapped {direction.value}")
         current = att.direction
@@ -439,32 +468,43 @@ class State:
                 errno.EBUSY,
                 f"attachment {att.id} is mapped {current.value}; unmap it before mapping {direction.value}",
             )
-        layout, backing = self._materialize(att.buffer, device)
+        mapped = None
+        if att.buffer.remote is None:
+            mapped = Mapped(*self._materialize(att.buffer, device), direction.writes)
         if not att.map_count:
             att.direction = direction
         att.map_count += 1
-        return Mapped(layout, backing, direction.writes)
+        return mapped
 
-    def unmap(self, device: Device, attachment_id: int) -> None:
+    def unmap(self, device: Device, attachment_id: int, *, tell: bool = True) -> None:
         att = self._attachment(device, attachment_id)
         if not att.map_count:
             raise BrokerError(errno.EINVAL, f"attachment {attachment_id} is not mapped")
         att.map_count -= 1
         if not att.map_count:
             att.direction = None
+        if tell:
+            self.tell(att.buffer, p.UnmapCall(buffer=att.buffer.id, attachment=att.id))
+        if att.stale:  # the oldest mapping goes first: one of the old memory is gone
+            att.stale -= 1
+            self.unmapped(att.buffer)
 
     # --- cpu access ----------------------------------------------------------------------
 
-    def cpu_begin(self, device: Device, buffer_id: int, access: Access) -> Mapped:
+    def cpu_begin(self, device: Device, buffer_id: int, access: Access) -> Mapped | None:
+        """As ``map``: None for a remote buffer (counted meanwhile: undo with ``cpu_end``)."""
         ref = self._ref(device, buffer_id)
+        self.check_live(ref.buffer)
         if access.writes and not ref.writable:
             raise BrokerError(errno.EACCES, "a read-only handle allows cpu access read only")
-        layout, backing = self._materialize(ref.buffer, device)
+        mapped = None
+        if ref.buffer.remote is None:
+            mapped = Mapped(*self._materialize(ref.buffer, device), access.writes)
         device.cpu[(buffer_id, access)] += 1
         ref.buffer.cpu[(device.id, access)] += 1
-        return Mapped(layout, backing, access.writes)
+        return mapped
 
-    def cpu_end(self, device: Device, buffer_id: int, access: Access) -> None:
+    def cpu_end(self, device: Device, buffer_id: int, access: Access, *, tell: bool = True) -> None:
         buffer = self._ref(device, buffer_id).buffer
         if not device.cpu[(buffer_id, access)]:
             del device.cpu[(buffer_id, access)]
@@ -473,3 +513,5 @@ class State:
             counter[key] -= 1
             if not counter[key]:
                 del counter[key]
+        if tell:
+            self.tell(buffer, p.EndCpuCall(buffer=buffer_id, access=access))

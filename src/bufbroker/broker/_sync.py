@@ -27,65 +27,18 @@ import errno
 import heapq
 import itertools
 from collections.abc import Callable, Iterable
-from typing import Protocol
 
 from ..protocol import MAX_FENCE_TIMELINES, Access, BrokerError
 from ._config import Config
 from ._quota import Quotas
 from ._records import Buffer, Device, Fence, Key, Reserved, Timeline, TimelineRef, Wait
+from ._sync_hooks import QuietHooks, SyncHooks, SyncObserver
 from ._timeline_page import TimelinePage
 
 __all__ = ["Points", "QuietHooks", "Sync", "SyncHooks", "SyncObserver"]
 
 Points = dict[int, tuple[Timeline, int]]  # one point per timeline, by timeline id
 _PROMISES = 1024  # unkept promises remembered per timeline; past that, the last one is raised
-
-
-class SyncHooks(Protocol):
-    def watch(self, timeline: Timeline, on: bool) -> None: ...
-
-    def kick(self, timeline: Timeline) -> None: ...
-
-    def fence_done(self, fence: Fence) -> None: ...
-
-    def deadline(self, when: float) -> None: ...
-
-    def freed(self, timeline: Timeline) -> None: ...
-
-
-class SyncObserver:
-    """Told of the timelines and handles that outlive a connection; the fd store keeps them."""
-
-    def timeline_added(self, timeline: Timeline) -> None:
-        pass
-
-    def timeline_removed(self, timeline: Timeline) -> None:
-        pass
-
-    def handle_added(self, timeline: Timeline, key: Key) -> None:
-        pass
-
-    def handle_removed(self, timeline: Timeline, key: Key) -> None:
-        pass
-
-
-class QuietHooks:
-    """The hooks of a state with no server behind it: nothing is watched or woken."""
-
-    def watch(self, timeline: Timeline, on: bool) -> None:
-        pass
-
-    def kick(self, timeline: Timeline) -> None:
-        pass
-
-    def fence_done(self, fence: Fence) -> None:
-        pass
-
-    def deadline(self, when: float) -> None:
-        pass
-
-    def freed(self, timeline: Timeline) -> None:
-        timeline.page.close()
 
 
 class Sync:
@@ -362,7 +315,7 @@ class Sync:
                 if len(timeline.waits) == 1:
                     self.hooks.watch(timeline, True)  # wakes at once if signalled meanwhile
             else:
-                _reached(wait, timeline, status)
+                _reached(wait, status)
         if not wait.pending:
             wait.status = wait.status or 1
             done(wait)
@@ -384,7 +337,7 @@ class Sync:
                 break
             heapq.heappop(waits)
             settled += 1
-            _reached(wait, timeline, status)
+            _reached(wait, status)
             wait.pending -= 1
             if not wait.pending:
                 wait.status = wait.status or 1
@@ -420,8 +373,8 @@ def _check_size(points: Points) -> None:
         raise BrokerError(errno.E2BIG, f"a fence may name at most {MAX_FENCE_TIMELINES} timelines")
 
 
-def _reached(wait: Wait, timeline: Timeline, status: int) -> None:
-    wait.times[timeline.id] = timeline.page.signalled_at
+def _reached(wait: Wait, status: int) -> None:
+    """Note a point reached or failed: the first failure is the wait's status."""
     if status < 0 and wait.status >= 0:
         wait.status = status
 

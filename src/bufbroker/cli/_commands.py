@@ -73,6 +73,8 @@ if TYPE_CHECKING:
         device: int
         name: str
         pid: int
+        supplies: bool  # a device that supplies the memory and answers the ops (an exporter process)
+        revoked: bool  # that exporter went away or revoked the buffer
 
     class BufferRow(TypedDict):
         """One ``ls`` row: ID NAME SIZE HEAP EXPORTER HANDLES ATTACHED MAPPED OWNER AGE."""
@@ -89,7 +91,7 @@ if TYPE_CHECKING:
         age: float
 
     class DeviceRow(TypedDict):
-        """One ``devices`` row: ID PID UID NAME COMMAND BUFFERS BYTES PSS ATTACHMENTS MAPPINGS.
+        """One ``devices`` row: ID PID UID NAME COMMAND BUFFERS BYTES PSS ATTACHMENTS MAPPINGS CALLS.
 
         ``id`` is the device id that ``show`` lists holders by.
         """
@@ -104,6 +106,7 @@ if TYPE_CHECKING:
         pss: int
         attachments: int
         mappings: int
+        calls: int | None  # an exporter's calls not answered yet; None for a device exporting nothing
 
 
 def buffer_row(entry: dict[str, Any], now: float) -> BufferRow:
@@ -113,7 +116,13 @@ def buffer_row(entry: dict[str, Any], now: float) -> BufferRow:
         "name": entry["name"],
         "size": entry["size"],
         "heap": entry["heap"],
-        "exporter": {"device": exporter["device"], "name": exporter["name"], "pid": exporter["pid"]},
+        "exporter": {
+            "device": exporter["device"],
+            "name": exporter["name"],
+            "pid": exporter["pid"],
+            "supplies": exporter.get("supplies", False),
+            "revoked": entry.get("revoked", False),
+        },
         "handles": entry["handles"],
         "attached": len(entry["attachments"]),
         "mapped": sum(a["map_count"] for a in entry["attachments"]),
@@ -147,9 +156,12 @@ def show_buffer(source: Source, buffer: int | str, now: float | None = None) -> 
         if layout is None
         else [{"fd": fd, "offset": offset, "length": length} for fd, offset, length in layout],
         "importers": entry["importers"],
-        "attachments": entry["attachments"],
+        "attachments": [{"dynamic": False, "stale": 0, **a} for a in entry["attachments"]],
         "cpu_access": entry["cpu_access"],
         "fences": entry.get("fences", []),
+        "pending_calls": [
+            {**c, "waiting": max(0.0, now - c["started"])} for c in entry.get("pending_calls", [])
+        ],
     }
 
 
@@ -205,6 +217,7 @@ def device_rows(devices: list[dict[str, Any]], buffers: list[dict[str, Any]]) ->
                 "pss": sum(size[i] // len(holders[i]) for i in mine),
                 "attachments": d["attachments"],
                 "mappings": d["mappings"],
+                "calls": d.get("pending_calls", 0) if d.get("exporter") else None,
             }
         )
     return rows

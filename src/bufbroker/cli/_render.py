@@ -33,7 +33,19 @@ __all__ = [
 
 BUFFER_COLUMNS = ("ID", "NAME", "SIZE", "HEAP", "EXPORTER", "HANDLES", "ATTACHED", "MAPPED", "OWNER", "AGE")
 TIMELINE_COLUMNS = ("ID", "NAME", "SIGNALLER", "VALUE", "PROMISED", "ERROR", "HOLDERS", "HANDLES", "AGE")
-DEVICE_COLUMNS = ("ID", "PID", "UID", "NAME", "COMMAND", "BUFFERS", "BYTES", "PSS", "ATTACHMENTS", "MAPPINGS")
+DEVICE_COLUMNS = (
+    "ID",
+    "PID",
+    "UID",
+    "NAME",
+    "COMMAND",
+    "BUFFERS",
+    "BYTES",
+    "PSS",
+    "ATTACHMENTS",
+    "MAPPINGS",
+    "CALLS",
+)
 # Sizes and ages are text in the table but quantities all the same: flush right, like numbers.
 _RIGHT = {"SIZE", "AGE", "BYTES", "PSS", "LENGTH", "OFFSET"}
 _COMMAND_WIDTH = 40  # on a terminal only; piped output keeps the whole command line
@@ -66,7 +78,8 @@ def buffer_cells(row: BufferRow) -> list[object]:
         row["name"],
         iec(row["size"]),
         row["heap"],
-        "-" if exporter["name"] is None else f"{exporter['name']}/{exporter['pid']}",  # another uid's
+        ("-" if exporter["name"] is None else f"{exporter['name']}/{exporter['pid']}")  # "-": another uid's
+        + (",revoked" if exporter["revoked"] else ""),
         row["handles"],
         row["attached"],
         row["mapped"],
@@ -98,6 +111,7 @@ def render_devices(rows: Sequence[DeviceRow], *, legend: bool = True) -> str:
             iec(r["pss"]),
             r["attachments"],
             r["mappings"],
+            r["calls"],
         ]
         for r in rows
     ]
@@ -117,15 +131,21 @@ def _section(title: str, entries: Sequence[dict[str, Any]], keys: Sequence[str],
 def render_show(data: dict[str, Any], *, legend: bool = True) -> str:
     """``show ID``: a few lines of facts, then layout, holders, attachments and cpu access."""
     exporter = data["exporter"]
+    where = f"(device {exporter['device']}, pid {exporter['pid']})"
     lines = [
         f"buffer {data['id']}: {printable(data['name']) if data['name'] else '(no name)'}",
         f"size: {iec(data['size'])} ({data['size']} bytes), heap {data['heap']}",
-        "exporter: (another user's device)"
-        if exporter["name"] is None
-        else f"exporter: {printable(exporter['name'])} (device {exporter['device']}, pid {exporter['pid']})",
+        (
+            "exporter: (another user's device)"
+            if exporter["name"] is None
+            else f"exporter: {printable(exporter['name'])} {where}"
+        )
+        + (", which supplies the memory and answers the ops" if exporter["supplies"] else ""),
         f"owner: {user_name(data['owner'])} (uid {data['owner']}), age {age(data['age'])}",
         f"handles: {data['handles']} live",
     ]
+    if exporter["revoked"]:
+        lines.append("revoked: no new attach, map or cpu access (ENODEV); mappings made before stay")
     if data["layout"] is None:
         lines.append("layout: not allocated yet (backing comes at the first map or cpu access)")
     else:
@@ -133,12 +153,16 @@ def render_show(data: dict[str, Any], *, legend: bool = True) -> str:
         title = f"layout ({count} segment{'s' if count != 1 else ''})"
         lines += _section(title, data["layout"], ("fd", "offset", "length"), legend)
     lines += _section("held by", data["importers"], ("device", "name", "pid", "count"), legend)
+    attachments = [{**a, "dynamic": "yes" if a["dynamic"] else "no"} for a in data["attachments"]]
     lines += _section(
         "attachments",
-        data["attachments"],
-        ("id", "device", "name", "pid", "direction", "map_count"),
+        attachments,
+        ("id", "device", "name", "pid", "direction", "map_count", "dynamic", "stale"),
         legend,
     )
+    if exporter["supplies"]:
+        calls = [{**c, "waiting": age(c["waiting"])} for c in data["pending_calls"]]
+        lines += _section("calls to the exporter", calls, ("id", "op", "device", "pid", "waiting"), legend)
     lines += _section("cpu access", data["cpu_access"], ("device", "name", "pid", "access", "count"), legend)
     fences = [{**f, "status": fence_status(f["status"])} for f in data.get("fences", [])]
     lines += _section("fences", fences, ("timeline", "name", "point", "usage", "status"), legend)

@@ -48,8 +48,9 @@ __all__ = [
 ]
 
 MAX_REPLY = 256 << 10  # above any SOCK_SEQPACKET packet the kernel lets the broker send
-MAX_REPLY_FDS = 1 + 2 * p.MAX_FENCE_TIMELINES  # a fence, and a page and an eventfd per timeline
+MAX_REPLY_FDS = p.MAX_REPLY_FDS
 DEFAULT_TIMEOUT = 10.0  # seconds a call waits for the broker's answer, unless told otherwise
+MOVE_WAIT = 60.0  # above any exporter_call_timeout: what a move without a timeout may take
 # What a cpu access without a timeout may wait for its buffer's fences, beyond the call's own
 # limit: the broker's default max_fence_time, which bounds every promised point.
 FENCE_ALLOWANCE = 10.0
@@ -89,6 +90,8 @@ class Session:
         constraints: Constraints | None,
         path: str = "",
         timeout: float | None = DEFAULT_TIMEOUT,
+        *,
+        exporter: bool = False,
     ) -> None:
         if timeout is not None and not (timeout > 0 and math.isfinite(timeout)):
             raise BrokerError(
@@ -96,6 +99,8 @@ class Session:
             )
         self.name = name
         self.constraints = constraints or Constraints()
+        self.exporter = exporter
+        self.revoked: set[int] = set()  # buffers whose exporter revoked them (the "revoked" event)
         self.path = path
         self.timeout = timeout
         self._ids = itertools.count(1)
@@ -136,7 +141,9 @@ class Session:
         limit = self.timeout if timeout is None else timeout
         if limit is not None and type(args) is p.Open and args.timeout:
             limit += args.timeout
-        if limit is not None and type(args) is p.CpuBegin:  # waits on the buffer's fences first
+        elif limit is not None and type(args) is p.Move:  # the broker waits for importers
+            limit += MOVE_WAIT if args.timeout is None else args.timeout
+        elif limit is not None and type(args) is p.CpuBegin:  # waits on the buffer's fences first
             limit += FENCE_ALLOWANCE if args.timeout is None else args.timeout
         return limit
 
@@ -170,7 +177,9 @@ class Session:
         return None
 
     def hello_args(self) -> p.Hello:
-        return p.Hello(version=p.PROTOCOL_VERSION, name=self.name, constraints=self.constraints)
+        return p.Hello(
+            version=p.PROTOCOL_VERSION, name=self.name, constraints=self.constraints, exporter=self.exporter
+        )
 
     def welcome(self, result: dict[str, Any]) -> None:
         self.device_id = result["device"]
@@ -215,6 +224,29 @@ class Session:
             self.settle_abandoned(message.id, message)
         return None
 
+    def route(self, data: bytes | memoryview, fds: list[int]) -> p.Call | p.Event | None:
+        """For a thread that reads the socket for everyone (an exporter's, see ``_threads``):
+        park a reply for the thread waiting for it (or settle an abandoned one) and return
+        None; return a call or event for the reader to serve. End of file is an error."""
+        message = self.receive(data, fds)
+        if message is None:
+            raise self.lost()
+        if isinstance(message, p.Call | p.Event):
+            return message
+        if isinstance(message, p.Reply | p.Error):
+            if message.id is None:  # the broker blames no request: it is about to hang up
+                p.close_all(message.fds)
+                raise message.exception()
+            if message.id in self.waiting:
+                self.parked[message.id] = message
+                return None
+            if message.id in self.abandoned:
+                p.close_all(message.fds)
+                self.settle_abandoned(message.id, message)
+                return None
+        p.close_all(message.fds)
+        return None
+
     def abandon(self, id: int, args: p.OpArgs) -> None:
         """Nobody waits for request ``id`` any more (a timeout, Ctrl-C): what its reply created
         is undone when it comes (``undo``), so the broker holds only what objects stand for."""
@@ -239,6 +271,8 @@ class Session:
             p.close_all(message.fds)
             if message.name == "shutdown":
                 self.shutting_down = True
+            elif message.name == "revoked" and type(buffer := message.args.get("buffer")) is int:
+                self.revoked.add(buffer)
 
     @staticmethod
     def outcome(message: p.Reply | p.Error) -> tuple[Any, list[int]]:
@@ -397,6 +431,8 @@ class BufferBase:
         self.closed = False
         self.mapping: MappingBase | None = None  # made with the buffer (``map=``), if asked
         device._buffers.add(self)
+        if result.get("revoked"):  # already, when this device got it
+            device._session.revoked.add(self.id)
 
     def _close_handle(self) -> None:
         if self.handle is not None:
@@ -407,6 +443,11 @@ class BufferBase:
         self.closed = True
         self._close_handle()
         self._device._buffers.discard(self)
+
+    @property
+    def revoked(self) -> bool:
+        """Whether its exporter revoked it (as far as events received so far say)."""
+        return self.id in self._device._session.revoked
 
     def __repr__(self) -> str:
         return f"<Buffer {self.id} {self.name!r} {self.size} bytes{' read-only' if self.readonly else ''}>"

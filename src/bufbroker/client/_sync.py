@@ -40,7 +40,11 @@ from ._sync_timeline import Fence, Timeline
 
 TYPE_CHECKING = False  # typing is not imported at run time: it costs the CLI start-up time
 if TYPE_CHECKING:
+    from collections.abc import Callable
     from typing import Any, Self
+
+    from ._exporting import CallServer, Exporter, MoveCallbacks
+    from ._threads import Served
 
 __all__ = [
     "Attachment",
@@ -89,15 +93,18 @@ def connect(
     constraints: Constraints | None = None,
     socket: str | os.PathLike[str] | None = None,
     timeout: float | None = DEFAULT_TIMEOUT,
+    exporter: Exporter | None = None,
 ) -> Device:
     """Register this process as a device named ``name`` with the broker at ``socket``.
 
     ``timeout`` (seconds, or None for ever) bounds the connection and every call's wait for
     the broker's answer: a stopped or hung broker gives BrokerError(ETIMEDOUT) naming the
-    socket. ``open``'s own ``timeout`` is added to it for that call.
+    socket. ``open``'s own ``timeout`` is added to it for that call. With ``exporter``, the
+    device may ``export`` buffers whose memory and ops ``exporter`` supplies; it answers
+    their calls on a thread of its own (see ``Exporter``).
     """
     path = default_socket_path() if socket is None else os.fspath(socket)
-    session = Session(name, constraints, path, timeout)
+    session = Session(name, constraints, path, timeout, exporter=exporter is not None)
     sock = _socket.socket(_socket.AF_UNIX, _socket.SOCK_SEQPACKET | _socket.SOCK_CLOEXEC)
     try:
         # Kernel-side limits cost no system call per request: SO_RCVTIMEO bounds each receive,
@@ -116,6 +123,10 @@ def connect(
     try:
         result, _ = device._call(device._session.hello_args())
         device._session.welcome(result)
+        if exporter is not None:
+            from ._exporting import CallServer
+
+            device._serve_in_threads(CallServer(exporter))
     except BaseException:
         device.close()
         raise
@@ -144,6 +155,24 @@ class Device(DeviceBase, _Closing):
         # mmap/munmap pair in malloc on every round trip), of anonymous memory so that only the
         # pages replies touch are resident.
         self._inbox = mmap.mmap(-1, MAX_REPLY)
+        self._served: Served | None = None  # reader and server threads (exporters, dynamic attachments)
+        self._moves: MoveCallbacks | None = None  # on_move callbacks of dynamic attachments
+
+    def _serve_in_threads(self, calls: CallServer | None = None) -> None:
+        """From now on a thread reads the socket, and another runs calls and move callbacks."""
+        from ._exporting import MoveCallbacks
+        from ._threads import Served
+
+        with self._send_lock:
+            if self._moves is None:
+                self._moves = MoveCallbacks()
+            if self._served is None:
+                self._served = Served(self, calls, self._on_event)
+
+    def _on_event(self, event: p.Event) -> None:
+        callback = self._moves.callback(event) if self._moves is not None else None
+        if callback is not None:
+            callback()
 
     def _receive(
         self, reset: OSError | None, with_fds: bool, limit: float | None
@@ -407,6 +436,10 @@ class Device(DeviceBase, _Closing):
         exportable(memfd)
         return self._buffer(p.ExportMemfd(name=name), [memfd])
 
+    def export(self, size: int, *, name: str | None = None) -> Buffer:
+        """A buffer whose memory and ops this device's exporter supplies (``connect(exporter=)``)."""
+        return self._buffer(p.Export(size=size, name=name))
+
     def _listing(self, pager: Pager) -> list[dict[str, Any]]:
         while pager.take(self._call(pager.request())[0]):
             pass
@@ -465,6 +498,8 @@ class Device(DeviceBase, _Closing):
         """Disconnect; the broker releases everything this device still held."""
         if not self.closed:
             self._forget_local()
+            if self._served is not None:
+                self._served.stop()
             self._sock.close()
 
 
@@ -480,10 +515,36 @@ class Buffer(BufferBase, _Closing):
         self._device._call(p.SetName(buffer=self.id, name=name))
         self.name = name or None
 
-    def attach(self) -> Attachment:
-        """Link this device to the buffer with its constraints (EINVAL/EBUSY if they cannot be met)."""
-        result, _ = self._device._call(p.Attach(buffer=self.id))
-        return Attachment(self, result["attachment"])
+    def attach(self, *, on_move: Callable[[Attachment], Any] | None = None) -> Attachment:
+        """Link this device to the buffer with its constraints (EINVAL/EBUSY if they cannot be met).
+
+        With ``on_move``, the attachment is dynamic: when the exporter moves the buffer,
+        ``on_move(attachment)`` runs (on the device's own thread) and should unmap and map
+        again; without, the attachment pins the buffer where it is.
+        """
+        device = self._device
+        if on_move is not None:
+            device._serve_in_threads()
+        result, _ = device._call(p.Attach(buffer=self.id, dynamic=on_move is not None))
+        attachment = Attachment(self, result["attachment"])
+        if on_move is not None and device._moves is not None:
+            device._moves.add(attachment, on_move)
+        return attachment
+
+    def revoke(self) -> None:
+        """Take an exported buffer back: importers keep their mappings, get ENODEV for new ones."""
+        self._device._call(p.Revoke(buffer=self.id))
+
+    def move(self, *, timeout: float | None = None) -> list[dict[str, Any]]:
+        """Tell dynamic importers the memory moved; returns once none maps the old memory.
+
+        Returns the attachments still mapping it after ``timeout`` s (the broker's
+        exporter_call_timeout by default): late ones. EBUSY while a static attachment pins it.
+        """
+        device = self._device  # the device's limit, plus the broker's wait (Session.wait_limit)
+        result, _ = device._call(p.Move(buffer=self.id, timeout=timeout), timeout=device._session.timeout)
+        late: list[dict[str, Any]] = result["late"]
+        return late
 
     def cpu_access(self, access: Access = Access.RW, *, timeout: float | None = None) -> CpuAccess:
         """``with buffer.cpu_access(Access.WRITE) as memory:`` (DMA_BUF_IOCTL_SYNC begin/end).
@@ -536,8 +597,11 @@ class Attachment(AttachmentBase, _Closing):
 
     def detach(self) -> None:
         """Unlink the device (EBUSY while mapped)."""
-        if not self.detached and not self.buffer._device.closed:
-            self.buffer._device._call(p.Detach(attachment=self.id))
+        device = self.buffer._device
+        if not self.detached and not device.closed:
+            device._call(p.Detach(attachment=self.id))
+        if device._moves is not None:
+            device._moves.discard(self.id)
         self.detached = True
 
     def close(self) -> None:

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import errno
 import os
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import asynccontextmanager
 from socket import AF_UNIX, SOCK_CLOEXEC, SOCK_SEQPACKET  # `socket` is a parameter name here
 from typing import Any
@@ -33,9 +33,11 @@ from ._core import (
     take_one_fd,
     unclosed,
 )
+from ._exporting import CallServer, Exporter, MoveCallbacks
 from ._trio_link import Link
 from ._trio_opening import AsyncClosing as _AsyncClosing
 from ._trio_opening import Opening as _Opening
+from ._trio_serving import dispatch
 from ._trio_stream import Frame, Loan, Publisher, Subscriber
 from ._trio_timeline import Fence, Timeline
 
@@ -63,6 +65,7 @@ async def open_device(
     constraints: Constraints | None = None,
     socket: str | os.PathLike[str] | None = None,
     timeout: float | None = DEFAULT_TIMEOUT,
+    exporter: Exporter | None = None,
 ) -> AsyncIterator[Device]:
     """``async with open_device("camera") as dev``: this program as a device named ``name``.
 
@@ -70,10 +73,11 @@ async def open_device(
     ``constraints``, and runs the task that receives replies until the block ends; on exit the
     connection closes and the broker releases whatever the device still held. Raises
     ``BrokerUnavailable`` if no broker listens there. ``timeout`` bounds the connection and
-    every call's wait, as for ``bufbroker.connect``.
+    every call's wait, as for ``bufbroker.connect``. With ``exporter``, the device may
+    ``export`` buffers whose calls ``exporter`` answers, in a task of this block's nursery.
     """
     path = default_socket_path() if socket is None else os.fspath(socket)
-    session = Session(name, constraints, path, timeout)
+    session = Session(name, constraints, path, timeout, exporter=exporter is not None)
     sock = trio.socket.socket(AF_UNIX, SOCK_SEQPACKET | SOCK_CLOEXEC)
     try:
         with trio.move_on_after(DEFAULT_TIMEOUT if timeout is None else timeout) as waited:
@@ -93,6 +97,7 @@ async def open_device(
     try:
         async with trio.open_nursery() as nursery:
             device = Device(sock, session, nursery)
+            device._calls = CallServer(exporter) if exporter is not None else None
             nursery.start_soon(device._read)
             try:
                 result, _ = await device._call(device._session.hello_args())
@@ -111,6 +116,16 @@ async def open_device(
 
 class Device(Link):
     """This process as a device, for trio programs; made by ``open_device``."""
+
+    def __init__(self, sock: trio.socket.SocketType, session: Session, nursery: trio.Nursery) -> None:
+        super().__init__(sock, session, nursery)
+        self._calls: CallServer | None = None  # an exporter's
+        self._moves = MoveCallbacks()
+        self._jobs: trio.MemorySendChannel[p.Call | p.Event] | None = None  # see _trio_serving
+
+    def _dispatch(self, message: p.Call | p.Event) -> None:
+        if isinstance(message, p.Call) or self._moves or self._calls:
+            dispatch(self, message)
 
     # --- the same methods as the blocking Device, in the same order
 
@@ -152,6 +167,10 @@ class Device(Link):
         """
         exportable(memfd)
         return await self._buffer(p.ExportMemfd(name=name), [memfd])
+
+    async def export(self, size: int, *, name: str | None = None) -> Buffer:
+        """A buffer whose memory and ops this device's exporter supplies (``exporter=``)."""
+        return await self._buffer(p.Export(size=size, name=name))
 
     async def _listing(self, pager: Pager) -> list[dict[str, Any]]:
         while pager.take((await self._call(pager.request()))[0]):
@@ -231,14 +250,31 @@ class Buffer(BufferBase, _AsyncClosing):
         await self._device._call(p.SetName(buffer=self.id, name=name))
         self.name = name or None
 
-    def attach(self) -> _Opening[Attachment]:
-        """``att = await buf.attach()``, or ``async with buf.attach() as att`` (detached on exit)."""
+    def attach(self, *, on_move: Callable[[Attachment], Any] | None = None) -> _Opening[Attachment]:
+        """``att = await buf.attach()``, or ``async with buf.attach() as att`` (detached on exit).
+
+        With ``on_move`` (a function or coroutine function), the attachment is dynamic: see
+        the blocking ``Buffer.attach``.
+        """
 
         async def start() -> Attachment:
-            result, _ = await self._device._call(p.Attach(buffer=self.id))
-            return Attachment(self, result["attachment"])
+            result, _ = await self._device._call(p.Attach(buffer=self.id, dynamic=on_move is not None))
+            attachment = Attachment(self, result["attachment"])
+            if on_move is not None:
+                self._device._moves.add(attachment, on_move)
+            return attachment
 
         return _Opening(start)
+
+    async def revoke(self) -> None:
+        """Take an exported buffer back (see the blocking ``Buffer.revoke``)."""
+        await self._device._call(p.Revoke(buffer=self.id))
+
+    async def move(self, *, timeout: float | None = None) -> list[dict[str, Any]]:
+        """Tell dynamic importers the memory moved (see the blocking ``Buffer.move``)."""
+        result, _ = await self._device._call(p.Move(buffer=self.id, timeout=timeout))
+        late: list[dict[str, Any]] = result["late"]
+        return late
 
     def cpu_access(self, access: Access = Access.RW, *, timeout: float | None = None) -> CpuAccess:
         """``async with buf.cpu_access(Access.WRITE) as memory:`` (DMA_BUF_IOCTL_SYNC).
@@ -289,6 +325,7 @@ class Attachment(AttachmentBase, _AsyncClosing):
 
     def _detached(self) -> None:
         self.detached = True
+        self.buffer._device._moves.discard(self.id)
 
     async def close(self) -> None:
         await self.detach()

@@ -97,6 +97,8 @@ class Link(DeviceBase):
                         return
                     if isinstance(message, p.Reply | p.Error):
                         self._deliver(message)
+                    elif isinstance(message, p.Call | p.Event):
+                        self._dispatch(message)
         finally:
             inbox.close()
 
@@ -265,6 +267,9 @@ class Link(DeviceBase):
             done()
             raise
         done()
+
+    def _dispatch(self, message: p.Call | p.Event) -> None:
+        """A call from the broker (to an exporter) or an event: the device's to serve."""
 
     def _close_now(self) -> None:
         if not self.closed:

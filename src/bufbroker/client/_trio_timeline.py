@@ -93,6 +93,12 @@ async def _until(hub: _Hub, points: Sequence[Point], fds: list[int]) -> None:
 async def _wake_up(hub: _Hub, fds: list[int]) -> None:
     """Return after some of ``fds`` may have been written (or spuriously)."""
     if not hub.polling:
+        # Edges left from signals nobody was waiting for (a wait that found its point reached
+        # does not take them) would wake the epoll at once: take them first, then look again.
+        stale = hub.epoll.epoll.poll(0, 256)
+        if stale:
+            hub.wake([fd for fd, _ in stale])
+            return
         hub.polling = True
         try:
             await trio.lowlevel.wait_readable(hub.epoll.epoll.fileno())

@@ -45,14 +45,21 @@ def _parser() -> argparse.ArgumentParser:
         action="append",
         default=[],
         metavar="GLOB",
-        help="names remotes may list and fetch (repeatable; default: none)",
+        help="names remotes may list, fetch and push (repeatable; default: none)",
+    )
+    parser.add_argument(
+        "--allow-read",
+        action="append",
+        default=[],
+        metavar="GLOB",
+        help="names remotes may only list and fetch (repeatable)",
     )
     parser.add_argument(
         "--allow-write",
         action="append",
         default=[],
         metavar="GLOB",
-        help="names remotes may push (repeatable; default: none)",
+        help="names remotes may only push (repeatable)",
     )
     parser.add_argument(
         "--token-file",
@@ -108,7 +115,7 @@ def _service(args: argparse.Namespace) -> FlightService:
         raise ValueError("--chunk and --max-transfers must be positive, --grace not negative")
     return FlightService(
         args.listen,
-        policy=Policy(read=tuple(args.allow), write=tuple(args.allow_write)),
+        policy=Policy(read=(*args.allow, *args.allow_read), write=(*args.allow, *args.allow_write)),
         socket=args.socket,
         token=_token(args.token_file),
         tls_certificates=certificates,
@@ -129,7 +136,7 @@ def main(argv: list[str] | None = None) -> int:
         signal.signal(number, lambda *_: stop.set())
     where = urlsplit(args.listen)
     print(f"listening on {where.scheme}://{where.hostname}:{service.port}", flush=True)
-    if not (args.allow or args.allow_write):
+    if not (args.allow or args.allow_read or args.allow_write):
         print("bufbroker-flight: no --allow given: nothing is served or accepted", file=sys.stderr)
     try:
         while not stop.wait(1.0):

@@ -1,7 +1,8 @@
 """Who may read and write which buffers through the service, and who may call it at all.
 
 Nothing is served until a name matches a read glob, and nothing is accepted until it matches a
-write glob: a service started with no ``--allow`` exposes nothing. The token check is a Flight
+write glob: a service started with no ``--allow`` exposes nothing. ``--allow`` gives both,
+``--allow-read`` and ``--allow-write`` one each. The token check is a Flight
 server middleware, so it runs before any method and answers UNAUTHENTICATED on its own.
 """
 
@@ -36,11 +37,15 @@ class Policy:
     def check_read(self, name: str) -> None:
         # The same answer whether or not such a buffer exists: the policy leaks no names.
         if not self.readable(name):
-            raise BrokerError(errno.EACCES, f"{name!r} is not served here (no --allow matches it)")
+            raise BrokerError(
+                errno.EACCES, f"{name!r} is not served here (no --allow or --allow-read matches it)"
+            )
 
     def check_write(self, name: str) -> None:
         if not self.writable(name):
-            raise BrokerError(errno.EACCES, f"{name!r} is not accepted here (no --allow-write matches it)")
+            raise BrokerError(
+                errno.EACCES, f"{name!r} is not accepted here (no --allow or --allow-write matches it)"
+            )
 
 
 def bearer(token: str) -> tuple[bytes, bytes]:

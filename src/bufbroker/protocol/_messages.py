@@ -9,6 +9,12 @@ one msgpack array::
     [1, id, result]                         reply
     [2, id, {errno, code, message}]         error (id is nil when no request is to blame)
     [3, name, args]                         event (broker → client, unsolicited)
+    [4, id, op, args]                       call (broker → exporter; id nil: a notice, unanswered)
+    [5, id, result]                         answer (exporter → broker)
+    [6, id, {errno, code, message}]         refusal (exporter → broker)
+
+The last three pass only between the broker and a device that registered as an exporter at
+hello (``_calls``), so a client that did not is never sent one.
 
 Decoding never trusts the peer: the unpacker's limits are explicit, and anything that is not
 one of these shapes is a ``ProtocolError`` (EPROTO), after which the connection is closed.
@@ -24,8 +30,9 @@ from collections.abc import Sequence
 
 import msgpack
 
+from ._calls import parse_call
 from ._errors import BrokerError, ProtocolError, errno_code, errno_from_code
-from ._ops import OP_NAMES, OpArgs, parse_args
+from ._ops import MAX_FENCE_TIMELINES, OP_NAMES, OpArgs, parse_args
 from ._record import Record
 
 TYPE_CHECKING = False  # typing is not imported at run time: it costs the CLI start-up time
@@ -34,9 +41,12 @@ if TYPE_CHECKING:
 
 __all__ = [
     "PROTOCOL_VERSION",
+    "Answer",
+    "Call",
     "Error",
     "Event",
     "Message",
+    "Refusal",
     "Reply",
     "Request",
     "RequestError",
@@ -53,10 +63,11 @@ PROTOCOL_VERSION = 1
 
 MAX_REPLY_BYTES = 64 << 10
 """The largest packet the broker ever sends: a client's receive buffer of this size never truncates."""
-MAX_REPLY_FDS = 4
-"""The most descriptors one packet from the broker carries (today's replies carry at most one)."""
+MAX_REPLY_FDS = 1 + 2 * MAX_FENCE_TIMELINES
+"""The most descriptors one packet from the broker carries: a fence, and the page and eventfd of
+each of its timelines (33); every other reply carries at most one."""
 
-REQUEST, REPLY, ERROR, EVENT = 0, 1, 2, 3
+REQUEST, REPLY, ERROR, EVENT, CALL, ANSWER, REFUSAL = 0, 1, 2, 3, 4, 5, 6
 
 
 class Request(Record, kw_only=False):
@@ -95,7 +106,34 @@ class Event(Record, kw_only=False):
     fds: Sequence[int] = ()
 
 
-Message = Request | Reply | Error | Event
+class Call(Record, kw_only=False):
+    """The broker asks an exporter (``id`` set) or tells it (``id`` None: a notice)."""
+
+    id: int | None
+    op: str
+    args: OpArgs
+    fds: Sequence[int] = ()  # never any: calls carry none (kept for a uniform close)
+
+
+class Answer(Record, kw_only=False):
+    id: int
+    result: Any = {}  # noqa: RUF012 (messages are values: never mutated)
+    fds: Sequence[int] = ()
+
+
+class Refusal(Record, kw_only=False):
+    """An exporter's error for call ``id``; its errno reaches the importer."""
+
+    id: int
+    errno: int
+    message: str
+    fds: Sequence[int] = ()
+
+    def exception(self) -> BrokerError:
+        return BrokerError(self.errno, self.message)
+
+
+Message = Request | Reply | Error | Event | Call | Answer | Refusal
 
 
 class RequestError(BrokerError):
@@ -141,6 +179,12 @@ def encode(message: Message) -> bytes:
             body = [ERROR, id, {"errno": number, "code": errno_code(number), "message": text}]
         case Event(name=name, args=args):
             body = [EVENT, name, args]
+        case Call(id=id, op=op, args=args):
+            body = [CALL, id, op, args.to_wire()]
+        case Answer(id=id, result=result):
+            body = [ANSWER, id, result]
+        case Refusal(id=id, errno=number, message=text):
+            body = [REFUSAL, id, {"errno": number, "code": errno_code(number), "message": text}]
     return _pack(body)
 
 
@@ -197,7 +241,7 @@ def decode(data: bytes | memoryview, fds: Sequence[int] = (), *, max_items: int 
             return Request(id, op, parsed, fds)
     elif kind == REPLY and len(body) == 3 and _is_id(body[1]):
         return Reply(body[1], body[2], fds)
-    elif kind == ERROR and len(body) == 3 and (body[1] is None or _is_id(body[1])):
+    elif kind in (ERROR, REFUSAL) and len(body) == 3 and (body[1] is None or _is_id(body[1])):
         detail = body[2]
         if (
             type(detail) is dict
@@ -205,9 +249,19 @@ def decode(data: bytes | memoryview, fds: Sequence[int] = (), *, max_items: int 
             and type(code := detail.get("code")) is str
             and type(text := detail.get("message")) is str
         ):
-            return Error(id=body[1], errno=errno_from_code(code, number), message=text, fds=fds)
+            if kind == ERROR:
+                return Error(id=body[1], errno=errno_from_code(code, number), message=text, fds=fds)
+            if body[1] is not None and 0 < number < 4096:  # an exporter may only refuse a call it got
+                return Refusal(id=body[1], errno=errno_from_code(code, number), message=text[:256], fds=fds)
     elif kind == EVENT and len(body) == 3 and type(body[1]) is str and type(body[2]) is dict:
         return Event(name=body[1], args=body[2], fds=fds)
+    elif kind == CALL and len(body) == 4 and (body[1] is None or _is_id(body[1])) and type(body[2]) is str:
+        try:
+            return Call(body[1], body[2], parse_call(body[2], body[3]))
+        except BrokerError as e:
+            raise ProtocolError(f"malformed call: {e.strerror}") from None
+    elif kind == ANSWER and len(body) == 3 and _is_id(body[1]):
+        return Answer(body[1], body[2], fds)
     raise ProtocolError(f"malformed message of kind {kind!r}")
 
 

@@ -35,6 +35,7 @@ __all__ = [
     "CpuEnd",
     "Detach",
     "Devices",
+    "Export",
     "ExportFence",
     "ExportMemfd",
     "Hello",
@@ -45,6 +46,7 @@ __all__ = [
     "MakeTimeline",
     "Map",
     "MergeFences",
+    "Move",
     "OpArgs",
     "OpSpec",
     "Open",
@@ -53,6 +55,7 @@ __all__ = [
     "Ref",
     "Release",
     "ReleaseTimeline",
+    "Revoke",
     "SetName",
     "Share",
     "ShareTimeline",
@@ -64,6 +67,7 @@ __all__ = [
     "Unmap",
     "Unpublish",
     "Unsubscribe",
+    "op",
     "parse_args",
 ]
 
@@ -218,7 +222,11 @@ if TYPE_CHECKING:
     _A = TypeVar("_A", bound=type[OpArgs])
 
 
-def op(name: str, *, fds: int = 0, reply_fds: bool = False) -> Callable[[_A], _A]:
+def op(
+    name: str, *, fds: int = 0, reply_fds: bool = False, registry: dict[str, OpSpec] = OPS
+) -> Callable[[_A], _A]:
+    """Register an args record under ``name`` in ``registry`` (client requests unless told)."""
+
     def register(cls: _A) -> _A:
         fields = tuple(
             (
@@ -229,7 +237,7 @@ def op(name: str, *, fds: int = 0, reply_fds: bool = False) -> Callable[[_A], _A
             for key, kind in cls._annotations.items()
         )
         defaults = None if any(required for _, _, required in fields) else cls()
-        OPS[name] = OpSpec(name, cls, fds, fields, reply_fds, defaults)
+        registry[name] = OpSpec(name, cls, fds, fields, reply_fds, defaults)
         cls._names = tuple(key for key, _, _ in fields)
         cls.reply_fds = reply_fds
         OP_NAMES[cls] = name
@@ -238,9 +246,9 @@ def op(name: str, *, fds: int = 0, reply_fds: bool = False) -> Callable[[_A], _A
     return register
 
 
-def parse_args(name: str, args: Any, nfds: int) -> OpArgs:
+def parse_args(name: str, args: Any, nfds: int, registry: dict[str, OpSpec] = OPS) -> OpArgs:
     """Validate a peer's ``args`` map for op ``name``; raise BrokerError with the errno to send."""
-    spec = OPS.get(name)
+    spec = registry.get(name)
     if spec is None:
         raise BrokerError(errno.ENOTTY, f"unknown operation {name!r}")
     if type(args) is not dict:
@@ -269,6 +277,7 @@ class Hello(OpArgs):
     version: int
     name: str
     constraints: Constraints = Constraints()  # immutable: sharing is safe
+    exporter: bool = False  # this device answers calls for the buffers it exports (_calls.py)
 
 
 @op("ping")
@@ -320,6 +329,7 @@ class Release(OpArgs):
 @op("attach")
 class Attach(OpArgs):
     buffer: int | Ref
+    dynamic: bool = False  # told of moves (a "move" event) instead of pinning the buffer
 
 
 @op("detach")
@@ -424,6 +434,25 @@ class ExportFence(OpArgs):
 @op("timelines")
 class Timelines(OpArgs):
     after: int = 0
+
+
+@op("export", reply_fds=True)
+class Export(OpArgs):
+    """A buffer whose memory and ops this device (an exporter) supplies."""
+
+    size: int
+    name: str | None = None
+
+
+@op("revoke")
+class Revoke(OpArgs):
+    buffer: int
+
+
+@op("move")
+class Move(OpArgs):
+    buffer: int
+    timeout: float | None = None  # how long dynamic importers have to let go of the old memory
 
 
 # --- streams (docs/PROTOCOL.md, "Streams") ------------------------------------------------
