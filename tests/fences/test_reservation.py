@@ -6,9 +6,12 @@ that a device promised (a fence for it) and signals when its work is done.
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 from collections.abc import Callable
+
+import pytest
 
 import bufbroker
 from bufbroker import Access
@@ -174,3 +177,27 @@ def test_a_reader_sees_exactly_what_the_writer_wrote(
     assert json.loads(reader.line())["sevens"] == size
     writer.send("done")
     assert reader.finish() == 0 and writer.finish() == 0
+
+
+def test_an_exporters_buffer_waits_for_its_fences_before_the_exporter_is_asked(
+    broker: Broker,
+    exporter: Callable[..., Peer],
+) -> None:
+    """DMA_BUF_IOCTL_SYNC waits on the reservation, then calls the exporter's begin_cpu_access."""
+    peer = exporter(broker, "exported")
+    with broker.connect("writer") as dev, broker.connect("reader") as other:
+        buf = dev.open("exported")
+        tl = dev.timeline()
+        with tl.fence(1) as fence:
+            buf.attach_fence(fence, WRITE)
+        handle = buf.share()
+        seen = other.import_handle(handle)
+        os.close(handle)
+        with pytest.raises(bufbroker.BrokerError) as e:
+            seen.cpu_access(READ, timeout=0.1).begin()
+        assert e.value.errno == errno.ETIME  # the exporter was never asked
+        tl.signal(1)
+        with seen.cpu_access(READ, timeout=5) as mem:
+            assert bytes(mem[:6]) == b"pool A"
+    # One begin (the access that waited), then its end: the one that timed out never got there.
+    assert [json.loads(peer.line())["call"] for _ in range(2)] == ["begin_cpu_access", "end_cpu_access"]

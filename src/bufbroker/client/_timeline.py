@@ -87,12 +87,6 @@ class View:
     def status(self, point: int) -> int:
         return page.point_status(self.slots, point)
 
-    def signal(self, point: int, error: int) -> None:
-        if not self.writable:
-            raise BrokerError(errno.EPERM, f"only the signaller of timeline {self.id} may signal it")
-        page.signal(self.slots, point, error, time.monotonic_ns())
-        page.kick(self.eventfd)
-
     def close(self) -> None:
         for epoll in list(self.epolls):
             epoll.forget(self.eventfd)
@@ -205,20 +199,19 @@ def blocking_wait(points: Sequence[Point], timeout: float | None) -> None:
         epoll = _local.epoll = Epoll()
     for view, _ in points:
         epoll.watch(view)  # before the next look at the page: a later signal cannot be missed
-    deadline = None if timeout is None else time.monotonic() + timeout
     poll = epoll.epoll.poll
-    while True:
-        status = combined(points)
-        if status:
-            raise_for(status, points)
-            return
-        if deadline is None:
+    if timeout is None:
+        while not (status := combined(points)):
             poll(-1, 64)
-            continue
+        raise_for(status, points)
+        return
+    deadline = time.monotonic() + timeout
+    while not (status := combined(points)):
         left = deadline - time.monotonic()
         if left <= 0:
             raise timed_out(points, timeout)
         poll(left, 64)
+    raise_for(status, points)
 
 
 class TimelineBase:
@@ -253,7 +246,11 @@ class TimelineBase:
 
         Only the signaller may (EPERM). No broker message: a store and an eventfd write.
         """
-        self._view.signal(point, error)
+        view = self._view
+        if not view.writable:
+            raise BrokerError(errno.EPERM, f"only the signaller of timeline {view.id} may signal it")
+        page.signal(view.slots, point, error, time.monotonic_ns())
+        page.kick(view.eventfd)
 
     def status(self, point: int) -> int:
         """1 reached, 0 pending, ``-errno`` failed."""
