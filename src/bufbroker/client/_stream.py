@@ -58,6 +58,12 @@ class Pool:
             self._map.close()
 
 
+def _signal(view: View, point: int, now_ns: int) -> None:
+    """Advance a timeline this process signals (its page is mapped read-write here), and wake."""
+    page.signal(view.slots, point, 0, now_ns)
+    page.kick(view.eventfd)
+
+
 class _Member:
     __slots__ = ("start", "view")
 
@@ -160,8 +166,7 @@ class PublisherCore:
             raise BrokerError(errno.EINVAL, f"a frame of stream {self.name!r} holds 0 to {self.size} bytes")
         now = time.monotonic_ns()
         ring.write_header(self.pool.words, slot, seq, nbytes, now)
-        page.signal(self.frames.slots, seq, 0, now)  # the publisher's own view: it is the signaller
-        page.kick(self.frames.eventfd)
+        _signal(self.frames, seq, now)
         self.seq = seq + 1
 
     def close_local(self) -> None:
@@ -251,7 +256,7 @@ class SubscriberCore:
         upto = min(self._held) - 1 if self._held else self.next - 1
         if upto > self._released and not self.closed:
             self._released = upto
-            self.release.signal(upto, 0)
+            _signal(self.release, upto, time.monotonic_ns())
 
     def close_local(self) -> None:
         if not self.closed:
