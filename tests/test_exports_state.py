@@ -122,3 +122,26 @@ def test_calls_in_flight_are_capped_per_exporter() -> None:
     end_call(calls[0])
     end_call(begin_call(state, importer, buf, "map"))
     assert len(exporter.calls) == 1
+
+
+def test_revoke_fails_the_exporters_timelines_the_reservation_waits_on() -> None:
+    """Work promised on memory the exporter took back will never be done: its waiters get ENODEV."""
+    from bufbroker.broker._timeline_page import TimelinePage
+
+    state, exporter, importer, _ = _setup()
+    buf = export_remote(state, exporter, 4096, name=None)
+    state._add_ref(importer, buf, writable=True)
+    sync = state.sync
+    render = sync.make_timeline(exporter, "render", TimelinePage.create("render"))
+    other = sync.make_timeline(importer, "other", TimelinePage.create("other"))
+    try:
+        writing = sync.add_fence(exporter.uid, 1, sync.fence_points(exporter, render.id, 5))
+        reading = sync.add_fence(importer.uid, 2, sync.fence_points(importer, other.id, 3))
+        sync.attach_fence(buf, writing, Access.WRITE)
+        sync.attach_fence(buf, reading, Access.READ)
+        revoke(state, exporter, buf.id)
+        assert render.page.status(5) == -errno.ENODEV  # the exporter's: failed
+        assert other.page.status(3) == 0  # the importer's own work is not the exporter's to fail
+    finally:
+        render.page.close()
+        other.page.close()

@@ -137,3 +137,34 @@ def test_a_chain_that_fails_part_way_gives_back_what_it_made(broker: Broker) -> 
         for fd in (r, w, handle):
             os.close(fd)
         buf.close()
+
+
+async def test_the_trio_client_maps_in_one_round_trip_and_gives_back_a_cancelled_chain(
+    broker: Broker,
+) -> None:
+    import trio
+
+    async with bufbroker.open_device("consumer", socket=broker.socket) as dev:
+        with broker.connect("producer") as producer:
+            buf = producer.allocate(8192, name="frame", map=Direction.BIDIRECTIONAL)
+            assert buf.mapping is not None
+            buf.mapping.memory[:3] = b"abc"
+            handle = buf.share()
+            theirs = await dev.import_handle(handle, map=Direction.TO_DEVICE)
+            os.close(handle)
+            assert theirs.mapping is not None and bytes(theirs.mapping.memory[:3]) == b"abc"
+            await theirs.close()
+            opened = await dev.open("frame", map=Direction.TO_DEVICE)
+            assert opened.mapping is not None and opened.id == buf.id
+            await opened.close()
+            # A chain cancelled while its open waits for a name: given back once the name comes.
+            with trio.move_on_after(0.2):
+                await dev.open("later", timeout=30, map=Direction.TO_DEVICE)
+            later = producer.allocate(4096, name="later")
+            await dev.ping()
+            await dev.ping()
+            entries = {b["id"]: b for b in producer.buffers()}
+            assert [i["name"] for i in entries[later.id]["importers"]] == ["producer"]
+            assert entries[later.id]["attachments"] == []
+            later.close()
+            buf.close()

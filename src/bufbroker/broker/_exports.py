@@ -61,9 +61,16 @@ def revoke_buffer(state: State, buffer: Buffer) -> None:
 
 
 def revoke(state: State, device: Device, buffer_id: int) -> Buffer:
-    """The exporter takes its buffer back (it may still be held; it stays readable)."""
+    """The exporter takes its buffer back (it may still be held; it stays readable).
+
+    The exporter's timelines that the buffer's reservation still waits on are failed with
+    ENODEV: the work they stand for was on memory it took back, and nobody may wait for it for
+    ever. (An exporter that dies fails all its timelines with ESRCH instead, as any signaller.)
+    """
     buffer = _own(state, device, buffer_id)
     revoke_buffer(state, buffer)
+    for timeline in {r.timeline for r in buffer.reservation if r.timeline.live is device}:
+        state.sync.fail(timeline, errno.ENODEV)  # a timeline failed already keeps its error
     return buffer
 
 

@@ -565,14 +565,13 @@ def unclosed(error: BaseException | None, failure: BrokerError) -> None:
     error.add_note(f"bufbroker: could not close on the way out: {failure.strerror}")
 
 
-def teardown_for(buffer_ref: int | p.Ref, attachment_ref: int | p.Ref) -> list[p.OpArgs]:
+def teardown_for(buffer_ref: int | p.Ref, attachment_ref: int | p.Ref | None) -> list[p.OpArgs]:
     """What gives back a buffer mapped with it: unmap, detach, release, in that order (each
     answered with an error, and harmless, where there is nothing to give back)."""
-    return [
-        p.Unmap(attachment=attachment_ref),
-        p.Detach(attachment=attachment_ref),
-        p.Release(buffer=buffer_ref),
-    ]
+    release: list[p.OpArgs] = [p.Release(buffer=buffer_ref)]
+    if attachment_ref is None:
+        return release
+    return [p.Unmap(attachment=attachment_ref), p.Detach(attachment=attachment_ref), *release]
 
 
 def undo_for(args: p.OpArgs, result: Any) -> p.OpArgs | None:

@@ -31,6 +31,7 @@ from ._core import (
     exportable,
     maybe_one_fd,
     take_one_fd,
+    teardown_for,
     unclosed,
 )
 from ._exporting import CallServer, Exporter, MoveCallbacks
@@ -129,9 +130,18 @@ class Device(Link):
 
     # --- the same methods as the blocking Device, in the same order
 
-    async def _buffer(self, args: p.OpArgs, fds: Sequence[int] = ()) -> Buffer:
-        result, got = await self._call(args, fds)
-        return Buffer(self, result, maybe_one_fd(got))
+    async def _buffer(
+        self, args: p.OpArgs, fds: Sequence[int] = (), map: Direction | None = None
+    ) -> Buffer:
+        """The buffer ``args`` makes; with ``map``, attached and mapped in the same round trip."""
+        if map is None:
+            result, got = await self._call(args, fds)
+            return Buffer(self, result, maybe_one_fd(got))
+        (result, got), (attached, _), (mapped, backing) = await self._chain(args, fds, map)
+        buffer = Buffer(self, result, maybe_one_fd(got))
+        attachment = Attachment(buffer, attached["attachment"])
+        buffer.mapping = Mapping(attachment, map, self._map_memory(mapped, backing))
+        return buffer
 
     async def ping(self) -> None:
         """A round trip; when it returns, the broker has applied every undo sent before.
@@ -145,20 +155,32 @@ class Device(Link):
             if self._unawaited_sent == sent and not self._backlog:
                 return
 
-    async def allocate(self, size: int, *, name: str | None = None, heap: str = "memfd") -> Buffer:
-        """A new buffer of ``size`` bytes (rounded up to pages); its memory comes at first map."""
-        return await self._buffer(p.Allocate(size=size, name=name, heap=heap))
+    async def allocate(
+        self, size: int, *, name: str | None = None, heap: str = "memfd", map: Direction | None = None
+    ) -> Buffer:
+        """A new buffer of ``size`` bytes (rounded up to pages); its memory comes at first map.
 
-    async def import_handle(self, fd: int) -> Buffer:
-        """The buffer behind handle ``fd``; the caller keeps (and should close) ``fd``."""
-        return await self._buffer(p.Import(), [fd])
+        With ``map``, the buffer comes attached and mapped for that direction (``.mapping``),
+        in one round trip; closing it unmaps, detaches and releases it without waiting.
+        """
+        return await self._buffer(p.Allocate(size=size, name=name, heap=heap), map=map)
 
-    async def open(self, name: str, *, timeout: float | None = None, uid: int | None = None) -> Buffer:
+    async def import_handle(self, fd: int, *, map: Direction | None = None) -> Buffer:
+        """The buffer behind handle ``fd``; the caller keeps (and should close) ``fd``.
+
+        With ``map``, attached and mapped too, in one round trip (see ``allocate``).
+        """
+        return await self._buffer(p.Import(), [fd], map=map)
+
+    async def open(
+        self, name: str, *, timeout: float | None = None, uid: int | None = None, map: Direction | None = None
+    ) -> Buffer:
         """The buffer this uid named ``name``; waits up to ``timeout`` s for it to appear.
 
         Each uid has names of its own; root opens another uid's by saying whose (``uid``).
+        With ``map``, attached and mapped too, in one round trip (see ``allocate``).
         """
-        return await self._buffer(p.Open(name=name, timeout=timeout, uid=uid))
+        return await self._buffer(p.Open(name=name, timeout=timeout, uid=uid), map=map)
 
     async def export_memfd(self, memfd: int, *, name: str | None = None) -> Buffer:
         """A buffer over this process's own sealed memfd, without a copy (udmabuf).
@@ -296,11 +318,26 @@ class Buffer(BufferBase, _AsyncClosing):
         return Fence(device, take_one_fd(fds[:1]), result, fds[1:])
 
     async def close(self) -> None:
-        """Release this device's hold (EBUSY while attached) and close its own handle."""
-        if not self.closed and not self._device.closed:
-            await self._device._settle(p.Release(buffer=self.id), self._released)
-        else:
+        """Release this device's hold (EBUSY while attached) and close its own handle.
+
+        A buffer that came mapped (``map=``) is unmapped, detached and released without
+        waiting for the broker (EBUSY, changing nothing, while views of its memory are alive).
+        """
+        device = self._device
+        if self.closed or device.closed:
             self._released()
+        elif self.mapping is not None:
+            attachment = self.mapping.attachment
+            teardown = teardown_for(self.id, attachment.id)
+            if not device._unmap_memory(self.mapping._memory):
+                teardown = teardown[1:]  # unmapped already
+            for args in teardown:
+                device._send_unawaited(args)
+            attachment.detached = True
+            self._released()
+            await trio.lowlevel.checkpoint()
+        else:
+            await device._settle(p.Release(buffer=self.id), self._released)
 
 
 class Attachment(AttachmentBase, _AsyncClosing):

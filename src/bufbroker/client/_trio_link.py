@@ -29,8 +29,8 @@ from typing import Any
 import trio
 
 from .. import protocol as p
-from ..protocol import BrokerError
-from ._core import MAX_REPLY, MAX_REPLY_FDS, DeviceBase, Session, undo_for
+from ..protocol import BrokerError, Direction
+from ._core import MAX_REPLY, MAX_REPLY_FDS, DeviceBase, Session, teardown_for, undo_for
 
 __all__ = ["Link"]
 
@@ -191,6 +191,13 @@ class Link(DeviceBase):
         With ``settle`` (a request that gives something back), a cancelled task's request is
         sent all the same.
         """
+        id, waiter = await self._send_request(args, fds, settle=settle)
+        return await self._await_reply(id, args, waiter)
+
+    async def _send_request(
+        self, args: p.OpArgs, fds: Sequence[int] = (), *, settle: bool = False
+    ) -> tuple[int, _Waiter]:
+        """Send one request; its id and the waiter its reply will wake."""
         self._check_open()
         if self._lost is not None:
             raise self._lost
@@ -234,6 +241,10 @@ class Link(DeviceBase):
         except BaseException:
             del self._waiting[id]
             raise
+        return id, waiter
+
+    async def _await_reply(self, id: int, args: p.OpArgs, waiter: _Waiter) -> tuple[Any, list[int]]:
+        """The reply to request ``id`` (sent with ``args``); a cancelled wait leaves it undone."""
         try:
             limit = self._session.wait_limit(args)
             with trio.move_on_after(float("inf") if limit is None else limit) as waited:
@@ -256,6 +267,39 @@ class Link(DeviceBase):
             return self._session.outcome(waiter.message)
         except BrokerError as e:
             raise self._session.explain(args, e) from None
+
+    async def _chain(
+        self, args: p.OpArgs, fds: Sequence[int], direction: Direction
+    ) -> list[tuple[Any, list[int]]]:
+        """``args`` (which makes a buffer), attach and map it, sent together: one round trip.
+
+        The replies of the three, in order. If any fails or the wait is cancelled, what the
+        chain made is given back without waiting (unmap, detach, release, each naming the
+        request that made its object), and nothing is left behind.
+        """
+        first, waiter = await self._send_request(args, fds)
+        sent = [(first, args, waiter)]
+        answers: list[tuple[Any, list[int]]] = []
+        try:
+            attach = p.Attach(buffer=p.Ref(first))
+            second, waiter = await self._send_request(attach)
+            sent.append((second, attach, waiter))
+            mapping = p.Map(attachment=p.Ref(second), direction=direction)
+            third, waiter = await self._send_request(mapping)
+            sent.append((third, mapping, waiter))
+            for id, request, waiting in sent:
+                answers.append(await self._await_reply(id, request, waiting))
+        except BaseException:
+            for id, _, _ in sent[len(answers) :]:
+                if self._waiting.pop(id, None) is not None or id in self._abandoned:
+                    self._abandoned[id] = None  # dropped when it comes: the teardown gives it back
+            for _, got in answers:
+                p.close_all(got)
+            second_ref = p.Ref(sent[1][0]) if len(sent) > 1 else None
+            for undo in teardown_for(p.Ref(first), second_ref):
+                self._send_unawaited(undo)
+            raise
+        return answers
 
     async def _settle(self, args: p.OpArgs, done: Callable[[], None]) -> None:
         """A request that gives something back; ``done`` updates the local object once it is
