@@ -1,4 +1,5 @@
-"""``python -m benchmarks [--quick] [--json] [--only handoff,roundtrip,throughput,scale,flight,fences]``."""
+"""``python -m benchmarks [--quick] [--json] [--only GROUP,...]``: handoff, roundtrip, throughput, scale,
+fences, streams, flight."""
 
 from __future__ import annotations
 
@@ -6,7 +7,7 @@ import argparse
 import sys
 from collections.abc import Callable
 
-from . import fences, flight, handoff, roundtrip, scale, throughput
+from . import fences, flight, handoff, roundtrip, scale, streams, throughput
 from ._harness import Row, Settings, machine, render
 
 GROUPS: dict[str, Callable[[Settings], list[Row]]] = {
@@ -14,8 +15,9 @@ GROUPS: dict[str, Callable[[Settings], list[Row]]] = {
     "roundtrip": roundtrip.run,
     "throughput": throughput.run,
     "scale": scale.run,
-    "flight": flight.run,
     "fences": fences.run,
+    "streams": streams.run,
+    "flight": flight.run,
 }
 
 

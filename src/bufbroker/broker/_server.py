@@ -74,6 +74,7 @@ class Server:
             self.state.observer = self._fdstore
             self.state.sync.observer = self._fdstore.timelines
         self.names = NameWaiters()
+        self.stream_names = NameWaiters()  # subscribes waiting for a stream
         self.discard = Discard()
         self.unmapped = trio.lowlevel.ParkingLot()  # a moved buffer's stale mapping went away
         self.state.post = self.post

@@ -32,6 +32,7 @@ from ._layout import Layout, combine, plan
 from ._quota import Quotas
 from ._records import Attachment, Buffer, Device, Handle, Key, Ref
 from ._reserve import Reserve
+from ._streams import Streams
 from ._sync import QuietHooks, Sync
 
 __all__ = ["Mapped", "State"]
@@ -91,6 +92,7 @@ class State:
         self.post: Callable[[Device, p.Event | p.Call], None] = lambda device, message: None
         self.unmapped: Callable[[Buffer], None] = lambda buffer: None
         self.exporters = 0  # devices connected as exporters: without any, nothing is forwarded
+        self.streams = Streams(config, self.quotas, self.sync, self.new_id, clock, lambda b: self.free(b))
 
     def reserve_id(self, kind: str, id: int) -> None:
         """An id kept across a restart: new ones of its kind come after it."""
@@ -147,6 +149,7 @@ class State:
             for buffer in self.buffers.values():
                 if buffer.remote is device:
                     revoke_buffer(self, buffer)
+        self.streams.device_gone(device)
         for att in list(device.attachments.values()):
             self._drop_attachment(att)
         for (buffer_id, access), count in device.cpu.items():
@@ -237,6 +240,10 @@ class State:
         if heap not in HEAPS:
             raise BrokerError(errno.ENODEV, f"no heap {heap!r} (heaps: {', '.join(HEAPS)})")
         return self.create(device, page_round(size), heap, name, None)
+
+    def allocate_backing(self, size: int, label: str) -> Backing:
+        """Memory from the default heap for something other than a buffer (a stream's pool)."""
+        return self._allocate(size, label)
 
     def export(self, device: Device, backing: Backing, *, name: str | None) -> Buffer:
         """A client's own memfd as a buffer (udmabuf); the backing is already checked."""

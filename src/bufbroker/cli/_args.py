@@ -24,6 +24,7 @@ COMMANDS = {
     "show": "everything about one buffer, by id or name",
     "devices": "one row per device (client connection)",
     "timelines": "one row per timeline: its signaller, value, promises, error and holders",
+    "streams": "one row per stream, and under it each subscriber's position and lag",
     "bufinfo": "the buffers in the kernel's debugfs dma_buf/bufinfo format",
     "stats": "totals, limits and their use, uptime",
     "top": "the buffers, redrawn in place until q or Ctrl-C",
@@ -31,7 +32,8 @@ COMMANDS = {
 }
 VALUED = ("--socket", "--timeout")  # global options that take a value
 _FLAGS = {"--json": "json", "--no-legend": "no_legend"}
-_QUICK = {"ls": 0, "devices": 0, "timelines": 0, "bufinfo": 0, "stats": 0, "show": 1}  # command: positionals
+# command: positionals
+_QUICK = {"ls": 0, "devices": 0, "timelines": 0, "streams": 0, "bufinfo": 0, "stats": 0, "show": 1}
 
 
 def parse(argv: list[str]) -> argparse.Namespace:
