@@ -1,5 +1,5 @@
-"""``python -m benchmarks [--quick] [--json] [--only GROUP,...]``: handoff, roundtrip, throughput,
-scale, flight, fences, heaps."""
+"""``python -m benchmarks [--quick] [--json] [--only GROUP,...]``: handoff, roundtrip, throughput, scale,
+fences, streams, flight, heaps."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import argparse
 import sys
 from collections.abc import Callable
 
-from . import fences, flight, handoff, heaps, roundtrip, scale, throughput
+from . import fences, flight, handoff, heaps, roundtrip, scale, streams, throughput
 from ._harness import Row, Settings, machine, render
 
 GROUPS: dict[str, Callable[[Settings], list[Row]]] = {
@@ -15,8 +15,9 @@ GROUPS: dict[str, Callable[[Settings], list[Row]]] = {
     "roundtrip": roundtrip.run,
     "throughput": throughput.run,
     "scale": scale.run,
-    "flight": flight.run,
     "fences": fences.run,
+    "streams": streams.run,
+    "flight": flight.run,
     "heaps": heaps.run,
 }
 

@@ -137,10 +137,12 @@ def _wait_for_socket(path: str, proc: subprocess.Popen[bytes]) -> None:
 
 
 @contextmanager
-def spawn(role: str, *args: str, pass_fds: Sequence[int] = ()) -> Iterator[subprocess.Popen[bytes]]:
-    """A child running ``benchmarks._workers ROLE ARGS``, stopped (by pid) on the way out."""
+def spawn(
+    role: str, *args: str, pass_fds: Sequence[int] = (), module: str = "benchmarks._workers"
+) -> Iterator[subprocess.Popen[bytes]]:
+    """A child running ``MODULE ROLE ARGS``, stopped (by pid) on the way out."""
     proc = subprocess.Popen(
-        [sys.executable, "-m", "benchmarks._workers", role, *args],
+        [sys.executable, "-m", module, role, *args],
         pass_fds=tuple(pass_fds),
         cwd=Path(__file__).parent.parent,
     )

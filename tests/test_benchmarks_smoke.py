@@ -21,7 +21,10 @@ def test_every_benchmark_group_produces_rows() -> None:
     assert out.returncode == 0, out.stderr[-3000:]
     rows = json.loads(out.stdout)
     groups = {row["group"] for row in rows}
-    assert groups == {"hand-off", "round trip", "throughput", "scale", "memory", "flight", "fences", "heaps"}
+    assert groups == {
+        *("hand-off", "round trip", "throughput", "scale", "memory"),
+        *("fences", "stream", "flight", "heaps"),
+    }
     assert all(row["p50"] > 0 for row in rows)
     baselines = {row["baseline"] for row in rows if row["ratio"] is not None}
     assert baselines >= {
@@ -30,4 +33,5 @@ def test_every_benchmark_group_produces_rows() -> None:
         "raw TCP copy",
         "eventfd ping-pong",
         "eventfd ping-pong, trio",
+        "bare ring + eventfd",
     }

@@ -29,6 +29,9 @@ def test_every_op_round_trips_with_its_defaults() -> None:
             "access": "read",
             "timeline": 1,
             "point": 1,
+            "slots": 1,
+            "stream": 1,
+            "subscriber": 1,
         }
         args = {k: needed[k] for k, _, required in spec.fields if required}
         request = p.decode(msgpack.packb([0, 3, name, args]), [0] * spec.fds)

@@ -3,7 +3,9 @@ points; afterwards nothing of theirs is left in the broker, and a buffer they al
 survivor is intact, byte for byte. Each worker signals a timeline of its own, makes fences and
 puts them in its buffers' reservations; the survivor waits on every victim's timeline as it is
 killed, and each of those waits must end with the timeline's error (ESRCH, or ETIMEDOUT if a
-promise lapsed first), not with its own timeout.
+promise lapsed first), not with its own timeout. Workers also publish streams and subscribe to
+the survivor's, holding its frames when they die: the survivor's own subscriber still receives
+every frame, in order, and its publisher is never refused a slot.
 
     python -m tools.chaos --kills 100 [--workers 4] [--seed N]
 """
@@ -42,7 +44,11 @@ class Report:
     usage_after: dict[str, int] | None = None
     waits_ended: int = 0  # survivor waits on a victim's timeline that ended with its error
     waits_wrong: list[str] = field(default_factory=list)
+    stream_frames: int = 0  # frames the survivor's subscriber received
+    stream_intact: bool = False  # every one, in order, with its bytes, and no loan refused
     seconds: float = 0.0
+
+STREAM = "chaos-survivor"
 
 
 def worker(path: str, fd: str, seed: str) -> None:
@@ -63,7 +69,7 @@ def worker(path: str, fd: str, seed: str) -> None:
         ops += 1
         if ops % 50 == 0:
             print(ops, flush=True)
-        action = rng.randrange(10)
+        action = rng.randrange(12)
         try:
             if action == 0 or not mine:
                 mine.append(dev.allocate(rng.choice([4096, 65536, 1 << 20])))
@@ -95,6 +101,17 @@ def worker(path: str, fd: str, seed: str) -> None:
             elif action == 9:
                 fence = rng.choice(mine).export_fence(Access.RW)
                 fence.wait(timeout=rng.choice([0, 0.001]))
+            elif action == 10:  # subscribe to the survivor's stream and keep what arrives
+                sub = dev.subscribe(STREAM)
+                open_things.append(sub)
+                if rng.random() < 0.5:
+                    open_things.append(sub.receive(timeout=0.2))
+            elif action == 11:  # a stream of one's own, subscribed to by oneself
+                pub = dev.publish(f"chaos-{os.getpid()}-{ops}", size=rng.choice([100, 70_000]), slots=2)
+                open_things.append(pub)
+                open_things.append(dev.subscribe(pub.name))
+                with pub.loan(timeout=0.2) as frame:
+                    frame.send(1)
         except bufbroker.BrokerError:
             pass  # EBUSY and friends: the sequence is random; the broker's answer is what counts
 
@@ -112,6 +129,8 @@ def run(target: Target, *, kills: int, workers: int = 3, seed: int = 1) -> Repor
         usage0 = dev.stats()["usage"]
         running: list[subprocess.Popen[str]] = []
         timelines: dict[int, int] = {}  # worker pid -> handle to its timeline
+        stop = threading.Event()
+        survivor = _SurvivorStream(target.socket, stop)
 
         def start() -> subprocess.Popen[str]:
             ours, theirs = socket.socketpair()
@@ -185,11 +204,14 @@ def run(target: Target, *, kills: int, workers: int = 3, seed: int = 1) -> Repor
                     proc.stdout.close()
             for handle in timelines.values():
                 os.close(handle)
+            stop.set()
+            report.stream_frames, report.stream_intact = survivor.join()
         deadline = time.monotonic() + 15
         while time.monotonic() < deadline:
             leftovers = [d for d in dev.devices() if str(d["name"]).startswith("chaos-")]
             buffers = [b for b in dev.buffers() if b["id"] != shared.id]
             lines = dev.timelines()
+            leftovers += dev.streams()
             if not leftovers and not buffers and not lines:
                 break
             time.sleep(0.05)
@@ -204,6 +226,52 @@ def run(target: Target, *, kills: int, workers: int = 3, seed: int = 1) -> Repor
         report.broker_rss_kib = (rss0, target.rss_kib())
     report.seconds = time.monotonic() - started
     return report
+
+
+class _SurvivorStream:
+    """A stream published and read by the survivor in threads of its own while workers die."""
+
+    def __init__(self, path: str, stop: threading.Event) -> None:
+        self._stop = stop
+        self._publisher = bufbroker.connect("survivor-publisher", socket=path)
+        self._pub = self._publisher.publish(STREAM, size=4096, slots=4)
+        self._subscriber = bufbroker.connect("survivor-subscriber", socket=path)
+        self._sub = self._subscriber.subscribe(STREAM)
+        self.sent = self.received = 0
+        self.intact = True
+        self._threads = [threading.Thread(target=self._send), threading.Thread(target=self._receive)]
+        for thread in self._threads:
+            thread.start()
+
+    def _send(self) -> None:
+        while not self._stop.is_set():
+            try:
+                with self._pub.loan(timeout=5) as frame:  # a dead worker's frames come back at once
+                    frame.memory[:8] = frame.seq.to_bytes(8, "little")
+                    frame.send(8)
+                    self.sent = frame.seq
+            except bufbroker.BrokerError:
+                self.intact = False
+                return
+            time.sleep(0.001)
+        self._pub.close()
+
+    def _receive(self) -> None:
+        try:
+            for frame in self._sub:
+                if frame.seq != self.received + 1 or bytes(frame.memory) != frame.seq.to_bytes(8, "little"):
+                    self.intact = False
+                self.received = frame.seq
+        except bufbroker.BrokerError:
+            self.intact = False
+
+    def join(self) -> tuple[int, bool]:
+        for thread in self._threads:
+            thread.join()
+        self._sub.close()
+        self._publisher.close()
+        self._subscriber.close()
+        return self.received, self.intact and self.received == self.sent
 
 
 def main() -> None:

@@ -159,7 +159,8 @@ def test_devices_json_ids_are_the_ones_show_uses(broker: Broker) -> None:
 def test_a_plain_command_line_imports_nothing_heavy(broker: Broker) -> None:
     code = (
         "import sys\nfrom bufbroker.cli import main\n"
-        "for command in ('ls', 'devices', 'timelines', 'show 1', 'bufinfo', 'stats', 'ls --json --socket "
+        "for command in ('ls', 'devices', 'timelines', 'streams', 'show 1', 'bufinfo', 'stats',"
+        " 'ls --json --socket "
         + broker.socket
         + "'):\n"
         "    assert main(command.split()) == 0\n"

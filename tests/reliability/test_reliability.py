@@ -40,6 +40,7 @@ def test_chaos_short(broker: Broker) -> None:
     assert report.waits_ended == 8 and report.waits_wrong == []  # every killed signaller's waiter woke
     assert report.leftovers == 0
     assert report.survivor_intact
+    assert report.stream_intact and report.stream_frames > 0
     assert report.broker_fds[1] == report.broker_fds[0]
 
 

@@ -87,6 +87,9 @@ class Config:
     max_queued_events: int = _count(
         1024, "events and notices queued for a device that does not read them (it is disconnected beyond)"
     )
+    max_streams_per_uid: int = _count(64, "streams one uid may publish at once (EDQUOT beyond)")
+    max_subscribers_per_stream: int = _count(16, "subscribers of one stream at once (EUSERS beyond)")
+    max_subscriptions_per_uid: int = _count(256, "subscriptions one uid may hold at once (EDQUOT beyond)")
     shm_adopted_hold: float = _count(
         60.0, "seconds the broker holds the shm buffers it adopted at start, for their users to open"
     )

@@ -27,12 +27,12 @@ import trio
 
 from .. import protocol as p
 from ..protocol import BrokerError, ProtocolError, RequestError
-from . import _fence_ops
+from . import _fence_ops, _stream_ops
 from ._chain import Chain
 from ._exports import export_remote, revoke
 from ._handles import handle_key
 from ._heap import adopt_memfd
-from ._introspect import buffer_page, device_page, heap_list, stats, timeline_page
+from ._introspect import buffer_page, device_page, heap_list, stats, stream_page, timeline_page
 from ._outbox import Outbox
 from ._packets import NO_FDS, FdBag, inbox, packet
 from ._records import Buffer, Device
@@ -66,6 +66,9 @@ _SETTLE_FIRST = frozenset(
         p.MergeFences,
         p.ExportFence,
         p.Timelines,
+        p.Publish,
+        p.Subscribe,
+        p.Streams,
     }
 )
 # Ops that may wait for the kernel in a worker thread before they are answered (_workers).
@@ -276,6 +279,9 @@ class Connection:
                                     f"max_pending_requests ({cfg.max_pending_requests}) in flight",
                                 ),
                             )
+                        if type(message.args) is p.Subscribe and message.args.timeout:
+                            _stream_ops.park_subscribe(self, nursery, message)
+                            continue
                         if type(message.args) is p.Open and message.args.timeout:
                             self._park_open(nursery, message)
                             continue
@@ -344,6 +350,12 @@ class Connection:
         except Exception as e:
             return self._failed(request, e), ()
         return self._answer(request, bag)
+
+    async def send_answer(self, request: p.Request) -> None:
+        """Answer a request that waited in its own task (its descriptors were discarded), then
+        the requests that referred to it."""
+        await self._send(*await self._respond(request, NO_FDS))
+        await self._answer_waiting(request)
 
     def _park_open(self, nursery: trio.Nursery, request: p.Request) -> None:
         """Start an ``open`` that waits for its name, charged to the uid.
@@ -550,6 +562,11 @@ class Connection:
                     BrokerError(errno.ENODEV, f"buffer {buffer_id} was revoked"), buffer=buffer
                 )
                 return {}, []
+            case p.Streams(after=after):
+                entries, more = stream_page(state, dev.uid, after)
+                return {"streams": entries, "more": more}, []
+            case _ if type(args) in _stream_ops.OPS:
+                return _stream_ops.answer(self, args)
         raise BrokerError(errno.ENOTTY, f"{request.op} cannot be used after hello")
 
     def _describe(self, buffer: Buffer) -> dict[str, Any]:

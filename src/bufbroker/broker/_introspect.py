@@ -22,8 +22,18 @@ from .. import protocol as p
 from ..protocol import timeline as tl
 from ._records import Buffer, Device, Timeline
 from ._state import State
+from ._streams import Stream
 
-__all__ = ["PAGE", "REPLY_BYTES", "buffer_page", "device_page", "heap_list", "stats", "timeline_page"]
+__all__ = [
+    "PAGE",
+    "REPLY_BYTES",
+    "buffer_page",
+    "device_page",
+    "heap_list",
+    "stats",
+    "stream_page",
+    "timeline_page",
+]
 
 REPLY_BYTES = p.MAX_REPLY_BYTES - 1024  # of entries in one page; the rest is the reply's envelope
 PAGE = 128  # entries per page at most
@@ -202,6 +212,43 @@ def timeline_page(state: State, viewer: int, after: int) -> tuple[list[dict[str,
     return _fill(_timeline(state, t, viewer) for t in visible)
 
 
+def _stream(stream: Stream) -> dict[str, Any]:
+    pub = stream.publisher
+    sent = stream.sent
+    return {
+        "id": stream.id,
+        "name": stream.name,
+        "owner": stream.owner,
+        "created": stream.created,
+        "publisher": {"device": pub.id, "name": pub.name, "pid": pub.pid},
+        "size": stream.size,
+        "slots": stream.slots,
+        "pool_bytes": stream.backing.size,
+        "sent": sent,
+        "in_use": stream.in_use,
+        "subscribers": [
+            {
+                "id": s.id,
+                "device": s.device.id,
+                "name": s.device.name,
+                "pid": s.device.pid,
+                "start": s.start,
+                "position": stream.position(s),
+                "lag": sent - stream.position(s),
+                "joined": s.joined,
+            }
+            for s in stream.subscribers.values()
+        ],
+    }
+
+
+def stream_page(state: State, viewer: int, after: int) -> tuple[list[dict[str, Any]], bool]:
+    """The visible streams (published by the viewer's uid; root: all), in id order."""
+    streams = state.streams.streams
+    visible = (s for i, s in streams.items() if i > after and viewer in (0, s.owner))
+    return _fill(_stream(s) for s in visible)
+
+
 def _fill(entries: Iterable[dict[str, Any]]) -> tuple[list[dict[str, Any]], bool]:
     page: list[dict[str, Any]] = []
     used = 0
@@ -256,6 +303,7 @@ def stats(state: State, viewer: int, version: str, connections: int) -> dict[str
         "mappings": sum(a.map_count for d in devices for a in d.attachments.values()),
         "timelines": usage.timelines if viewer else len(state.sync.timelines),
         "fences": usage.fences if viewer else len(state.sync.fences),
+        "streams": usage.streams if viewer else len(state.streams.streams),
         "limits": state.config.as_dict(),
         "usage": {
             "uid": viewer,
@@ -266,6 +314,8 @@ def stats(state: State, viewer: int, version: str, connections: int) -> dict[str
             "waiting": usage.waiting,
             "timelines": usage.timelines,
             "fences": usage.fences,
+            "streams": usage.streams,
+            "subscriptions": usage.subscriptions,
         },
     }
 

@@ -59,6 +59,8 @@ class Device:
     timelines: dict[int, TimelineRef] = field(default_factory=dict)  # held, by timeline id
     exporter: bool = False  # said so at hello: it may export buffers and is sent their calls
     calls: dict[int, PendingCall] = field(default_factory=dict)  # forwarded to it, unanswered
+    streams: set[int] = field(default_factory=set)  # published, by stream id
+    subscriptions: set[int] = field(default_factory=set)  # by subscriber id
 
     @property
     def label(self) -> str:
@@ -153,6 +155,8 @@ class Usage:
     waiting: int = 0  # opens waiting for a name
     timelines: int = 0
     fences: int = 0
+    streams: int = 0
+    subscriptions: int = 0
 
 
 @dataclass(eq=False, slots=True, kw_only=True)

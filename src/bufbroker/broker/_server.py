@@ -86,6 +86,7 @@ class Server:
             adopt(shm, self.state)
             self.state.observer = ShmRecords(self.state, self.state.observer)
         self.names = NameWaiters()
+        self.stream_names = NameWaiters()  # subscribes waiting for a stream
         self.discard = Discard()
         self.unmapped = trio.lowlevel.ParkingLot()  # a moved buffer's stale mapping went away
         self.state.post = self.post

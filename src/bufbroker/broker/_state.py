@@ -27,13 +27,14 @@ from ..protocol import Access, BrokerError, Constraints, Direction
 from ._config import Config
 from ._exports import revoke_buffer
 from ._fits import check_fits, check_length
-from ._heap import Backing
+from ._heap import Backing, allocate_memfd
 from ._heaps import Heap, HugetlbHeap, MemfdHeap
 from ._layout import Layout, combine, plan
 from ._quota import Quotas
 from ._records import Attachment, Buffer, Device, Handle, Key, Ref
 from ._reserve import Reserve
 from ._seal import Sealing
+from ._streams import Streams
 from ._sync import QuietHooks, Sync
 
 __all__ = ["Mapped", "State"]
@@ -97,6 +98,7 @@ class State(Sealing):
         self.post: Callable[[Device, p.Event | p.Call], None] = lambda device, message: None
         self.unmapped: Callable[[Buffer], None] = lambda buffer: None
         self.exporters = 0  # devices connected as exporters: without any, nothing is forwarded
+        self.streams = Streams(config, self.quotas, self.sync, self.new_id, clock, lambda b: self.free(b))
 
     def reserve_id(self, kind: str, id: int) -> None:
         """An id kept across a restart: new ones of its kind come after it."""
@@ -153,6 +155,7 @@ class State(Sealing):
             for buffer in self.buffers.values():
                 if buffer.remote is device:
                     revoke_buffer(self, buffer)
+        self.streams.device_gone(device)
         touched = {att.buffer for att in device.attachments.values()}
         for att in list(device.attachments.values()):
             self._drop_attachment(att)
@@ -274,6 +277,10 @@ class State(Sealing):
                 errno.EINVAL, f"the kernel cannot seal {heap} memory: allocate sealable buffers elsewhere"
             )
         return self.create(device, size, heap, name, None, span=allocator.span(size), sealable=sealable)
+
+    def allocate_backing(self, size: int, label: str) -> Backing:
+        """Memory from the default heap for something other than a buffer (a stream's pool)."""
+        return allocate_memfd(size, label)
 
     def export(self, device: Device, backing: Backing, *, name: str | None) -> Buffer:
         """A client's own memfd as a buffer (udmabuf); the backing is already checked."""

@@ -105,6 +105,10 @@ class Sync:
         else:
             ref.count += 1
 
+    def hold(self, device: Device, timeline: Timeline) -> None:
+        """``device`` holds ``timeline`` (a stream's frame timeline, for a subscriber)."""
+        self._hold(device, timeline)
+
     def held(self, device: Device, timeline_id: int) -> Timeline:
         ref = device.timelines.get(timeline_id)
         if ref is None:

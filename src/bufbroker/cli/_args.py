@@ -24,6 +24,7 @@ COMMANDS = {
     "show": "everything about one buffer, by id or name",
     "devices": "one row per device (client connection)",
     "timelines": "one row per timeline: its signaller, value, promises, error and holders",
+    "streams": "one row per stream, and under it each subscriber's position and lag",
     "bufinfo": "the buffers in the kernel's debugfs dma_buf/bufinfo format",
     "stats": "totals, limits and their use, uptime",
     "heaps": "each heap: page size, whether it can allocate here, what is allocated from it",
@@ -32,8 +33,10 @@ COMMANDS = {
 }
 VALUED = ("--socket", "--timeout")  # global options that take a value
 _FLAGS = {"--json": "json", "--no-legend": "no_legend"}
-# command: how many positionals it takes
-_QUICK = {"ls": 0, "devices": 0, "timelines": 0, "bufinfo": 0, "stats": 0, "heaps": 0, "show": 1}
+_QUICK = {  # command: how many positionals it takes
+    **{"ls": 0, "devices": 0, "timelines": 0, "streams": 0, "bufinfo": 0, "stats": 0, "heaps": 0},
+    "show": 1,
+}
 
 
 def parse(argv: list[str]) -> argparse.Namespace:

@@ -86,6 +86,11 @@ def _inspect(args: Namespace, source: Device) -> str | None:
                 if args.json
                 else render.render_timelines(timelines, legend=legend)
             )
+        case "streams":
+            from ._streams import list_streams, render_streams
+
+            streams = list_streams(source)
+            return render.render_json(streams) if args.json else render_streams(streams, legend=legend)
         case "bufinfo":
             from ._bufinfo import parse_bufinfo, render_bufinfo
 

@@ -3,7 +3,20 @@
 from __future__ import annotations
 
 from ._passing import recv_handle, send_handle
-from ._sync import Attachment, Buffer, CpuAccess, Device, Fence, Mapping, Timeline, connect
+from ._sync import (
+    Attachment,
+    Buffer,
+    CpuAccess,
+    Device,
+    Fence,
+    Frame,
+    Loan,
+    Mapping,
+    Publisher,
+    Subscriber,
+    Timeline,
+    connect,
+)
 
 TYPE_CHECKING = False  # typing is not imported at run time: it costs the CLI start-up time
 if TYPE_CHECKING:
@@ -19,7 +32,11 @@ __all__ = [
     "Exporter",
     "ExporterAttachment",
     "Fence",
+    "Frame",
+    "Loan",
     "Mapping",
+    "Publisher",
+    "Subscriber",
     "Timeline",
     "connect",
     "recv_handle",

@@ -21,7 +21,12 @@ from ._timeline import FenceBase, TimelineBase, Views
 
 TYPE_CHECKING = False  # typing is not imported at run time: it costs the CLI start-up time
 if TYPE_CHECKING:
-    from typing import Any
+    from typing import Any, Protocol
+
+    class ClosedWithDevice(Protocol):
+        """A stream's publisher or subscriber: its local side goes when the device closes."""
+
+        def _close_local(self) -> None: ...
 
 __all__ = [
     "DEFAULT_TIMEOUT",
@@ -324,10 +329,13 @@ def maybe_one_fd(fds: list[int]) -> int | None:
     return take_one_fd(fds) if fds else None
 
 
+_Listing = type[p.Buffers] | type[p.Devices] | type[p.Timelines] | type[p.Streams]
+
+
 class Pager:
     """Reads a paged listing (``buffers``, ``devices``): ask, take, ask again while ``more``."""
 
-    def __init__(self, op: type[p.Buffers] | type[p.Devices] | type[p.Timelines], key: str) -> None:
+    def __init__(self, op: _Listing, key: str) -> None:
         self._op = op
         self._key = key
         self.entries: list[dict[str, Any]] = []
@@ -347,7 +355,7 @@ class DeviceBase:
         self._buffers: set[BufferBase] = set()
         self._memory: set[MappedMemory] = set()
         self._views = Views()
-        self._syncs: set[TimelineBase | FenceBase] = set()  # closed with the device
+        self._syncs: set[TimelineBase | FenceBase | ClosedWithDevice] = set()  # closed with the device
         self.closed = False
 
     @property
@@ -401,7 +409,7 @@ class DeviceBase:
         for buffer in self._buffers:
             buffer._close_handle()
         self._buffers.clear()
-        for obj in self._syncs:
+        for obj in list(self._syncs):
             if isinstance(obj, FenceBase):
                 obj.close_local()
             else:

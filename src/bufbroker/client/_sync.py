@@ -35,6 +35,7 @@ from ._core import (
     teardown_for,
     unclosed,
 )
+from ._sync_stream import Frame, Loan, Publisher, Subscriber
 from ._sync_timeline import Fence, Timeline
 
 TYPE_CHECKING = False  # typing is not imported at run time: it costs the CLI start-up time
@@ -45,7 +46,20 @@ if TYPE_CHECKING:
     from ._exporting import CallServer, Exporter, MoveCallbacks
     from ._threads import Served
 
-__all__ = ["Attachment", "Buffer", "CpuAccess", "Device", "Fence", "Mapping", "Timeline", "connect"]
+__all__ = [
+    "Attachment",
+    "Buffer",
+    "CpuAccess",
+    "Device",
+    "Fence",
+    "Frame",
+    "Loan",
+    "Mapping",
+    "Publisher",
+    "Subscriber",
+    "Timeline",
+    "connect",
+]
 
 _PING = p.Ping()  # records are immutable: one does for every call
 
@@ -483,6 +497,18 @@ class Device(DeviceBase, _Closing):
         """A new fence for both (SYNC_IOC_MERGE: the later point of a shared timeline)."""
         result, fds = self._call(p.MergeFences(have=self._views.have()), [first.fileno(), second.fileno()])
         return Fence(self, take_one_fd(fds[:1]), result, fds[1:])
+
+    def streams(self) -> list[dict[str, Any]]:
+        """Every stream this uid publishes (root: all), with subscribers and their lag."""
+        return self._listing(Pager(p.Streams, "streams"))
+
+    def publish(self, name: str, *, size: int, slots: int = 4) -> Publisher:
+        """A stream of frames of up to ``size`` bytes through a pool of ``slots`` slots."""
+        return Publisher(self, *self._call(p.Publish(name=name, size=size, slots=slots)))
+
+    def subscribe(self, name: str, *, timeout: float | None = None) -> Subscriber:
+        """Join stream ``name`` at its next frame, waiting up to ``timeout`` s for it to exist."""
+        return Subscriber(self, *self._call(p.Subscribe(name=name, timeout=timeout)))
 
     def fileno(self) -> int:
         return self._sock.fileno()

@@ -180,6 +180,14 @@ def _forget_epolls() -> None:
 os.register_at_fork(after_in_child=_forget_epolls)
 
 
+def thread_epoll() -> Epoll:
+    """This thread's epoll for blocking waits (a stream's loans and receives use it too)."""
+    epoll = _local.epoll
+    if epoll is None:
+        epoll = _local.epoll = Epoll()
+    return epoll
+
+
 def blocking_wait(points: Sequence[Point], timeout: float | None) -> None:
     """Wait until every point is reached (or one fails: its errno); ETIME after ``timeout`` s."""
     status = combined(points)

@@ -9,10 +9,10 @@ from __future__ import annotations
 
 import errno
 import os
-from collections.abc import AsyncIterator, Awaitable, Callable, Generator, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import asynccontextmanager
 from socket import AF_UNIX, SOCK_CLOEXEC, SOCK_SEQPACKET  # `socket` is a parameter name here
-from typing import Any, Generic, TypeVar
+from typing import Any
 
 import trio
 
@@ -36,7 +36,10 @@ from ._core import (
 )
 from ._exporting import CallServer, Exporter, MoveCallbacks
 from ._trio_link import Link
+from ._trio_opening import AsyncClosing as _AsyncClosing
+from ._trio_opening import Opening as _Opening
 from ._trio_serving import dispatch
+from ._trio_stream import Frame, Loan, Publisher, Subscriber
 from ._trio_timeline import Fence, Timeline
 
 __all__ = [
@@ -45,53 +48,16 @@ __all__ = [
     "CpuAccess",
     "Device",
     "Fence",
+    "Frame",
+    "Loan",
     "Mapping",
+    "Publisher",
+    "Subscriber",
     "Timeline",
     "open_device",
     "recv_handle",
     "send_handle",
 ]
-
-T = TypeVar("T", bound="_AsyncClosing")
-
-
-class _AsyncClosing:
-    async def __aenter__(self: T) -> T:
-        return self
-
-    async def __aexit__(self, kind: Any, error: BaseException | None, tb: Any) -> None:
-        try:
-            await self.close()
-        except BrokerError as failure:
-            unclosed(error, failure)
-
-    async def close(self) -> None:
-        raise NotImplementedError
-
-
-class _Opening(Generic[T]):
-    """``await op(...)`` or ``async with op(...) as x``: the result, closed on exit if entered.
-
-    The same two spellings as ``trio.open_file`` (awaited) and ``trio.open_nursery``
-    (entered); ``async with await op(...)`` works too, since the result is itself an async
-    context manager.
-    """
-
-    def __init__(self, start: Callable[[], Awaitable[T]]) -> None:
-        self._start = start
-        self._value: T | None = None
-
-    def __await__(self) -> Generator[Any, None, T]:
-        return self._start().__await__()
-
-    async def __aenter__(self) -> T:
-        self._value = await self._start()
-        return self._value
-
-    async def __aexit__(self, kind: Any, error: BaseException | None, tb: Any) -> None:
-        assert self._value is not None
-        await self._value.__aexit__(kind, error, tb)
-
 
 @asynccontextmanager
 async def open_device(
@@ -286,6 +252,26 @@ class Device(Link):
     async def stats(self) -> dict[str, Any]:
         result: dict[str, Any] = (await self._call(p.Stats()))[0]
         return result
+
+    async def streams(self) -> list[dict[str, Any]]:
+        """Every stream this uid publishes (root: all), with subscribers and their lag."""
+        return await self._listing(Pager(p.Streams, "streams"))
+
+    def publish(self, name: str, *, size: int, slots: int = 4) -> _Opening[Publisher]:
+        """A stream of frames of up to ``size`` bytes through a pool of ``slots`` slots."""
+
+        async def start() -> Publisher:
+            return Publisher(self, *await self._call(p.Publish(name=name, size=size, slots=slots)))
+
+        return _Opening(start)
+
+    def subscribe(self, name: str, *, timeout: float | None = None) -> _Opening[Subscriber]:
+        """Join stream ``name`` at its next frame, waiting up to ``timeout`` s for it to exist."""
+
+        async def start() -> Subscriber:
+            return Subscriber(self, *await self._call(p.Subscribe(name=name, timeout=timeout)))
+
+        return _Opening(start)
 
     async def aclose(self) -> None:
         """Disconnect now (``open_device``'s exit does it too); waiting tasks get EBADF."""

@@ -4,6 +4,7 @@ Broker and clients both speak through this package; nothing else touches msgpack
 docs/PROTOCOL.md is the description for implementers in other languages.
 """
 
+from . import _stream as stream
 from . import _timeline as timeline
 from ._calls import (
     CALLS,
@@ -78,6 +79,7 @@ from ._ops import (
     OpArgs,
     Open,
     Ping,
+    Publish,
     Ref,
     Release,
     ReleaseTimeline,
@@ -87,8 +89,13 @@ from ._ops import (
     Share,
     ShareTimeline,
     Stats,
+    StreamMembers,
+    Streams,
+    Subscribe,
     Timelines,
     Unmap,
+    Unpublish,
+    Unsubscribe,
     parse_args,
 )
 from ._types import PAGE_SIZE, Access, Constraints, Direction, Segment, page_round
@@ -147,6 +154,7 @@ __all__ = [
     "Open",
     "Ping",
     "ProtocolError",
+    "Publish",
     "Ref",
     "Refusal",
     "Release",
@@ -162,9 +170,14 @@ __all__ = [
     "Share",
     "ShareTimeline",
     "Stats",
+    "StreamMembers",
+    "Streams",
+    "Subscribe",
     "Timelines",
     "Unmap",
     "UnmapCall",
+    "Unpublish",
+    "Unsubscribe",
     "ancillary",
     "ancillary_space",
     "close_all",
@@ -182,5 +195,6 @@ __all__ = [
     "parse_args",
     "parse_call",
     "peek_request_id",
+    "stream",
     "timeline",
 ]

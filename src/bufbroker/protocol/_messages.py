@@ -64,8 +64,8 @@ PROTOCOL_VERSION = 1
 MAX_REPLY_BYTES = 64 << 10
 """The largest packet the broker ever sends: a client's receive buffer of this size never truncates."""
 MAX_REPLY_FDS = 1 + 2 * MAX_FENCE_TIMELINES
-"""The most descriptors one packet from the broker carries: a fence, and the page and eventfd of
-each of its timelines (33); every other reply carries at most one."""
+"""The most descriptors one packet from the broker carries (33): a fence, and the page and
+eventfd of each of its timelines; a stream's replies carry up to 32, most replies one or none."""
 
 REQUEST, REPLY, ERROR, EVENT, CALL, ANSWER, REFUSAL = 0, 1, 2, 3, 4, 5, 6
 

@@ -52,6 +52,7 @@ __all__ = [
     "OpSpec",
     "Open",
     "Ping",
+    "Publish",
     "Ref",
     "Release",
     "ReleaseTimeline",
@@ -61,8 +62,13 @@ __all__ = [
     "Share",
     "ShareTimeline",
     "Stats",
+    "StreamMembers",
+    "Streams",
+    "Subscribe",
     "Timelines",
     "Unmap",
+    "Unpublish",
+    "Unsubscribe",
     "op",
     "parse_args",
 ]
@@ -456,6 +462,46 @@ class Revoke(OpArgs):
 class Move(OpArgs):
     buffer: int
     timeout: float | None = None  # how long dynamic importers have to let go of the old memory
+
+
+# --- streams (docs/PROTOCOL.md, "Streams") ------------------------------------------------
+# A reply that hands over a stream carries the pool (read-write for the publisher, read-only
+# for a subscriber), then the frame timeline's page and eventfd, then (subscribe) the
+# subscriber's own release timeline's page and eventfd.
+
+
+@op("publish", reply_fds=True)
+class Publish(OpArgs):
+    name: str
+    size: int
+    slots: int
+
+
+@op("subscribe", reply_fds=True)
+class Subscribe(OpArgs):
+    name: str
+    timeout: float | None = None  # wait this long for the stream to be published
+
+
+@op("stream_members", reply_fds=True)
+class StreamMembers(OpArgs):
+    stream: int
+    have: tuple[int, ...] = ()  # release timelines whose pages the publisher already has
+
+
+@op("unpublish")
+class Unpublish(OpArgs):
+    stream: int
+
+
+@op("unsubscribe")
+class Unsubscribe(OpArgs):
+    subscriber: int
+
+
+@op("streams")
+class Streams(OpArgs):
+    after: int = 0
 
 
 @op("heaps")
