@@ -28,6 +28,7 @@ import trio
 from .. import protocol as p
 from ..protocol import BrokerError, ProtocolError, RequestError
 from . import _fence_ops, _stream_ops
+from ._backing_ops import map_result, prepare_backing, seal
 from ._chain import Chain
 from ._exports import export_remote, revoke
 from ._handles import handle_key
@@ -38,7 +39,6 @@ from ._packets import NO_FDS, FdBag, inbox, packet
 from ._records import Buffer, Device
 from ._state import Mapped
 from ._sync import Points
-from ._workers import map_result, prepare_backing, seal
 
 if TYPE_CHECKING:
     from ._server import Server

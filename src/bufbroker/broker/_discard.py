@@ -4,10 +4,11 @@ A descriptor a client sends is closed by the broker when no op keeps it: surplus
 one that is not the handle it claimed to be, a refused memfd. Such a close can block for as
 long as the client likes: a TCP socket with SO_LINGER and unsent data waits out its linger in
 close(), a populated memfd frees its pages inside close() (about 100 ms per GiB here), a
-socket with descriptors queued in it closes those too. So they are closed in worker threads,
-one thread per uid at a time: a uid whose closes are slow waits behind its own, nobody else
-does. A uid with more than MOST descriptors waiting to be closed has its connections wait
-(``wait_room``) before reading their next request, so it cannot fill the broker's table.
+socket with descriptors queued in it closes those too. So they are closed in the broker's
+worker threads (``_workers``), one batch per uid at a time: a uid whose closes are slow waits
+behind its own, nobody else does. A uid with more than MOST descriptors waiting to be closed
+has its connections wait (``wait_room``) before reading their next request, so it cannot fill
+the broker's table.
 
 Sockets are closed abortively (SO_LINGER with a zero timeout, as a reset): the broker has no
 use for what a client queued in a socket it threw away, and a lingering close would keep the
@@ -17,6 +18,7 @@ descriptor, which may be one of those kept for root, for as long as the client c
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 import socket
 import struct
@@ -25,6 +27,7 @@ from collections import defaultdict
 import trio
 
 from .. import protocol as p
+from ._workers import Workers
 
 __all__ = ["MOST", "Discard"]
 
@@ -46,7 +49,8 @@ def _close_all(fds: list[int]) -> None:
 
 
 class Discard:
-    def __init__(self) -> None:
+    def __init__(self, workers: Workers) -> None:
+        self._workers = workers
         self._queued: defaultdict[int, list[int]] = defaultdict(list)
         self._waiting: dict[int, int] = {}  # uid → descriptors queued or being closed
         self._room: dict[int, trio.Event] = {}  # set when a uid is back under MOST
@@ -81,8 +85,7 @@ class Discard:
     async def _drain(self, uid: int) -> None:
         try:
             while fds := self._queued.pop(uid, None):
-                # Abandoned if the broker stops: the thread still closes every one of them.
-                await trio.to_thread.run_sync(_close_all, fds, abandon_on_cancel=True)
+                await self._workers.run(uid, functools.partial(_close_all, fds))
                 left = self._waiting[uid] - len(fds)
                 if left:
                     self._waiting[uid] = left

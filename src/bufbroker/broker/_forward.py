@@ -17,6 +17,7 @@ after begin.
 from __future__ import annotations
 
 import errno
+import functools
 from typing import TYPE_CHECKING, Any
 
 import trio
@@ -24,9 +25,9 @@ import trio
 from .. import protocol as p
 from ..protocol import BrokerError, Constraints
 from ._answers import backing
+from ._backing_ops import map_result
 from ._exports import begin_call, end_call, move
 from ._records import Buffer, Device, PendingCall
-from ._workers import map_result
 
 if TYPE_CHECKING:
     from ._packets import FdBag
@@ -34,7 +35,6 @@ if TYPE_CHECKING:
 
 __all__ = ["Forwarder"]
 
-CHECKS_PER_UID = 2  # answers checked in worker threads at once, per exporter uid
 
 
 class _Slot:
@@ -57,7 +57,6 @@ class Forwarder:
         self.server = server
         self.state = server.state
         self._slots: dict[int, _Slot] = {}
-        self._limiters: dict[int, trio.CapacityLimiter] = {}
 
     # --- which requests come here
 
@@ -174,21 +173,17 @@ class Forwarder:
         exporter = buffer.remote
         assert exporter is not None
         answer = await self._call(importer, buffer, args)
-        limiter = self._limiters.get(exporter.uid)
-        if limiter is None:
-            limiter = self._limiters[exporter.uid] = trio.CapacityLimiter(CHECKS_PER_UID)
-        try:
-            with trio.CancelScope(shield=True):  # the thread owns the descriptors until it returns
-                layout, fd = await trio.to_thread.run_sync(
-                    backing,
-                    answer.result,
-                    list(answer.fds),
-                    buffer.span,
-                    constraints,
-                    writable,
-                    self.state.config.max_layout_segments,
-                    limiter=limiter,
-                )
+        check = functools.partial(
+            backing,
+            answer.result,
+            list(answer.fds),
+            buffer.span,
+            constraints,
+            writable,
+            self.state.config.max_layout_segments,
+        )
+        try:  # in a worker thread of the exporter's uid, which owns the descriptors until it returns
+            layout, fd = await self.server.workers.run(exporter.uid, check)
         except BrokerError as e:
             raise self._garbage(exporter, e, answer.id, args) from None
         reserve = self.state.reserve

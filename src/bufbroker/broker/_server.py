@@ -20,6 +20,7 @@ import trio
 
 from .. import protocol as p
 from ..protocol import BrokerError, ProtocolError
+from ._backing_ops import Sealer
 from ._config import Config
 from ._connection import Awake, Connection
 from ._discard import Discard
@@ -33,7 +34,7 @@ from ._shm import ShmHeap, ShmRecords, adopt
 from ._state import State
 from ._waiters import NameWaiters
 from ._watch import TimelineWatch
-from ._workers import Sealer, Workers
+from ._workers import Workers
 
 __all__ = ["Server"]
 
@@ -72,7 +73,7 @@ class Server:
         self._sealer = Sealer(self.state, self.workers)
         self.state.unwritten = self._sealer.want
         self.handles = HandleTable(self.state.handle_closed)
-        self.timelines = TimelineWatch(self.handles)
+        self.timelines = TimelineWatch(self.handles, self.workers)
         self.timelines.attach(self.state.sync)
         self._fdstore: FdStore | None = None
         if fdstore is not None:
@@ -87,7 +88,7 @@ class Server:
             self.state.observer = ShmRecords(self.state, self.state.observer)
         self.names = NameWaiters()
         self.stream_names = NameWaiters()  # subscribes waiting for a stream
-        self.discard = Discard()
+        self.discard = Discard(self.workers)
         self.unmapped = trio.lowlevel.ParkingLot()  # a moved buffer's stale mapping went away
         self.state.post = self.post
         self.state.unmapped = lambda buffer: self._wake_moves()

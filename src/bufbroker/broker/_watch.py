@@ -8,7 +8,7 @@ readable, for good.
 
 Waking a timeline's waiters is a write to its eventfd, which any holder can make block (clear
 O_NONBLOCK on the shared file, fill the counter): the broker's writes (when it fails a
-timeline) run in worker threads, at most ``KICKERS`` at once per owning uid, on a duplicate
+timeline) run in the broker's worker threads, charged to the owning uid, on a duplicate
 of the descriptor, so that a page freed meanwhile cannot hand the number to another file.
 """
 
@@ -27,24 +27,23 @@ from ..protocol import timeline as page
 from ._handles import HandleTable
 from ._records import Fence, Timeline
 from ._sync import Sync
+from ._workers import Workers
 
-__all__ = ["KICKERS", "TimelineWatch"]
+__all__ = ["TimelineWatch"]
 
 log = logging.getLogger("bufbroker.broker")
-
-KICKERS = 4  # worker threads writing eventfds at once, per uid owning the timelines
 
 
 class TimelineWatch:
     """The hooks of ``Sync``, with I/O; ``run`` is the task that watches."""
 
-    def __init__(self, handles: HandleTable) -> None:
+    def __init__(self, handles: HandleTable, workers: Workers) -> None:
         self._handles = handles
+        self._workers = workers
         self._epoll = select.epoll()
         self._by_fd: dict[int, Timeline] = {}
         self._sync: Sync | None = None
         self._nursery: trio.Nursery | None = None
-        self._limiters: dict[int, trio.CapacityLimiter] = {}
         self._deadline_moved = trio.Event()
         self._unkicked: list[Timeline] = []  # failed before the broker served (a restore)
 
@@ -70,12 +69,9 @@ class TimelineWatch:
             self._unkicked.append(timeline)  # failed at a restore: woken once serving
             return
         efd = os.dup(timeline.page.eventfd)
-        limiter = self._limiters.get(timeline.owner)
-        if limiter is None:
-            limiter = self._limiters[timeline.owner] = trio.CapacityLimiter(KICKERS)
-        self._nursery.start_soon(self._kick, efd, limiter)
+        self._nursery.start_soon(self._kick, efd, timeline.owner)
 
-    async def _kick(self, efd: int, limiter: trio.CapacityLimiter) -> None:
+    async def _kick(self, efd: int, owner: int) -> None:
         def write() -> None:
             try:
                 page.kick(efd)
@@ -83,7 +79,7 @@ class TimelineWatch:
                 os.close(efd)
 
         try:
-            await trio.to_thread.run_sync(write, limiter=limiter, abandon_on_cancel=True)
+            await self._workers.run(owner, write)  # the write closes its descriptor whatever happens
         except OSError as e:
             log.warning("cannot wake the waiters of a timeline: %s", e)
 
