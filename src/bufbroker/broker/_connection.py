@@ -17,7 +17,6 @@ import errno
 import logging
 import math
 import mmap
-import os
 import select
 import socket
 from collections.abc import Sequence
@@ -27,17 +26,12 @@ import trio
 
 from .. import protocol as p
 from ..protocol import BrokerError, ProtocolError, RequestError
-from . import _fence_ops, _stream_ops
-from ._backing_ops import map_result, prepare_backing, seal
+from . import _buffer_ops, _stream_ops
+from ._backing_ops import prepare_backing, seal
 from ._chain import Chain
-from ._exports import export_remote, revoke
-from ._handles import handle_key
-from ._heap import adopt_memfd
-from ._introspect import buffer_page, device_page, heap_list, stats, stream_page, timeline_page
 from ._outbox import Outbox
 from ._packets import NO_FDS, FdBag, inbox, packet
-from ._records import Buffer, Device
-from ._state import Mapped
+from ._records import Device
 from ._sync import Points
 
 if TYPE_CHECKING:
@@ -345,7 +339,7 @@ class Connection:
                 buffer = await seal(state, workers, self.device, args.buffer)
                 if buffer.name:  # the opens waiting for it to be sealed
                     self.server.names.appeared((buffer.owner, buffer.name))
-                return p.encode_reply(request.id, self._seal_state(buffer)), ()
+                return p.encode_reply(request.id, _buffer_ops.seal_state(buffer)), ()
             await prepare_backing(state, workers, self.device, args)
         except Exception as e:
             return self._failed(request, e), ()
@@ -479,149 +473,6 @@ class Connection:
     def _handle(self, request: p.Request, args: p.OpArgs, bag: FdBag) -> tuple[Any, list[int]]:
         """Apply one request (``args``: its arguments, references resolved) to the state;
         returns (result, descriptors to send and close)."""
-        state, dev = self.state, self.device
         if type(args) in _SETTLE_FIRST:
             self.server.handles.settle()
-        match args:
-            case p.Ping():
-                return {}, []
-            case p.Allocate(size=size, name=name, heap=heap, sealable=sealable):
-                buffer = state.allocate(dev, size, name=name, heap=heap, sealable=sealable)
-                return self._with_handle(buffer, readonly=False, new_ref=True)
-            case p.ExportMemfd(name=name):
-                backing = adopt_memfd(bag.fds[0])
-                bag.take(0)
-                try:
-                    buffer = state.export(dev, backing, name=name)
-                except BrokerError:
-                    state.free(backing)
-                    raise
-                return self._with_handle(buffer, readonly=False, new_ref=True)
-            case p.Import():
-                try:
-                    key = handle_key(bag.fds[0])
-                except OSError:  # not a socket: no handle either
-                    raise BrokerError(errno.EINVAL, "the descriptor is not a bufbroker handle") from None
-                buffer = state.import_handle(dev, key)
-                # A live handle's client end: a quick close, its queue holds our byte at most.
-                os.close(bag.take(0))
-                return self._describe(buffer), []
-            case p.Open(name=name, uid=uid, sealed=sealed):
-                buffer = state.open(dev, name, uid, sealed=sealed)
-                return self._with_handle(buffer, readonly=False, new_ref=True)
-            case p.Share(buffer=int(buffer_id), readonly=readonly):
-                return self._with_handle(state.share(dev, buffer_id, readonly=readonly), readonly=readonly)
-            case p.SetName(buffer=int(buffer_id), name=name):
-                buffer = state.set_name(dev, buffer_id, name)
-                if name:
-                    self.server.names.appeared((buffer.owner, name))
-                return {}, []
-            case p.Release(buffer=int(buffer_id)):
-                state.release(dev, buffer_id)
-                return {}, []
-            case p.Attach(buffer=int(buffer_id), dynamic=dynamic):
-                return {"attachment": state.attach(dev, buffer_id, dynamic=dynamic).id}, []
-            case p.Detach(attachment=int(att)):
-                state.detach(dev, att)
-                return {}, []
-            case p.Map(attachment=int(att), direction=direction):
-                mapped = state.map(dev, att, direction)
-                return self._backing(mapped, lambda: state.unmap(dev, att))
-            case p.Unmap(attachment=int(att)):
-                state.unmap(dev, att)
-                return {}, []
-            case p.CpuBegin(buffer=int(buffer_id), access=access):
-                mapped = state.cpu_begin(dev, buffer_id, access)
-                return self._backing(mapped, lambda: state.cpu_end(dev, buffer_id, access))
-            case p.CpuEnd(buffer=int(buffer_id), access=access):
-                state.cpu_end(dev, buffer_id, access)
-                return {}, []
-            case p.Buffers(after=after):
-                entries, more = buffer_page(state, dev.uid, after)
-                return {"buffers": entries, "more": more}, []
-            case p.Devices(after=after):
-                entries, more = device_page(state, dev.uid, after)
-                return {"devices": entries, "more": more}, []
-            case p.Heaps():
-                return {"heaps": heap_list(state, dev.uid)}, []
-            case p.Timelines(after=after):
-                entries, more = timeline_page(state, dev.uid, after)
-                return {"timelines": entries, "more": more}, []
-            case _ if type(args) in _fence_ops.OPS:
-                return _fence_ops.answer(self, args, bag)
-            case p.Stats():
-                return stats(state, dev.uid, self.server.version, self.server.connections), []
-            case p.Export(size=size, name=name):
-                buffer = export_remote(state, dev, size, name=name)
-                return self._with_handle(buffer, readonly=False, new_ref=True)
-            case p.Move():  # with no exporter connected: the caller exports nothing
-                raise BrokerError(errno.EPERM, "only the exporter of a buffer may move it")
-            case p.Revoke(buffer=int(buffer_id)):
-                buffer = revoke(state, dev, buffer_id)
-                self.server.forwarder.abort(
-                    BrokerError(errno.ENODEV, f"buffer {buffer_id} was revoked"), buffer=buffer
-                )
-                return {}, []
-            case p.Streams(after=after):
-                entries, more = stream_page(state, dev.uid, after)
-                return {"streams": entries, "more": more}, []
-            case _ if type(args) in _stream_ops.OPS:
-                return _stream_ops.answer(self, args)
-        raise BrokerError(errno.ENOTTY, f"{request.op} cannot be used after hello")
-
-    def _describe(self, buffer: Buffer) -> dict[str, Any]:
-        uid = self.device.uid
-        theirs = uid != 0 and buffer.owner != uid  # names of other uids are theirs alone
-        return {
-            "id": buffer.id,
-            "size": buffer.size,
-            "name": None if theirs else buffer.name,
-            "heap": buffer.heap,
-            "exporter": None if theirs else buffer.exporter[1],
-            "readonly": not self.device.refs[buffer.id].writable,
-            **({"revoked": True} if buffer.revoked else {}),  # said only when it is so
-            **({"sealable": True, **self._seal_state(buffer)} if buffer.sealable else {}),  # only then
-        }
-
-    @staticmethod
-    def _seal_state(buffer: Buffer) -> dict[str, bool]:
-        return {"sealed": buffer.sealed, "immutable": buffer.immutable}
-
-    def _with_handle(self, buffer: Buffer, *, readonly: bool, new_ref: bool = False) -> tuple[Any, list[int]]:
-        """A freshly minted handle for ``buffer``, charged to this uid; if that fails, the
-        request is undone."""
-        dev, handles = self.device, self.server.handles
-        try:
-            self.state.check_handle(dev)
-            try:
-                ours, theirs, key = handles.mint(dev.uid)
-            except OSError as e:
-                raise BrokerError(e.errno or errno.EMFILE, f"cannot mint a handle: {e.strerror}") from None
-            if not self.state.reserve.allows(dev.uid, ours):
-                os.close(theirs)
-                handles.discard(key)
-                self.state.reserve.check(dev.uid, [ours])
-        except BrokerError:
-            if new_ref:
-                self.state.release(dev, buffer.id)
-            raise
-        self.state.add_handle(buffer, key, readonly=readonly, uid=dev.uid)
-        if new_ref and buffer.name:
-            self.server.names.appeared((buffer.owner, buffer.name))
-        return (self._describe(buffer) if new_ref else {}), [theirs]
-
-    def _backing(self, mapped: Mapped | None, undo: Any) -> tuple[Any, list[int]]:
-        if mapped is None:  # a remote buffer's, which _forward answers: a race with a revoke
-            undo()
-            raise BrokerError(errno.ENODEV, "the buffer's exporter is gone")
-        if mapped.backing.lazy:  # its memory is committed before any map is answered (_respond)
-            undo()
-            raise BrokerError(errno.EAGAIN, "the buffer's memory is not committed yet: map again")
-        # attach refused any layout longer than max_layout_segments: this always fits a reply
-        segments = mapped.layout.to_wire()
-        try:
-            fds = mapped.backing.descriptors(mapped.writable)
-        except OSError as e:
-            undo()
-            raise BrokerError(e.errno or errno.EMFILE, f"cannot hand out the backing: {e.strerror}") from None
-        return map_result(segments, mapped.size, mapped.backing.size, mapped.writable), fds
+        return _buffer_ops.answer(self, request, args, bag)
