@@ -1,7 +1,7 @@
 """The blocking client's threads, for a device that must hear from the broker unasked.
 
 A plain blocking device reads the socket only while some caller waits for a reply (whichever
-caller holds the device's reader lock reads for all, see ``_sync.Device._await``). An
+caller holds the device's reader lock reads for all, see ``_sync_link.Link._await``). An
 exporter must answer calls whenever they come, and an importer with a dynamic attachment must
 hear of a move while it does something else, so such a device switches, once, to two threads
 of its own: a *reader* that takes the reader lock for good and reads every packet, parking
@@ -27,7 +27,7 @@ from ..protocol import BrokerError
 from ._exporting import CallServer
 
 if TYPE_CHECKING:
-    from ._sync import Device
+    from ._sync_link import Link
 
 __all__ = ["Served"]
 
@@ -37,7 +37,7 @@ log = logging.getLogger("bufbroker.client")
 class Served:
     """Reader and server threads for one blocking device."""
 
-    def __init__(self, device: Device, calls: CallServer | None, on_event: Callable[[p.Event], None]) -> None:
+    def __init__(self, device: Link, calls: CallServer | None, on_event: Callable[[p.Event], None]) -> None:
         self._device = device
         self._calls = calls
         self._on_event = on_event
