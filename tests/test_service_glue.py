@@ -192,7 +192,7 @@ def test_the_default_socket_follows_the_design(environ: dict[str, str], euid: in
 def test_the_default_socket_does_not_depend_on_which_sockets_exist(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """A user whose own broker is down is told so, not handed to another broker (DESIGN.md);
+    """A user whose own broker is down is told so, not handed to another broker (the default socket rule);
     members of the bufbroker group set BUFBROKER_SOCKET to reach the system one."""
     runtime = tmp_path / "runtime"
     monkeypatch.setenv("XDG_RUNTIME_DIR", str(runtime))
